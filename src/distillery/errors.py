@@ -1,0 +1,5 @@
+"""The one exception type for bad input: its message names the problem and the fix on one line."""
+
+
+class UserError(Exception):
+    """Bad input from the user (path, name, option). The CLI prints the message without a traceback."""

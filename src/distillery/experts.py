@@ -1,0 +1,446 @@
+"""Expert trajectories for MTT and TESLA (SPEC §4.1): train them, store them, check them, read them lazily.
+
+Training recipe (the reference `buffer.py`, kept exact on purpose, SPEC P18): every expert starts from its own
+random init, then runs `epochs` passes of plain SGD (no momentum, no weight decay, constant lr unless `decay`) with
+cross-entropy on shuffled minibatches of `batch` images of `ds.train` (the last minibatch of an epoch may be
+smaller), each minibatch augmented with ordinary non-siamese DSA using the dataset's strategy. Parameters are
+saved after every epoch; index 0 is the init. Data stay on the device; there is no DataLoader.
+
+Randomness: expert k of a run with `seed` uses `s = seed * 100003 + k` twice: `init_seeded(model, ..., seed=s)`
+for its init, and one `torch.Generator` on the device seeded with `s` for its data order (one `randperm` per epoch)
+and its augmentation (one DSA draw per minibatch). Nothing is shared between experts, so training them one at a
+time or K at once with `torch.func.vmap` gives the same trajectories up to float rounding.
+
+Store format (format_version 1), a directory:
+
+    manifest.json            what the experts are and which are finished (below)
+    expert_0000.safetensors  one tensor `trajectory`, float32, shape (epochs + 1, P); row e = parameters after e
+                             epochs in `module.parameters()` order; header metadata repeats expert index, seed and
+                             layout hash so a shard copied into the wrong store is caught
+    ...
+    .partial/expert_0007/epoch_0012.safetensors
+                             only while training: `theta` (P,) after epoch 12 and `rng` (the expert's generator
+                             state), so an interrupted run resumes from the last finished epoch; removed once the
+                             expert's shard is written
+
+manifest.json keys: format ("distillery-experts"), format_version, dataset, model, channels, num_classes,
+im_size [h, w], preprocess {kind, fingerprint} (from `ds.preprocess`; ZCA and non-ZCA experts never mix, SPEC
+P6), epochs, lr, decay, batch, dsa_strategy, seed, layout {names, shapes, num_params, hash} (parameters() order;
+hash = sha256 of the JSON list of [name, shape] pairs, SPEC P10), torch_version, and experts: a list of
+{index, file, seed, sha256, val_acc, test_acc} for the finished experts (val_acc is null without a validation
+split; test accuracy is only reported, never used to select anything).
+
+Every file is written atomically (`distillery.io`); the manifest is rewritten after each finished expert, so a
+killed run loses at most the epoch in progress. BatchNorm models are refused: their running statistics are not in
+the flat parameter vector that MTT/TESLA match (SPEC §1.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch.func import grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from .augment import Augment
+from .device import resolve_device
+from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_text
+from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
+
+FORMAT = "distillery-experts"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+# Experts trained at once by default, from benchmarks/expert_speed.py (docs/EXPERTS.md has the numbers).
+DEFAULT_PARALLEL = {"cpu": 1, "cuda": 4}
+# Stores up to this size are kept in memory after the first read when `cache=None`.
+AUTO_CACHE_BYTES = 512 * 2**20
+# Manifest keys that must agree before an existing directory is resumed.
+_CONFIG_KEYS = ("format_version", "dataset", "model", "channels", "num_classes", "im_size", "preprocess",
+                "epochs", "lr", "decay", "batch", "dsa_strategy", "seed", "layout")
+_FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
+
+
+def expert_seed(seed: int, k: int) -> int:
+    """The seed of expert `k` in a run with `seed`: its init and its generator (data order, augmentation)."""
+    return seed * 100003 + k
+
+
+def layout_of(fm: FunctionalModel) -> dict:
+    """Parameter names, shapes, count and a hash of them: what a flat vector's meaning depends on (SPEC P10)."""
+    pairs = [[name, list(shape)] for name, shape in zip(fm.names, fm.shapes)]
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    return {"names": list(fm.names), "shapes": [list(s) for s in fm.shapes], "num_params": fm.num_params,
+            "hash": digest}
+
+
+def epoch_lr(lr: float, epoch: int, epochs: int, decay: bool) -> float:
+    """Learning rate of 0-based `epoch`: constant, or x0.1 once epoch `epochs // 2 + 1` is done (buffer.py)."""
+    return lr * 0.1 if decay and epoch > epochs // 2 + 1 else lr
+
+
+def train_experts(ds, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
+                  out_dir: str | Path, device: str | torch.device | None = None, seed: int = 0,
+                  parallel: int | None = None, decay: bool = False, progress: bool = True) -> ExpertStore:
+    """Train experts 0..num_experts-1 into `out_dir` (resuming whatever is already there) and open the store.
+
+    `parallel` = experts trained at once with `torch.func.vmap`; 1 is the plain one-at-a-time path. None picks
+    `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap's grouped convolutions measured slower than one expert
+    at a time, and 4 on CUDA (see docs/EXPERTS.md). Device: `device`, or where `ds.train.x` lives when None.
+    `progress` shows a bar and prints each expert's val/test accuracy.
+    """
+    for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch", batch)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if not lr > 0:
+        raise UserError(f"lr must be positive, got {lr}")
+    device = ds.train.x.device if device is None else resolve_device(device)
+    parallel = parallel or DEFAULT_PARALLEL.get(device.type, 1)
+    if parallel < 1:
+        raise UserError(f"parallel must be at least 1, got {parallel}")
+    spec = ds.spec
+    template = create_model(model, spec.channels, spec.num_classes, spec.im_size).to(device)
+    if has_batchnorm(template):
+        raise UserError(f"model '{model}' has BatchNorm, whose running statistics are not part of the flat "
+                        "parameters trajectory matching uses; train experts with a non-BN model such as ConvNet")
+    fm = FunctionalModel(template)
+    out = Path(out_dir)
+    manifest = _start_manifest(out, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": spec.name, "model": model,
+        "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
+        "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
+        "epochs": epochs, "lr": lr, "decay": decay, "batch": batch, "dsa_strategy": spec.dsa_strategy,
+        "seed": seed, "layout": layout_of(fm), "torch_version": torch.__version__, "experts": [],
+    })
+    done = {e["index"] for e in manifest["experts"]}
+    todo = [k for k in range(num_experts) if k not in done]
+    train = (ds.train.x.to(device), ds.train.y.to(device))
+    augment = Augment(spec.dsa_strategy)
+
+    def init(s: int) -> torch.Tensor:
+        return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
+
+    bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not progress)
+    for i in range(0, len(todo), parallel):
+        group = todo[i:i + parallel]
+        finals = _train_group(fm, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar)
+        for k, final in zip(group, finals):
+            entry = _finish_expert(out, fm, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
+            if progress:
+                val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
+                tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+    bar.close()
+    partial = out / PARTIAL
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
+    return ExpertStore.open(out)
+
+
+def _start_manifest(out: Path, fresh: dict) -> dict:
+    """Load the manifest of a run to resume (same settings, only experts whose shard still exists) or write `fresh`."""
+    path = out / MANIFEST
+    if not path.exists():
+        atomic_write_text(path, json.dumps(fresh, indent=1))
+        return fresh
+    old = _read_manifest(path)
+    for key in _CONFIG_KEYS:
+        if old.get(key) != fresh[key]:
+            shown = "the parameter layout" if key == "layout" else f"{key}={old.get(key)!r} (this call: {fresh[key]!r})"
+            raise UserError(f"{out} already holds experts trained with {shown}; "
+                            "use another output dir, or the same settings to resume")
+    old["experts"] = [e for e in old["experts"] if (out / e["file"]).exists()]
+    return old
+
+
+def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
+                 augment: Augment, group: list[int], seed: int, epochs: int, lr: float, batch: int, decay: bool,
+                 out: Path, bar: tqdm) -> torch.Tensor:
+    """Train the experts in `group` side by side from their last saved epoch; return final parameters (K, P)."""
+    x, y = train
+    device = x.device
+    seeds = [expert_seed(seed, k) for k in group]
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    start = min(_last_saved_epoch(out, k) for k in group)
+    if start < 0:  # nothing saved yet: fresh inits, saved as epoch 0
+        start = 0
+        flats = torch.stack([init(s) for s in seeds])
+        for k, flat, gen in zip(group, flats, gens):
+            _save_epoch(out, k, 0, flat, gen)
+    else:
+        flats = torch.stack([_load_epoch(out, k, start, gen) for k, gen in zip(group, gens)]).to(device)
+    bar.update(start * len(group))
+    step = _make_step(fm, len(group))
+    for epoch in range(start, epochs):
+        flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, epoch_lr(lr, epoch, epochs, decay))
+        losses = losses.tolist()
+        for k, flat, gen, loss in zip(group, flats, gens, losses):
+            if not math.isfinite(loss):
+                raise UserError(f"expert {k} diverged in epoch {epoch + 1} (train loss {loss}); use a smaller lr")
+            _save_epoch(out, k, epoch + 1, flat, gen)
+        bar.update(len(group))
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
+    return flats
+
+
+def _make_step(fm: FunctionalModel, k: int):
+    """`step(flats (K,P), xs (K,B,...), ys (K,B)) -> (grads (K,P), losses (K,))`: vmapped for K > 1, plain for K = 1."""
+
+    def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(fm(flat, xb), yb)
+
+    grad_fn = grad_and_value(loss)
+    if k > 1:
+        return vmap(grad_fn)
+
+    def one(flats: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, value = grad_fn(flats[0], xs[0], ys[0])
+        return grad[None], value[None]
+
+    return one
+
+
+def _sgd_epoch(step, flats: torch.Tensor, gens: list[torch.Generator], x: torch.Tensor, y: torch.Tensor,
+               augment: Augment, batch: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of plain SGD for K experts, each with its own data order and DSA draws; returns (flats, mean losses)."""
+    orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
+    total = torch.zeros(len(gens), device=x.device)
+    for i in range(0, len(x), batch):
+        idx = [order[i:i + batch] for order in orders]
+        with torch.no_grad():
+            xs = torch.stack([augment(x[j], g) for j, g in zip(idx, gens)])
+        ys = torch.stack([y[j] for j in idx])
+        grads, losses = step(flats, xs, ys)
+        flats = flats - lr * grads
+        total += losses.detach() * len(idx[0])
+    return flats, total / len(x)
+
+
+def _partial_dir(out: Path, k: int) -> Path:
+    """Where expert k keeps its per-epoch snapshots while it trains."""
+    return out / PARTIAL / f"expert_{k:04d}"
+
+
+def _epoch_file(out: Path, k: int, epoch: int) -> Path:
+    """Snapshot of expert k after `epoch` epochs (0 = init)."""
+    return _partial_dir(out, k) / f"epoch_{epoch:04d}.safetensors"
+
+
+def _last_saved_epoch(out: Path, k: int) -> int:
+    """Last epoch e such that snapshots 0..e of expert k all exist; -1 if none."""
+    epoch = -1
+    while _epoch_file(out, k, epoch + 1).exists():
+        epoch += 1
+    return epoch
+
+
+def _save_epoch(out: Path, k: int, epoch: int, flat: torch.Tensor, gen: torch.Generator) -> None:
+    """Write expert k's parameters and generator state after `epoch` epochs (atomic)."""
+    tensors = {"theta": flat.detach().to("cpu", torch.float32).contiguous(), "rng": gen.get_state()}
+    atomic_write_bytes(_epoch_file(out, k, epoch), safetensors_bytes(tensors))
+
+
+def _load_epoch(out: Path, k: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Read expert k's parameters after `epoch` epochs, restoring its generator state into `gen` if given."""
+    path = _epoch_file(out, k, epoch)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read the resume snapshot {path} ({err}); delete {path.parent} to restart "
+                        f"expert {k} from scratch") from err
+    if gen is not None:
+        gen.set_state(tensors["rng"])
+    return tensors["theta"]
+
+
+def _finish_expert(out: Path, fm: FunctionalModel, ds, device: torch.device, manifest: dict, k: int, s: int,
+                   final: torch.Tensor, epochs: int) -> dict:
+    """Write expert k's shard from its snapshots, record it with its accuracies in the manifest, drop the snapshots."""
+    trajectory = torch.stack([_load_epoch(out, k, e) for e in range(epochs + 1)])
+    meta = {"format": FORMAT, "expert": str(k), "seed": str(s), "layout_hash": manifest["layout"]["hash"]}
+    data = safetensors_bytes({"trajectory": trajectory}, metadata=meta)
+    entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": s,
+             "sha256": hashlib.sha256(data).hexdigest(),
+             "val_acc": _accuracy(fm, final, ds.val, device), "test_acc": _accuracy(fm, final, ds.test, device)}
+    atomic_write_bytes(out / entry["file"], data)
+    manifest["experts"] = sorted([*manifest["experts"], entry], key=lambda e: e["index"])
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    shutil.rmtree(_partial_dir(out, k))
+    return entry
+
+
+@torch.no_grad()
+def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split, device: torch.device, chunk: int = 1024) -> float | None:
+    """Top-1 accuracy of parameters `flat` on a split (no augmentation); None for an empty split."""
+    if split is None or len(split.y) == 0:
+        return None
+    correct = 0
+    for i in range(0, len(split.y), chunk):
+        xb, yb = split.x[i:i + chunk].to(device), split.y[i:i + chunk].to(device)
+        correct += (fm(flat, xb).argmax(1) == yb).sum().item()
+    return correct / len(split.y)
+
+
+def _read_manifest(path: Path) -> dict:
+    """Parse and version-check a manifest.json."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); retrain with `distillery experts` into a fresh dir") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a distillery expert manifest; pass the dir `distillery experts` wrote")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has expert format version {manifest.get('format_version')}, this distillery reads "
+                        f"version {FORMAT_VERSION}; retrain with `distillery experts`")
+    return manifest
+
+
+def _layout_difference(stored: dict, fm: FunctionalModel) -> str | None:
+    """How the model's parameter layout differs from the stored one, or None when they agree."""
+    mine = layout_of(fm)
+    if mine["hash"] == stored["hash"]:
+        return None
+    theirs_list = list(zip(stored["names"], stored["shapes"]))
+    mine_list = list(zip(mine["names"], mine["shapes"]))
+    for i, (a, b) in enumerate(zip(theirs_list, mine_list)):
+        if list(a) != list(b):
+            return f"parameter {i} is {a[0]} {tuple(a[1])} in the store but {b[0]} {tuple(b[1])} in the model"
+    return (f"the store has {len(theirs_list)} parameter tensors ({stored['num_params']} values), "
+            f"the model {len(mine_list)} ({mine['num_params']})")
+
+
+class ExpertStore:
+    """A directory of expert trajectories, validated on open and read lazily (a checkpoint reads one row)."""
+
+    def __init__(self, root: Path, manifest: dict, cache: bool):
+        """Use `ExpertStore.open`; this trusts `manifest` as already validated."""
+        self.root = root
+        self.manifest = manifest
+        self._files = [root / e["file"] for e in manifest["experts"]]
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    @classmethod
+    def open(cls, path: str | Path, expect_dataset: str | None = None, expect_model: str | None = None,
+             expect_fingerprint: str | None = None, expect_layout: FunctionalModel | None = None,
+             cache: bool | None = None) -> ExpertStore:
+        """Open a store, refusing one trained for another dataset, model, preprocessing or parameter layout.
+
+        `cache`: keep each trajectory in memory after its first read; None = only if the store is <= 512 MiB.
+        """
+        root = Path(path)
+        if not (root / MANIFEST).is_file():
+            raise UserError(f"no expert store at {root} (manifest.json missing); train one with `distillery experts` "
+                            "or pass the right --experts dir")
+        m = _read_manifest(root / MANIFEST)
+        if expect_dataset is not None and m["dataset"] != expect_dataset:
+            raise UserError(f"experts in {root} were trained on dataset '{m['dataset']}', not '{expect_dataset}'; {_FIX}")
+        if expect_model is not None and m["model"] != expect_model:
+            raise UserError(f"experts in {root} are '{m['model']}' models, not '{expect_model}'; {_FIX}")
+        stored_pre = m["preprocess"]
+        if expect_fingerprint is not None and stored_pre["fingerprint"] != expect_fingerprint:
+            raise UserError(f"experts in {root} saw data preprocessed as {stored_pre['kind']} (fingerprint "
+                            f"{stored_pre['fingerprint']}), not this run's (fingerprint {expect_fingerprint}); "
+                            f"ZCA and non-ZCA experts do not mix (SPEC P6); {_FIX}")
+        if expect_layout is not None:
+            difference = _layout_difference(m["layout"], expect_layout)
+            if difference is not None:
+                raise UserError(f"experts in {root} do not fit the model: {difference}; {_FIX}")
+        if not m["experts"]:
+            raise UserError(f"{root} has no finished experts yet; resume `distillery experts` with that output dir")
+        for entry in m["experts"]:
+            _check_shard(root, entry, m)
+        if cache is None:
+            cache = sum((root / e["file"]).stat().st_size for e in m["experts"]) <= AUTO_CACHE_BYTES
+        return cls(root, m, cache)
+
+    @property
+    def num_experts(self) -> int:
+        """Number of finished experts (k in checkpoint/pair runs over 0..num_experts-1, in expert-index order)."""
+        return len(self._files)
+
+    @property
+    def epochs(self) -> int:
+        """Training epochs per expert; checkpoints run from 0 (init) to `epochs`."""
+        return self.manifest["epochs"]
+
+    @property
+    def num_params(self) -> int:
+        """Length P of every checkpoint vector."""
+        return self.manifest["layout"]["num_params"]
+
+    @property
+    def experts(self) -> list[dict]:
+        """Manifest entries of the finished experts: index, file, seed, sha256, val_acc, test_acc."""
+        return self.manifest["experts"]
+
+    def checkpoint(self, k: int, epoch: int) -> torch.Tensor:
+        """Parameters (P,) float32 on the CPU of expert k after `epoch` epochs (0 = its init)."""
+        return self._rows(k, [epoch])[0]
+
+    def pair(self, k: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_start, θ_end) of expert k, reading only those two rows: the MTT start point and target."""
+        rows = self._rows(k, [start, end])
+        return rows[0], rows[1]
+
+    def trajectory(self, k: int) -> torch.Tensor:
+        """The whole trajectory (epochs + 1, P) of expert k."""
+        return self._rows(k, list(range(self.epochs + 1)))
+
+    def verify(self) -> None:
+        """Re-hash every shard against the manifest (reads everything; open() only checks the headers)."""
+        for entry, path in zip(self.experts, self._files):
+            if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                raise _corrupt(path, "its sha256 does not match manifest.json")
+
+    def _rows(self, k: int, epochs: list[int]) -> torch.Tensor:
+        """Rows `epochs` of expert k's trajectory as a new (len(epochs), P) tensor."""
+        if not 0 <= k < self.num_experts:
+            raise IndexError(f"expert {k} out of range 0..{self.num_experts - 1}")
+        for e in epochs:
+            if not 0 <= e <= self.epochs:
+                raise IndexError(f"epoch {e} out of range 0..{self.epochs}")
+        if self._cache is not None:
+            if k not in self._cache:
+                self._cache[k] = load_file(self._files[k])["trajectory"]
+            return self._cache[k][epochs]
+        with safe_open(self._files[k], framework="pt") as f:
+            rows = f.get_slice("trajectory")
+            return torch.cat([rows[e:e + 1] for e in epochs])
+
+
+def _corrupt(path: Path, reason: str) -> UserError:
+    """The error for a damaged shard: what is wrong and how to get it retrained."""
+    return UserError(f"expert shard {path} is corrupt ({reason}); delete it and rerun `distillery experts` with the "
+                     "same output dir to retrain that expert")
+
+
+def _check_shard(root: Path, entry: dict, manifest: dict) -> None:
+    """Cheap header check of one shard: readable, a float32 (epochs + 1, P) `trajectory`, the right expert."""
+    path = root / entry["file"]
+    if not path.is_file():
+        raise UserError(f"expert shard {path} listed in manifest.json is missing; rerun `distillery experts` with the "
+                        "same output dir to retrain it")
+    want = [manifest["epochs"] + 1, manifest["layout"]["num_params"]]
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if "trajectory" not in f.keys():
+                raise _corrupt(path, "no 'trajectory' tensor")
+            rows = f.get_slice("trajectory")
+            shape, dtype = list(rows.get_shape()), rows.get_dtype()
+    except (SafetensorError, OSError) as err:
+        raise _corrupt(path, str(err).splitlines()[0]) from err
+    if shape != want or dtype != "F32":
+        raise _corrupt(path, f"its trajectory is {dtype} {shape}, expected F32 {want}")
+    if meta.get("layout_hash") != manifest["layout"]["hash"] or meta.get("expert") != str(entry["index"]):
+        raise _corrupt(path, f"its header belongs to another expert or model than entry {entry['index']}")

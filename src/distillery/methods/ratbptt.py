@@ -1,0 +1,512 @@
+"""RaT-BPTT, Random Truncated Backpropagation Through Time (Feng, Vedantam, Kempe, ICLR 2024; SPEC §6).
+
+One outer step trains a freshly initialised network on the synthetic set and differentiates its loss on a real
+batch with respect to the synthetic images (and learned labels):
+
+    warm-up   `start` inner steps on DETACHED images/labels, no graph (SPEC P13)
+    window    `window` inner steps that keep the graph, starting from detached warm-up weights and detached optimizer
+              moments (the semantics of higher's copy_initial_weights=True, SPEC P16)
+    meta-loss cross-entropy of the final weights on the augmented real batch (hard labels), right after the window
+
+The inner gradient is `torch.autograd.grad(..., create_graph=True)` on a flat parameter vector run through
+`FunctionalModel` (torch.func.functional_call), and the inner optimizer (`InnerOptimizer`) is Adam or SGD written
+with plain tensor ops, so the window is differentiable end to end. Memory grows with the window W, not with the
+horizon T; compute grows with start + W.
+
+Window placement (SPEC §6.4): `start ~ U{m, ..., T-W}` (RaT-BPTT) or `start = T-W` (classic truncated BPTT), drawn
+every outer step or once per epoch of the real data as the published code does (SPEC P14). The real batch is a
+fresh random subset of the train split every step (the reference walks shuffled epochs); an "epoch" is
+ceil(train size / this process's real batch) steps, as in the reference.
+
+Initial images (SPEC §2.3): the reference draws N(0, 1) noise rescaled to unit L2 norm per image, in ZCA space.
+`pix_init="auto"` does that for ZCA-whitened data and starts from real training images otherwise (unit-norm noise is
+almost a constant image in standardized space); "noise" and "real" force either.
+
+Outer step (SPEC §6.5): Adam on the images (second parameter group for learned labels at lr / label_lr_scale),
+the image gradient clipped to twice an EMA of its norm (`EmaClipper`), learned labels clamped to >= 0.
+
+Boost-DD (SPEC §6.8, `BoostSchedule`): blocks of images per class are added one after another; earlier blocks keep
+training with their learning rate multiplied by beta (0 = frozen). Images stay ordered class, then block, so the
+first k images of every class (`SyntheticSet.prefix(k)`) at a block boundary are a distilled set of their own.
+
+Several processes (`torch.distributed` initialised, e.g. by torchrun; gloo on CPU, nccl on GPU, SPEC §6.7): every
+rank draws its own inner networks and synthetic batches and real_batch / world_size real images, the meta-gradients
+and losses are averaged with all-reduce, the window start and the initial set come from rank 0. Only rank 0 should
+write files (`is_main_process()`).
+
+Randomness: every draw comes from a `torch.Generator` seeded from (seed, purpose, rank, step) (`stream_generator`),
+so a resumed run, and every rank of a resumed multi-process run, continues exactly as an uninterrupted one without
+saving generator states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..augment import Augment
+from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
+from ..errors import UserError
+from ..models import FunctionalModel, create_model, init_seeded
+from ..synset import SyntheticSet
+
+Augmentation = Callable[[Tensor, torch.Generator], Tensor]
+BatchDraw = Callable[[torch.Generator], Tensor]
+
+# Purposes of the random streams (first key after the seed in `stream_generator`).
+_INNER, _WINDOW, _INIT = 0, 1, 2
+
+
+# --- inner optimizer -------------------------------------------------------------------------------------------------
+class InnerOptimizer:
+    """Adam or SGD on a flat parameter vector, written with plain tensor ops so unrolled steps stay differentiable.
+
+    Same update as torch.optim.Adam (PyTorch bias correction, weight decay 0 by default) and torch.optim.SGD
+    (momentum 0.9, dampening 0, weight decay 5e-4 by default, as the RaT-BPTT code). The state is a dict of tensors.
+    """
+
+    def __init__(self, kind: str = "adam", lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, momentum: float = 0.9, weight_decay: float | None = None):
+        if kind not in ("adam", "sgd"):
+            raise UserError(f"unknown inner optimizer '{kind}'; use adam or sgd")
+        self.kind, self.lr, self.betas, self.eps, self.momentum = kind, lr, betas, eps, momentum
+        self.weight_decay = (0.0 if kind == "adam" else 5e-4) if weight_decay is None else weight_decay
+
+    def __repr__(self) -> str:
+        """Constructor-style description for logs."""
+        return f"InnerOptimizer(kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay})"
+
+    def init_state(self, theta: Tensor) -> dict[str, Tensor]:
+        """Zero moments (and step count) for parameters shaped like `theta`."""
+        if self.kind == "sgd":
+            return {"momentum_buffer": torch.zeros_like(theta)}
+        return {"step": torch.zeros((), dtype=theta.dtype, device=theta.device),
+                "exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta)}
+
+    def step(self, theta: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """New parameters and state after one update; differentiable when `grad` carries a graph."""
+        if self.weight_decay:
+            grad = grad + self.weight_decay * theta
+        if self.kind == "sgd":  # torch sets the buffer to grad on the first step: the same as momentum * 0 + grad
+            buf = self.momentum * state["momentum_buffer"] + grad
+            return theta - self.lr * buf, {"momentum_buffer": buf}
+        beta1, beta2 = self.betas
+        step = state["step"] + 1
+        exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * grad
+        exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+        denom = _sqrt_zero_grad(exp_avg_sq) / torch.sqrt(1 - beta2 ** step) + self.eps
+        theta = theta - self.lr / (1 - beta1 ** step) * exp_avg / denom
+        return theta, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _sqrt_zero_grad(v: Tensor) -> Tensor:
+    """sqrt(v) whose derivative is 0 where v == 0 (plain sqrt gives inf * 0 = NaN for parameters with zero grad)."""
+    positive = v > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------------
+def stream_generator(seed: int, *key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, *key): an independent, reproducible random stream per purpose, rank and step."""
+    mixed = np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(mixed))
+
+
+def sample_batch(num_classes: int, ipc: int, task_sampler_nc: int, batch_per_class: int,
+                 generator: torch.Generator) -> Tensor:
+    """Indices of one inner mini-batch of a class-blocked set (SPEC §6.3), on the generator's device.
+
+    All classes, or `task_sampler_nc` random classes (sorted) when fewer; from each, min(ipc, batch_per_class)
+    distinct random images, in increasing index order like the reference `subsample`.
+    """
+    device = generator.device
+    if task_sampler_nc >= num_classes:
+        classes = torch.arange(num_classes, device=device)
+    else:
+        classes = torch.randperm(num_classes, generator=generator, device=device)[:task_sampler_nc].sort().values
+    k = min(ipc, batch_per_class)
+    picks = torch.rand(len(classes), ipc, generator=generator, device=device).argsort(dim=1)[:, :k]
+    return (picks.sort(dim=1).values + classes[:, None] * ipc).reshape(-1)
+
+
+def check_window(horizon: int, window: int, min_start: int) -> None:
+    """UserError unless 1 <= W <= T and 0 <= m <= T - W."""
+    if not 1 <= window <= horizon:
+        raise UserError(f"--window {window} must be between 1 and --horizon {horizon}; "
+                        "lower --window or raise --horizon")
+    if not 0 <= min_start <= horizon - window:
+        raise UserError(f"--min-start {min_start} must be between 0 and horizon - window = {horizon - window}; "
+                        "lower --min-start or raise --horizon")
+
+
+def window_start(min_start: int, horizon: int, window: int, generator: torch.Generator) -> int:
+    """Start of the differentiable window, uniform on {m, ..., T-W} inclusive (SPEC §6.4, cctype 2)."""
+    check_window(horizon, window, min_start)
+    return int(torch.randint(min_start, horizon - window + 1, (1,), generator=generator, device=generator.device))
+
+
+def window_period(it: int, resample: str, steps_per_epoch: int) -> int:
+    """Which draw of the window start outer step `it` uses: one per step, or one per epoch of real data (P14)."""
+    if resample == "step":
+        return it
+    if resample == "epoch":
+        return it // steps_per_epoch
+    raise UserError(f"unknown --window-resample '{resample}'; use step or epoch")
+
+
+# --- the meta-gradient ------------------------------------------------------------------------------------------------
+def _inner_step(fm: FunctionalModel, optimizer: InnerOptimizer, theta: Tensor, state: dict[str, Tensor],
+                images: Tensor, labels: Tensor, draw: BatchDraw, augment: Augmentation | None,
+                generator: torch.Generator, create_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """One inner training step on a sampled, augmented synthetic mini-batch."""
+    idx = draw(generator)
+    x = images[idx]
+    if augment is not None:
+        x = augment(x, generator)
+    if not create_graph:  # a fresh leaf: the gradient w.r.t. theta and nothing else
+        theta = theta.detach().requires_grad_(True)
+    # Learned labels are (n, C) floats: cross_entropy uses them directly as probability targets (SPEC §6.5).
+    loss = F.cross_entropy(fm(theta, x), labels[idx])
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    if not create_graph:
+        theta = theta.detach()
+    return optimizer.step(theta, grad, state)
+
+
+def warm_up(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
+            steps: int, draw: BatchDraw, augment: Augmentation | None,
+            generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """Train `steps` inner steps on detached images and labels: no graph reaches the synthetic data (SPEC P13)."""
+    images, labels, theta = images.detach(), labels.detach(), theta.detach()
+    state = optimizer.init_state(theta)
+    for _ in range(steps):
+        theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment, generator, False)
+    return theta, state
+
+
+def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: Tensor, optimizer: InnerOptimizer,
+                  start: int, window: int, real_x: Tensor, real_y: Tensor, augment_syn: Augmentation | None,
+                  augment_real: Augmentation | None, generator: torch.Generator, *, num_classes: int,
+                  task_sampler_nc: int | None = None,
+                  batch_per_class: int | None = None) -> tuple[float, Tensor, Tensor | None]:
+    """RaT-BPTT meta-loss and its gradient w.r.t. the images (and the labels if they require grad), SPEC §6.2.
+
+    `images`/`labels` are the whole class-blocked synthetic set; `theta0` the initial flat parameters. Draws from
+    `generator`, in order: for each of the start + window inner steps the batch indices then its augmentation,
+    finally the real batch's augmentation. `.grad` of the inputs is not touched.
+    """
+    ipc = len(images) // num_classes
+    draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
+    theta, state = warm_up(fm, images, labels, theta0, optimizer, start, draw, augment_syn, generator)
+    # The window starts from constants: gradients reach neither the warm-up nor the initialisation (SPEC P16).
+    theta = theta.detach().requires_grad_(True)
+    state = {k: v.detach() for k, v in state.items()}
+    for _ in range(window):
+        theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment_syn, generator, True)
+    if augment_real is not None:
+        real_x = augment_real(real_x, generator)
+    meta_loss = F.cross_entropy(fm(theta, real_x), real_y)
+    wrt = [images, labels] if labels.requires_grad else [images]
+    grads = torch.autograd.grad(meta_loss, wrt)
+    return float(meta_loss.detach()), grads[0], grads[1] if labels.requires_grad else None
+
+
+# --- outer optimisation pieces ----------------------------------------------------------------------------------------
+class EmaClipper:
+    """SPEC §6.5: e <- e - (1 - coef)(e - ||g||) (the first norm initialises e), then clip ||g|| to 2e."""
+
+    def __init__(self, coef: float = 0.9):
+        self.coef = coef
+        self.ema: float | None = None
+
+    def __call__(self, grad: Tensor) -> tuple[Tensor, float]:
+        """The clipped gradient and the norm before clipping (clip_grad_norm_ arithmetic, eps 1e-6)."""
+        norm = float(grad.norm())
+        self.ema = norm if self.ema is None else self.ema - (1 - self.coef) * (self.ema - norm)
+        return grad * min(1.0, 2 * self.ema / (norm + 1e-6)), norm
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA (None before the first call) and the coefficient."""
+        return {"coef": self.coef, "ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output."""
+        self.coef, self.ema = state["coef"], state["ema"]
+
+
+def unit_noise(n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """N(0, 1) images with every image rescaled to unit L2 norm (RaT-BPTT's `project`, SPEC §2.3)."""
+    x = torch.randn(n, math.prod(shape), generator=generator, device=generator.device)
+    return (x / x.norm(dim=1, keepdim=True)).reshape(n, *shape)
+
+
+def append_block(x: Tensor, new: Tensor, num_classes: int) -> Tensor:
+    """Append per-class blocks `new` to the class-blocked `x`, keeping it ordered class, then block."""
+    old = x.reshape(num_classes, -1, *x.shape[1:])
+    new = new.reshape(num_classes, -1, *new.shape[1:])
+    return torch.cat([old, new], dim=1).reshape(-1, *x.shape[1:])
+
+
+@dataclass(frozen=True)
+class BoostSchedule:
+    """Boost-DD (SPEC §6.8): distil `blocks[0]` images per class; every `steps_per_block` outer steps append the next
+    block; earlier blocks keep training at learning rate x `beta` (0 = frozen), the newest at the full rate.
+
+    Unverified (SPEC §6.8/§11, ✱/?): the paper's beta values, block sizes and schedule. These defaults are ours.
+    """
+
+    blocks: tuple[int, ...]
+    beta: float = 0.0
+    steps_per_block: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.blocks or min(self.blocks) < 1:
+            raise UserError(f"--boost-blocks {self.blocks} needs positive block sizes, e.g. 1,1,2")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UserError(f"--boost-beta {self.beta} must be in [0, 1] (0 freezes earlier blocks)")
+        if self.steps_per_block < 1:
+            raise UserError(f"--boost-every {self.steps_per_block} must be at least 1")
+
+    def stage(self, it: int) -> int:
+        """Index of the newest block at outer step `it`."""
+        return min(it // self.steps_per_block, len(self.blocks) - 1)
+
+    def ipc(self, stage: int) -> int:
+        """Images per class once block `stage` is added; every such value is a valid prefix size."""
+        return sum(self.blocks[:stage + 1])
+
+    def lr_multipliers(self, stage: int, num_classes: int) -> Tensor:
+        """Per-image learning-rate factors (n,) in class-then-block order: beta for earlier blocks, 1 for the newest."""
+        old = self.ipc(stage) - self.blocks[stage]
+        row = torch.tensor([self.beta] * old + [1.0] * self.blocks[stage])
+        return row.repeat(num_classes)
+
+
+# --- the method object ------------------------------------------------------------------------------------------------
+@dataclass
+class RaTBPTTConfig:
+    """Hyperparameters of SPEC §6 (reference flag in brackets). Defaults: the CIFAR-10 IPC10 row of §6.9."""
+
+    ipc: int = 10
+    model: str | None = None          # None: the dataset's default model [--arch]
+    horizon: int = 200                # T [--totwindow]
+    window: int = 60                  # W [--window]
+    min_start: int = 0                # m [--minwindow]
+    window_mode: str = "random"       # random: start ~ U{m..T-W} (cctype 2) | last: start = T-W (cctype 0)
+    window_resample: str = "step"     # step [--complete_random] | epoch (the reference default, SPEC P14)
+    inner_opt: str = "adam"           # adam | sgd (momentum 0.9, weight decay 5e-4) [--inner_optim]
+    inner_lr: float = 1e-3
+    lr: float = 1e-3                  # outer Adam learning rate of the images
+    label_lr_scale: float = 1.0       # learned labels use lr / label_lr_scale
+    real_batch: int = 5000            # real images per outer step over all processes (capped at the train size)
+    batch_per_class: int | None = None  # None: all ipc images of a class in every inner batch
+    task_sampler_nc: int | None = None  # None: all classes in every inner batch
+    learn_labels: bool = False        # [--train_y]
+    clip_coef: float = 0.9
+    syn_strategy: str = "flip_rotate"
+    real_strategy: str = "flip_rotate"
+    pix_init: str = "auto"            # auto: noise for ZCA data (as the reference), else real | noise | real
+    boost_blocks: str | None = None   # Boost-DD block sizes per class, e.g. "1,1,2" (must sum to ipc)
+    boost_beta: float = 0.0
+    boost_every: int = 1000           # outer steps per block; the last block runs to the end
+    seed: int = 0
+
+
+@dataclass
+class _Setup:
+    """Derived constants of a run (not hyperparameters)."""
+
+    num_classes: int
+    image_shape: tuple[int, ...]
+    real_batch: int                   # this process's share
+    steps_per_epoch: int
+    rank: int
+    boost: BoostSchedule | None
+
+
+class RaTBPTT:
+    """The RaT-BPTT method object for the shared run loop (`distillery.run`)."""
+
+    name = "ratbptt"
+
+    def __init__(self, dataset, cfg: RaTBPTTConfig):
+        self.ds, self.cfg = dataset, cfg
+        spec = dataset.spec
+        self.device = dataset.train.x.device
+        check_window(cfg.horizon, cfg.window, cfg.min_start)
+        self._check(cfg, spec.num_classes)
+        rank, world = rank_and_world()
+        n_train = len(dataset.train.y)
+        real_batch = min(cfg.real_batch, n_train) // world
+        if real_batch < 1:
+            raise UserError(f"--real-batch {cfg.real_batch} is smaller than the {world} processes; raise it")
+        boost = None
+        if cfg.boost_blocks:
+            boost = BoostSchedule(_parse_blocks(cfg.boost_blocks), cfg.boost_beta, cfg.boost_every)
+            if sum(boost.blocks) != cfg.ipc:
+                raise UserError(f"--boost-blocks {cfg.boost_blocks} sum to {sum(boost.blocks)}, not --ipc {cfg.ipc}; "
+                                "make the block sizes add up to the ipc")
+        self.setup = _Setup(spec.num_classes, (spec.channels, *spec.im_size), real_batch,
+                            math.ceil(n_train / real_batch), rank, boost)
+        self.model_name = cfg.model or spec.default_model
+        self.fm = FunctionalModel(create_model(self.model_name, spec.channels, spec.num_classes, spec.im_size)
+                                  .to(self.device))
+        self.inner_opt = InnerOptimizer(cfg.inner_opt, cfg.inner_lr)
+        self.augment_syn = _augmentation(cfg.syn_strategy)
+        self.augment_real = _augmentation(cfg.real_strategy)
+        self.clipper = EmaClipper(cfg.clip_coef)
+        self.stage = 0
+        k = boost.blocks[0] if boost else cfg.ipc
+        self.images = broadcast_(self._init_images(k, stage=0)).requires_grad_(True)
+        labels = torch.arange(spec.num_classes, device=self.device).repeat_interleave(k)
+        self.labels = F.one_hot(labels, spec.num_classes).float().requires_grad_(True) if cfg.learn_labels else labels
+        self.opt = self._make_optimizer()
+
+    @staticmethod
+    def _check(cfg: RaTBPTTConfig, num_classes: int) -> None:
+        """UserError for option values that cannot work."""
+        if cfg.ipc < 1:
+            raise UserError(f"--ipc {cfg.ipc} must be at least 1")
+        if cfg.window_mode not in ("random", "last"):
+            raise UserError(f"unknown --window-mode '{cfg.window_mode}'; use random (RaT-BPTT) or last")
+        if cfg.window_resample not in ("step", "epoch"):
+            raise UserError(f"unknown --window-resample '{cfg.window_resample}'; use step or epoch")
+        if cfg.pix_init not in ("auto", "noise", "real"):
+            raise UserError(f"unknown --pix-init '{cfg.pix_init}'; use auto, noise or real")
+        if cfg.batch_per_class is not None and cfg.batch_per_class < 1:
+            raise UserError(f"--batch-per-class {cfg.batch_per_class} must be at least 1")
+        if cfg.task_sampler_nc is not None and not 1 <= cfg.task_sampler_nc <= num_classes:
+            raise UserError(f"--task-sampler-nc {cfg.task_sampler_nc} must be between 1 and {num_classes} classes")
+        if cfg.label_lr_scale <= 0:
+            raise UserError(f"--label-lr-scale {cfg.label_lr_scale} must be positive (labels use lr / scale)")
+        if cfg.seed < 0:
+            raise UserError(f"--seed {cfg.seed} must be non-negative")
+
+    def _init_images(self, k: int, stage: int) -> Tensor:
+        """k new images per class, class-blocked: unit-norm noise or real training images (SPEC §2.3)."""
+        gen = stream_generator(self.cfg.seed, _INIT, stage, device=self.device)
+        mode = self.cfg.pix_init
+        if mode == "auto":
+            mode = "noise" if str(self.ds.preprocess.meta().get("kind", "")).startswith("zca") else "real"
+        if mode == "noise":
+            return unit_noise(k * self.setup.num_classes, self.setup.image_shape, gen)
+        return torch.cat([self.ds.sample_real(c, k, gen) for c in range(self.setup.num_classes)]).detach().clone()
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        """Outer Adam (SPEC §6.5): images at lr, learned labels at lr / label_lr_scale."""
+        groups = [{"params": [self.images]}]
+        if self.cfg.learn_labels:
+            groups.append({"params": [self.labels], "lr": self.cfg.lr / self.cfg.label_lr_scale})
+        return torch.optim.Adam(groups, lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+
+    def _grow(self) -> None:
+        """Boost-DD: append the next block (fresh init) to every class; the outer Adam and the EMA start afresh."""
+        self.stage += 1
+        num_classes, k = self.setup.num_classes, self.setup.boost.blocks[self.stage]
+        new = broadcast_(self._init_images(k, self.stage))
+        self.images = append_block(self.images.detach(), new, num_classes).requires_grad_(True)
+        if self.cfg.learn_labels:
+            new_labels = F.one_hot(torch.arange(num_classes, device=self.device).repeat_interleave(k), num_classes)
+            self.labels = append_block(self.labels.detach(), new_labels.float(), num_classes).requires_grad_(True)
+        else:
+            ipc = len(self.images) // num_classes
+            self.labels = torch.arange(num_classes, device=self.device).repeat_interleave(ipc)
+        self.opt = self._make_optimizer()
+        self.clipper = EmaClipper(self.cfg.clip_coef)
+
+    def _window_start(self, it: int) -> int:
+        """This step's window start, drawn (per step or per epoch) on rank 0 and broadcast."""
+        cfg = self.cfg
+        if cfg.window_mode == "last":
+            return cfg.horizon - cfg.window
+        period = window_period(it, cfg.window_resample, self.setup.steps_per_epoch)
+        start = window_start(cfg.min_start, cfg.horizon, cfg.window, stream_generator(cfg.seed, _WINDOW, period))
+        return int(broadcast_(torch.tensor(start, device=self.device)))
+
+    def step(self, it: int) -> dict[str, float]:
+        """One outer iteration: fresh network, warm-up, differentiable window, meta-loss on real data, image update."""
+        cfg, setup = self.cfg, self.setup
+        while setup.boost is not None and self.stage < setup.boost.stage(it):
+            self._grow()
+        start = self._window_start(it)
+        gen = stream_generator(cfg.seed, _INNER, setup.rank, it, device=self.device)
+        net_seed = int(torch.randint(2 ** 62, (1,), generator=gen, device=self.device))
+        spec = self.ds.spec
+        net = init_seeded(self.model_name, spec.channels, spec.num_classes, spec.im_size, net_seed)
+        theta0 = self.fm.flatten(net).detach().to(self.device)
+        idx = torch.randperm(len(self.ds.train.y), generator=gen, device=self.device)[:setup.real_batch]
+        loss, grad_x, grad_y = meta_gradient(
+            self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window,
+            self.ds.train.x[idx], self.ds.train.y[idx], self.augment_syn, self.augment_real, gen,
+            num_classes=setup.num_classes, task_sampler_nc=cfg.task_sampler_nc, batch_per_class=cfg.batch_per_class)
+        loss = float(all_reduce_mean_(torch.tensor(loss, device=self.device)))
+        grad_x, norm = self.clipper(all_reduce_mean_(grad_x))
+        self.images.grad = grad_x
+        if grad_y is not None:
+            self.labels.grad = all_reduce_mean_(grad_y)
+        self._outer_update()
+        ipc = len(self.images) // setup.num_classes
+        return {"loss": loss, "grad_norm": norm, "window_start": float(start), "ipc": float(ipc)}
+
+    def _outer_update(self) -> None:
+        """Adam step; Boost-DD scales each image's update by its learning-rate factor; learned labels clamped >= 0."""
+        boosting = self.setup.boost is not None and self.stage > 0
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params] if boosting else []
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if boosting:  # Adam's update is linear in lr (no weight decay): scaling it = a per-image learning rate
+                mult = self.setup.boost.lr_multipliers(self.stage, self.setup.num_classes).to(self.device)
+                for p, p0 in zip(params, before):
+                    p.copy_(p0 + mult.view(-1, *[1] * (p.dim() - 1)) * (p - p0))
+            if self.cfg.learn_labels:
+                self.labels.clamp_(min=0)
+
+    def synset(self) -> SyntheticSet:
+        """The current distilled set (hard or learned labels; no learned step size)."""
+        spec, cfg = self.ds.spec, self.cfg
+        meta = {"method": self.name, "dataset": spec.name, "ipc": len(self.images) // spec.num_classes,
+                "num_classes": spec.num_classes, "class_names": list(spec.class_names), "model": self.model_name,
+                "inner_opt": repr(self.inner_opt), "config": asdict(cfg), "seed": cfg.seed}
+        if self.setup.boost is not None:  # prefix sizes that are distilled sets of their own
+            meta["boost_prefix_ipcs"] = [self.setup.boost.ipc(s) for s in range(self.stage + 1)]
+        preprocess = {"tensors": self.ds.preprocess.tensors(), "meta": self.ds.preprocess.meta()}
+        return SyntheticSet(self.images.detach().clone(), self.labels.detach().clone(),
+                            "learned" if cfg.learn_labels else "hard", None, preprocess, meta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume (randomness is derived from (seed, rank, step), nothing to save)."""
+        return {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(), "stage": self.stage,
+                "opt": self.opt.state_dict(), "clipper": self.clipper.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (also mid-boost, when the set has grown)."""
+        self.stage = state["stage"]
+        self.images = state["images"].to(self.device).clone().requires_grad_(True)
+        self.labels = state["labels"].to(self.device).clone().requires_grad_(self.cfg.learn_labels)
+        self.opt = self._make_optimizer()
+        self.opt.load_state_dict(state["opt"])
+        self.clipper.load_state_dict(state["clipper"])
+
+
+def _parse_blocks(text: str) -> tuple[int, ...]:
+    """'1,1,2' -> (1, 1, 2)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"--boost-blocks '{text}' is not a comma-separated list of integers, e.g. 1,1,2") from None
+
+
+def _augmentation(strategy: str) -> Augmentation | None:
+    """RaT-BPTT augmentation (SPEC §3.5: one token per call, per-image, align_corners=False); None for 'none'."""
+    if strategy in ("none", "None", ""):
+        return None
+    return Augment(strategy, mode="S", align_corners=False)

@@ -1,0 +1,55 @@
+"""A registry of models by name with one constructor signature (timm style)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+Builder = Callable[[int, int, tuple[int, int]], nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder(channels, num_classes, im_size) -> nn.Module` under `name`."""
+
+    def wrap(builder: Builder) -> Builder:
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Registered names; any ConvNet name of the SPEC §1.1 grammar (ConvNetD4, ConvNetW64BN, ...) also works."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
+    """Build the model `name` for images of `channels` x `im_size` and `num_classes` outputs."""
+    from .convnet import parse_convnet_name  # local import: convnet registers into this module
+
+    im_size = (int(im_size[0]), int(im_size[1]))
+    if name in _REGISTRY:
+        return _REGISTRY[name](channels, num_classes, im_size)
+    if name.startswith("ConvNet"):
+        return parse_convnet_name(name)(channels, num_classes, im_size)
+    raise UserError(f"unknown model '{name}'; choose one of: {', '.join(list_models())} "
+                    "(or a ConvNet variant such as ConvNetD4, ConvNetW64, ConvNetBN)")
+
+
+def init_seeded(name: str, channels: int, num_classes: int, im_size: tuple[int, int], seed: int) -> nn.Module:
+    """Build `name` with a deterministic random init from `seed`, leaving the caller's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        # Seed only the CPU generator (the one construction uses): torch.manual_seed would also reseed every
+        # CUDA generator, which fork_rng(devices=[]) does not restore.
+        torch.default_generator.manual_seed(seed)
+        return create_model(name, channels, num_classes, im_size)
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """True if the module keeps BatchNorm running statistics (they are not part of the flat parameters)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -1,0 +1,52 @@
+"""The command line as a user meets it: results on stdout, one clear error line on bad input."""
+
+import pytest
+
+from distillery.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_baseline_random_digits(capsys):
+    code, out, err = run(capsys, "baseline", "random", "--dataset", "digits", "--ipc", "2", "--runs", "2",
+                         "--epochs", "20", "--no-progress")
+    assert code == 0, err
+    assert "test accuracy" in out and "±" in out and "2 runs" in out
+
+
+def test_presets_lists_published_rows(capsys):
+    code, out, _ = run(capsys, "presets", "--method", "mtt")
+    assert code == 0 and "mtt/cifar10-ipc10" in out and "tesla/" not in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["baseline", "random", "--dataset", "mnist", "--data-dir", "/nonexistent/dir", "--ipc", "1"], "mnist"),
+    (["baseline", "random", "--dataset", "nosuchset", "--ipc", "1"], "unknown dataset"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "500", "--runs", "1"], "images"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--model", "NoSuchNet"], "unknown model"),
+    (["evaluate", "/nonexistent/set.safetensors"], "does not exist"),
+    (["distill", "--method", "mtt", "--out", "/tmp/x", "--preset", "mtt/nope"], "unknown preset"),
+    (["distill", "--method", "mtt", "--out", "/tmp/x"], "no dataset"),
+])
+def test_bad_input_is_one_clear_line(capsys, argv, needle):
+    code, out, err = run(capsys, *argv, "--no-progress")
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0].lower(), err
+    assert "Traceback" not in err
+
+
+def test_corrupt_set_and_unknown_imagefolder(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage, not a set")
+    code, _, err = run(capsys, "evaluate", str(bad), "--no-progress")
+    assert code == 2 and "not a distillery set" in err
+    empty = tmp_path / "imgs"
+    empty.mkdir()
+    code, _, err = run(capsys, "baseline", "random", "--dataset", f"imagefolder:{empty}", "--ipc", "1",
+                       "--no-progress")
+    assert code == 2 and err.startswith("error: ") and "train" in err
