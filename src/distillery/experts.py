@@ -42,7 +42,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +58,17 @@ from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_text
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 
+if TYPE_CHECKING:
+    from .data import Dataset, Split
+
 FORMAT = "distillery-experts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
-# Experts trained at once by default, from benchmarks/expert_speed.py (docs/EXPERTS.md has the numbers).
-DEFAULT_PARALLEL = {"cpu": 1, "cuda": 4}
+# Experts trained at once when `parallel=None`, per device type, from benchmarks/expert_speed.py (numbers in
+# docs/EXPERTS.md): on CPU vmap measured 1.2-2x slower per expert than one at a time. CUDA is not measured yet, so
+# it stays on the plain path until the benchmark has been run on a GPU.
+DEFAULT_PARALLEL = {"cpu": 1, "cuda": 1}
 # Stores up to this size are kept in memory after the first read when `cache=None`.
 AUTO_CACHE_BYTES = 512 * 2**20
 # Manifest keys that must agree before an existing directory is resumed.
@@ -90,15 +95,17 @@ def epoch_lr(lr: float, epoch: int, epochs: int, decay: bool) -> float:
     return lr * 0.1 if decay and epoch > epochs // 2 + 1 else lr
 
 
-def train_experts(ds, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
+def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
                   out_dir: str | Path, device: str | torch.device | None = None, seed: int = 0,
                   parallel: int | None = None, decay: bool = False, progress: bool = True) -> ExpertStore:
     """Train experts 0..num_experts-1 into `out_dir` (resuming whatever is already there) and open the store.
 
-    `parallel` = experts trained at once with `torch.func.vmap`; 1 is the plain one-at-a-time path. None picks
-    `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap's grouped convolutions measured slower than one expert
-    at a time, and 4 on CUDA (see docs/EXPERTS.md). Device: `device`, or where `ds.train.x` lives when None.
-    `progress` shows a bar and prints each expert's val/test accuracy.
+    `parallel` = experts trained at once with `torch.func.vmap`; 1 is the plain one-at-a-time path; both give the
+    same trajectories up to float rounding. None picks `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap
+    measured 1.2-2x slower per expert (docs/EXPERTS.md), and 1 on CUDA until a GPU measurement says otherwise.
+    Memory grows linearly with `parallel` (~1.1 GB per expert for ConvNet on 32x32 at batch 256).
+    Device: `device`, or where `ds.train.x` lives when None. `progress` shows a bar and prints each expert's
+    val/test accuracy.
     """
     for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch", batch)):
         if value < 1:
@@ -106,7 +113,7 @@ def train_experts(ds, model: str, num_experts: int, epochs: int = 50, lr: float 
     if not lr > 0:
         raise UserError(f"lr must be positive, got {lr}")
     device = ds.train.x.device if device is None else resolve_device(device)
-    parallel = parallel or DEFAULT_PARALLEL.get(device.type, 1)
+    parallel = DEFAULT_PARALLEL.get(device.type, 1) if parallel is None else parallel
     if parallel < 1:
         raise UserError(f"parallel must be at least 1, got {parallel}")
     spec = ds.spec
@@ -263,7 +270,7 @@ def _load_epoch(out: Path, k: int, epoch: int, gen: torch.Generator | None = Non
     return tensors["theta"]
 
 
-def _finish_expert(out: Path, fm: FunctionalModel, ds, device: torch.device, manifest: dict, k: int, s: int,
+def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.device, manifest: dict, k: int, s: int,
                    final: torch.Tensor, epochs: int) -> dict:
     """Write expert k's shard from its snapshots, record it with its accuracies in the manifest, drop the snapshots."""
     trajectory = torch.stack([_load_epoch(out, k, e) for e in range(epochs + 1)])
@@ -280,7 +287,7 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds, device: torch.device, man
 
 
 @torch.no_grad()
-def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split, device: torch.device, chunk: int = 1024) -> float | None:
+def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, device: torch.device, chunk: int = 1024) -> float | None:
     """Top-1 accuracy of parameters `flat` on a split (no augmentation); None for an empty split."""
     if split is None or len(split.y) == 0:
         return None
