@@ -74,6 +74,8 @@ AUTO_CACHE_BYTES = 512 * 2**20
 # Manifest keys that must agree before an existing directory is resumed.
 _CONFIG_KEYS = ("format_version", "dataset", "model", "channels", "num_classes", "im_size", "preprocess",
                 "epochs", "lr", "decay", "batch", "dsa_strategy", "seed", "layout")
+# step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,))
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
 
 
@@ -131,6 +133,8 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         "seed": seed, "layout": layout_of(fm), "torch_version": torch.__version__, "experts": [],
     })
     done = {e["index"] for e in manifest["experts"]}
+    for k in done:  # snapshots left behind by a run killed right after an expert's manifest entry
+        shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
     todo = [k for k in range(num_experts) if k not in done]
     train = (ds.train.x.to(device), ds.train.y.to(device))
     augment = Augment(spec.dsa_strategy)
@@ -200,8 +204,8 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
     return flats
 
 
-def _make_step(fm: FunctionalModel, k: int):
-    """`step(flats (K,P), xs (K,B,...), ys (K,B)) -> (grads (K,P), losses (K,))`: vmapped for K > 1, plain for K = 1."""
+def _make_step(fm: FunctionalModel, k: int) -> Step:
+    """The gradient step of K experts: vmapped for K > 1, a plain `torch.func.grad` call for K = 1."""
 
     def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(fm(flat, xb), yb)
@@ -217,9 +221,9 @@ def _make_step(fm: FunctionalModel, k: int):
     return one
 
 
-def _sgd_epoch(step, flats: torch.Tensor, gens: list[torch.Generator], x: torch.Tensor, y: torch.Tensor,
+def _sgd_epoch(step: Step, flats: torch.Tensor, gens: list[torch.Generator], x: torch.Tensor, y: torch.Tensor,
                augment: Augment, batch: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of plain SGD for K experts, each with its own data order and DSA draws; returns (flats, mean losses)."""
+    """One epoch of plain SGD for K experts, each with its own order and DSA draws; returns (flats, mean losses)."""
     orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
     total = torch.zeros(len(gens), device=x.device)
     for i in range(0, len(x), batch):
@@ -287,7 +291,8 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.de
 
 
 @torch.no_grad()
-def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, device: torch.device, chunk: int = 1024) -> float | None:
+def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, device: torch.device,
+              chunk: int = 1024) -> float | None:
     """Top-1 accuracy of parameters `flat` on a split (no augmentation); None for an empty split."""
     if split is None or len(split.y) == 0:
         return None
@@ -350,14 +355,15 @@ class ExpertStore:
                             "or pass the right --experts dir")
         m = _read_manifest(root / MANIFEST)
         if expect_dataset is not None and m["dataset"] != expect_dataset:
-            raise UserError(f"experts in {root} were trained on dataset '{m['dataset']}', not '{expect_dataset}'; {_FIX}")
+            raise UserError(f"experts in {root} were trained on dataset '{m['dataset']}', "
+                            f"not '{expect_dataset}'; {_FIX}")
         if expect_model is not None and m["model"] != expect_model:
             raise UserError(f"experts in {root} are '{m['model']}' models, not '{expect_model}'; {_FIX}")
         stored_pre = m["preprocess"]
         if expect_fingerprint is not None and stored_pre["fingerprint"] != expect_fingerprint:
             raise UserError(f"experts in {root} saw data preprocessed as {stored_pre['kind']} (fingerprint "
                             f"{stored_pre['fingerprint']}), not this run's (fingerprint {expect_fingerprint}); "
-                            f"ZCA and non-ZCA experts do not mix (SPEC P6); {_FIX}")
+                            f"experts must see the run's exact preprocessing (SPEC P6); {_FIX}")
         if expect_layout is not None:
             difference = _layout_difference(m["layout"], expect_layout)
             if difference is not None:
