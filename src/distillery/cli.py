@@ -134,7 +134,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
     s = SyntheticSet.load(args.set)
     s.save_grid(args.out, max_per_class=args.max_per_class)
-    print(f"wrote {args.out} ({s.num_classes} classes x {min(s.ipc, args.max_per_class)} images)")
+    print(f"wrote {args.out} ({s.num_classes} class columns x {min(s.ipc, args.max_per_class)} images)")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

@@ -122,19 +122,18 @@ class SyntheticSet:
         return x.clamp(0, 1)
 
     def save_grid(self, path: str | Path, max_per_class: int = 10) -> None:
-        """Write a PNG grid: one row per class, up to `max_per_class` images per row."""
+        """Write a PNG grid: one column per class, up to `max_per_class` images of it down the column."""
         from PIL import Image
 
         x = self.display_images()
         c, h, w = x.shape[1:]
         k, ipc = self.num_classes, self.ipc
-        cols = min(ipc, max_per_class)
-        grid = torch.ones(c, k * (h + 1) + 1, cols * (w + 1) + 1)
+        rows = min(ipc, max_per_class)
+        grid = torch.ones(c, rows * (h + 1) + 1, k * (w + 1) + 1)
         for cls in range(k):
-            for j in range(cols):
-                img = x[cls * ipc + j]
-                top, left = 1 + cls * (h + 1), 1 + j * (w + 1)
-                grid[:, top:top + h, left:left + w] = img
+            for j in range(rows):
+                top, left = 1 + j * (h + 1), 1 + cls * (w + 1)
+                grid[:, top:top + h, left:left + w] = x[cls * ipc + j]
         scale = max(1, math.ceil(256 / max(grid.shape[1], grid.shape[2])))
         arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         arr = arr.repeat(scale, 0).repeat(scale, 1)
