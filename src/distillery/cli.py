@@ -96,7 +96,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
         res = full_data_baseline(ds, runs=args.runs, model=args.model, epochs=epochs, lr=lr, seed=args.seed,
                                  progress=_progress(args))
         what = f"full data ({len(ds.train.x)} training images)"
-    print(f"{ds.spec.name} {what}, {res.model}, {epochs} epochs, lr {lr:g}: test accuracy {res}")
+    print(f"{ds.spec.name} ({ds.preprocess.kind}) {what}, {res.model}, {epochs} epochs, lr {lr:g}: test accuracy {res}")
 
 
 def _load_for_set(args: argparse.Namespace, s) -> Any:
