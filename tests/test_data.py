@@ -415,3 +415,17 @@ def test_fetch_dataset_success_paths(server, tmp_path, monkeypatch):
     assert fetch_dataset("cifar10", data, progress=False) == data / "cifar-10-batches-py"
     assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "mnist"]  # archive and temp dir gone
     assert len(load_dataset("cifar10", data_dir=str(data)).test) == 4
+
+
+def test_zca_fit_is_cached_and_a_damaged_cache_is_refitted(tmp_path, monkeypatch):
+    """The second load reads the cached ZCA (same fingerprint, same images); a corrupt cache file is refitted."""
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    a = load_dataset("digits", zca="kornia")
+    files = list((tmp_path / "zca").glob("*.safetensors"))
+    assert len(files) == 1
+    b = load_dataset("digits", zca="kornia")
+    assert a.preprocess.fingerprint() == b.preprocess.fingerprint()
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x)
+    files[0].write_bytes(b"damaged")
+    c = load_dataset("digits", zca="kornia")
+    assert torch.equal(a.test.x, c.test.x) and files[0].stat().st_size > 100

@@ -8,6 +8,7 @@ Files are searched in this order: the `data_dir` argument (itself or a dataset f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -15,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ..device import resolve_device
 from ..errors import UserError
+from ..io import atomic_write_bytes
 from . import formats
 from .download import SOURCES, fetch_dataset
 from .formats import RawSplit, to_float01
-from .preprocess import Preprocess, make_preprocess
+from .preprocess import Preprocess, images_digest, make_preprocess
 from .registry import (
     IMAGEFOLDER_PREFIX,
     DatasetSpec,
@@ -115,7 +119,7 @@ def load_dataset(name: str, data_dir: str | None = None, device: str | torch.dev
     train_idx, val_idx = stratified_split(raw_train.labels, spec.num_classes, val_fraction, seed)
 
     x_train01 = to_float01(raw_train.images[train_idx], device)
-    preprocess = make_preprocess(spec.mean, spec.std, zca).fit(x_train01)
+    preprocess = fit_preprocess(spec, zca, x_train01)
     train = Split(preprocess.transform(x_train01), torch.from_numpy(raw_train.labels[train_idx]).to(device))
     del x_train01  # free the [0,1] copy before the other splits are built
 
@@ -126,6 +130,24 @@ def load_dataset(name: str, data_dir: str | None = None, device: str | torch.dev
     val = split(raw_train.images[val_idx], raw_train.labels[val_idx])
     test = split(raw_test.images, raw_test.labels)
     return Dataset(spec, preprocess, train, val, test, location)
+
+
+def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Preprocess:
+    """Fit the preprocessing on the train images; a fitted ZCA is cached under $DISTILLERY_CACHE/zca, keyed by its
+    kind and the digest of the exact fit images, because the fit costs ~25 s on CIFAR and minutes at 64x64."""
+    pre = make_preprocess(spec.mean, spec.std, zca)
+    if zca is None:
+        return pre.fit(x_train01)
+    path = formats.cache_dir() / "zca" / f"{pre.kind}-{images_digest(x_train01)[:32]}.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["preprocess"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return Preprocess.from_state_dict({**meta, **tensors}).to(x_train01.device)
+    except (OSError, KeyError, ValueError, SafetensorError):  # no cache yet, or a damaged one: fit again
+        pre.fit(x_train01)
+    atomic_write_bytes(path, st_save(pre.tensors(), metadata={"preprocess": json.dumps(pre.meta())}))
+    return pre
 
 
 def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ def make_preprocess(mean: Sequence[float], std: Sequence[float], zca: str | None
     raise UserError(f"unknown zca '{zca}'; use 'kornia' (MTT/TESLA), 'kip' (RaT-BPTT) or leave it unset")
 
 
-def _digest(x: Tensor) -> str:
+def images_digest(x: Tensor) -> str:
     """sha256 of x's shape and float32 bytes, read in chunks: identifies the fit images on any device."""
     h = hashlib.sha256(str(tuple(x.shape)).encode())
     flat = x.reshape(x.shape[0], -1)
@@ -156,7 +156,7 @@ class _ZCA(Preprocess):
 
     def __init__(self) -> None:
         self.shape: list[int] | None = None  # [C, H, W] of the images fitted on
-        self.fit_data: str | None = None  # sha256 of the fit images (see _digest)
+        self.fit_data: str | None = None  # sha256 of the fit images (see images_digest)
         self.W: Tensor | None = None
         self.W_inv: Tensor | None = None
 
@@ -198,7 +198,7 @@ class _ZCA(Preprocess):
         if lo < 0 or hi > 1:
             raise ValueError(f"ZCA is fitted on [0,1] images (not standardized), got range [{lo:.3g}, {hi:.3g}]")
         self.shape = list(x01.shape[1:])
-        self.fit_data = _digest(x01)
+        self.fit_data = images_digest(x01)
         return x01.reshape(x01.shape[0], -1)
 
     def _set_matrices(self, U: Tensor, d: Tensor) -> None:
