@@ -25,10 +25,19 @@ def _method_configs() -> dict[str, type]:
     return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig}
 
 
-def _arg_type(annotation: str, default: Any):
+def _parse_bool(text: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off) for boolean options; anything else is an argparse error."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _arg_type(annotation: str):
     """argparse type for a dataclass field from its (string) annotation."""
     if "bool" in annotation:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
+        return _parse_bool
     if "float" in annotation:
         return float
     if "int" in annotation:
@@ -56,7 +65,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
             if f.name in seen:
                 continue
             seen.add(f.name)
-            group.add_argument("--" + f.name.replace("_", "-"), default=None, type=_arg_type(str(f.type), f.default),
+            group.add_argument("--" + f.name.replace("_", "-"), default=None, type=_arg_type(str(f.type)),
                                help=f"{method}: default {f.default}")
 
 
