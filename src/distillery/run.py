@@ -123,11 +123,14 @@ class _Logger:
             self.tb.flush()
 
 
-def _check_finite(it: int, logs: dict[str, float], synset: SyntheticSet, run_dir: Path) -> None:
-    bad = [k for k, v in logs.items() if not math.isfinite(v)]
-    if bad or not torch.isfinite(synset.images).all():
-        what = ", ".join(bad) if bad else "synthetic images"
-        raise Diverged(f"{what} became NaN/inf at iteration {it}; the last good checkpoint is kept in "
+def _check_finite(it: int, run_dir: Path, logs: dict[str, float] | None = None,
+                  images: torch.Tensor | None = None) -> None:
+    """Stop with Diverged if a logged scalar or the images are NaN/inf, before anything bad is written."""
+    bad = [k for k, v in (logs or {}).items() if not math.isfinite(v)]
+    if images is not None and not torch.isfinite(images).all():
+        bad.append("synthetic images")
+    if bad:
+        raise Diverged(f"{', '.join(bad)} became NaN/inf at iteration {it}; the last good checkpoint is kept in "
                        f"{run_dir / 'checkpoint.pt'} (resume with --resume after lowering the image or step-size "
                        "learning rate)")
 
@@ -143,14 +146,14 @@ def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopCon
         method.load_state_dict(ckpt["method"])
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
         print(f"resuming {run_dir} from iteration {start}")
-    logger = _Logger(run_dir, rows, tensorboard=is_main_process())
-    (run_dir / "grids").mkdir(parents=True, exist_ok=True)
-
     main = is_main_process()  # with torchrun, only rank 0 evaluates and writes
+    logger = _Logger(run_dir, rows, tensorboard=main)
+    (run_dir / "grids").mkdir(parents=True, exist_ok=True)
 
     def save_checkpoint(it: int) -> None:
         if not main:
             return
+        _check_finite(it, run_dir, images=method.synset().images)  # never persist NaN images
         atomic_save_torch({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict()},
                           ckpt_path)
         logger.flush()
@@ -158,6 +161,7 @@ def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopCon
     def evaluate(it: int) -> float:
         nonlocal best_val
         s = method.synset()
+        _check_finite(it, run_dir, images=s.images)
         lr = s.lr if s.lr is not None else 0.01
         res = evaluate_set(s.images, s.labels, dataset, loop.eval_model, runs=loop.eval_runs,
                            epochs=loop.eval_epochs, lr=lr, seed=loop.seed * 100003 + it, split="val",
@@ -180,7 +184,7 @@ def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopCon
         if it == loop.iterations:
             break
         logs = method.step(it)
-        _check_finite(it, logs, method.synset(), run_dir)
+        _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
         logger.log(it, logs)
         bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * val:.1f}"}, refresh=False)
         bar.update(1)
