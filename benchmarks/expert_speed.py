@@ -1,26 +1,31 @@
-"""Seconds per epoch per expert: one expert at a time vs K experts at once with torch.func.vmap.
+"""Seconds per expert epoch: the published loop (a port of MTT's buffer.py) vs distillery, same process, alternating.
 
-Trains on a random CIFAR-10-sized tensor (3x32x32, 10 classes) with the real recipe (`train_experts`, DSA on every
-batch, snapshots written each epoch) for one epoch per configuration, after a small warm-up run. The result decides
-`distillery.experts.DEFAULT_PARALLEL`.
+Trains on a random CIFAR-10-sized tensor (3x32x32, 10 classes; by default 45,000 images, a full epoch of our train
+split) with the expert recipe (SGD lr 0.01, no momentum, DSA on every batch, batch 256): the published loop,
+distillery one expert at a time (plain autograd), and K experts at once (grouped ConvNet). Prints min / median /
+max, peak memory (CUDA) and the published figure. The K rows decide `distillery.experts.DEFAULT_PARALLEL`.
 
-    python benchmarks/expert_speed.py                       # CPU, and CUDA when available
-    python benchmarks/expert_speed.py --n 2000 --ks 2 4 --devices cpu --threads 2
+    python benchmarks/expert_speed.py                              # full epoch, CUDA when available
+    python benchmarks/expert_speed.py --n 2560 --ks 2 --threads 1  # a short CPU check
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-import time
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from reference_loops import HEADER, alternate, published_convnet, published_expert_epoch, row
+from torch.func import grad_and_value
 
+from distillery.augment import Augment
 from distillery.data.preprocess import Standardize
 from distillery.data.registry import get_spec
-from distillery.experts import train_experts
+from distillery.experts import _make_step, _sgd_epoch
+from distillery.models import FunctionalModel, create_model, init_seeded
 
 
 def random_cifar(n: int, device: str) -> SimpleNamespace:
@@ -36,46 +41,76 @@ def random_cifar(n: int, device: str) -> SimpleNamespace:
                            test=split(100))
 
 
-def seconds_per_expert_epoch(ds: SimpleNamespace, model: str, k: int, device: str) -> tuple[float, float]:
-    """(wall, process CPU) seconds of training k experts for one epoch (parallel=k), divided by k.
+def ours_epoch(ds: SimpleNamespace, model: str, k: int, device: str) -> Callable[[], object]:
+    """One training epoch of k experts through distillery's own `_sgd_epoch` and `_make_step` (no file I/O)."""
+    fm = FunctionalModel(create_model(model, 3, 10, (32, 32)).to(device))
+    flats = torch.stack([fm.flatten(init_seeded(model, 3, 10, (32, 32), s)).detach() for s in range(k)]).to(device)
+    step, augment = _make_step(fm, k), Augment(ds.spec.dsa_strategy)
 
-    CPU time is what to compare on a machine shared with other jobs, where wall time mostly measures the neighbours.
-    """
-    with tempfile.TemporaryDirectory() as out:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        train_experts(ds, model, k, epochs=1, out_dir=out, device=device, parallel=k, progress=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - wall) / k, (time.process_time() - cpu) / k
+    def run() -> object:
+        gens = [torch.Generator(device=device).manual_seed(s) for s in range(k)]
+        return _sgd_epoch(step, flats, gens, ds.train.x, ds.train.y, augment, 256, 0.01)
+
+    return run
+
+
+def torch_func_epoch(ds: SimpleNamespace, model: str, device: str) -> Callable[[], object]:
+    """One epoch through the previous one-expert path: nn.GroupNorm and torch.func.grad_and_value (before/after)."""
+    fm = FunctionalModel(published_convnet(3, 10, (32, 32), 0, model).to(device))
+    flats = fm.flatten(init_seeded(model, 3, 10, (32, 32), 0)).detach().to(device)[None]
+    grad_fn = grad_and_value(lambda flat, xb, yb: F.cross_entropy(fm(flat, xb), yb))
+
+    def step(f: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, value = grad_fn(f[0], xs[0], ys[0])
+        return grad[None], value[None]
+
+    augment = Augment(ds.spec.dsa_strategy)
+    return lambda: _sgd_epoch(step, flats, [torch.Generator(device=device).manual_seed(0)], ds.train.x, ds.train.y,
+                              augment, 256, 0.01)
+
+
+def published_epoch(ds: SimpleNamespace, device: str) -> Callable[[], object]:
+    """One epoch of the port of buffer.py's expert loop on the same data."""
+    net = published_convnet(3, 10, (32, 32), 0).to(device)
+    return lambda: published_expert_epoch(net, ds.train.x, ds.train.y, ds.spec.dsa_strategy)
 
 
 def main() -> None:
-    """Print one table row per device: seconds per epoch per expert for sequential and each vmap width."""
+    """Alternate the published loop, ours one at a time and ours K at once; print one table (per expert)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=5000, help="training images (default 5000)")
+    parser.add_argument("--n", type=int, default=45000,
+                        help="training images (default 45000: CIFAR-10's train split less our 10%% validation)")
     parser.add_argument("--model", default="ConvNet", help="model name (default ConvNet: depth 3, width 128)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="vmap widths to time")
-    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="devices (cuda skipped if absent)")
+    parser.add_argument("--ks", type=int, nargs="*", default=[4], help="experts at once to time (grouped ConvNet)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--before", action="store_true", help="also time the previous torch.func one-expert step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [d for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{args.model}, {args.n} images 3x32x32, batch 256, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, load average {load:.1f}")
-    header = f"{'device':8} {'sequential':>15}" + "".join(f" {'vmap K=' + str(k):>15}" for k in args.ks)
-    print(header + "   (wall s / CPU s per epoch per expert; lower is better)")
-    for device in devices:
-        ds = random_cifar(args.n, device)
-        seconds_per_expert_epoch(random_cifar(256, device), args.model, 2, device)  # warm-up: imports, kernels
-        print(f"{device:8}", end="", flush=True)
-        for k in [1, *args.ks]:  # k = 1 is the plain one-at-a-time path
-            wall, cpu = seconds_per_expert_epoch(ds, args.model, k, device)
-            print(f" {wall:7.2f} /{cpu:6.1f}", end="", flush=True)
-        print()
+    print(f"{args.model}, {args.n} images 3x32x32, batch 256, torch {torch.__version__}, device {args.device}, "
+          f"{torch.get_num_threads()} CPU threads, load average {load:.1f}; seconds per epoch (K > 1: whole group)")
+    ds = random_cifar(args.n, args.device)
+    fns = {"published loop (buffer.py port)": published_epoch(ds, args.device),
+           "distillery, one expert": ours_epoch(ds, args.model, 1, args.device)}
+    if args.before:
+        before = "distillery before (nn.GroupNorm + torch.func.grad_and_value)"
+        fns[before] = torch_func_epoch(ds, args.model, args.device)
+    for k in args.ks:
+        fns[f"distillery, {k} experts at once"] = ours_epoch(ds, args.model, k, args.device)
+    stats = alternate(fns, args.rounds, args.device)
+    print(HEADER)
+    published = "2.6 s per CIFAR-10 epoch" if args.n >= 45000 else "2.6 s per CIFAR-10 epoch (not this size)"
+    for name, st in stats.items():
+        print(row(name, st, published if name.startswith("published") else "—"))
+    key = "median" if args.device == "cuda" else "cpu_median"  # a shared CPU: compare process CPU time
+    base = stats["published loop (buffer.py port)"][key]
+    for name, st in stats.items():
+        k = int(name.split(",")[1].split()[0]) if "at once" in name else 1
+        print(f"{name}: {st[key] / k / base:.3f}x the published loop per expert ({key.replace('_', ' ')}s, "
+              "same process)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_corrupt_set_and_unknown_imagefolder(capsys, tmp_path):
     ("tesla", ["--num-experts", "1", "--expert-epochs-train", "3", "--max-start-epoch", "2", "--syn-steps", "3",
                "--labels", "expert"]),
     ("ratbptt", ["--horizon", "6", "--window", "2", "--real-batch", "64", "--learn-labels", "true",
-                 "--boost-blocks", "1,1", "--boost-every", "2"]),
+                 "--boost-blocks", "1,1", "--boost-every", "2", "--rat-eval-steps", "2,4"]),
 ])
 def test_distill_wiring_end_to_end(capsys, tmp_path, monkeypatch, method, extra):
     """Every method runs through the CLI, writes a loadable set, and `evaluate --ipc` reads a prefix."""

@@ -93,7 +93,7 @@ def test_registry_specs_and_unknown_name():
         get_spec("cifar11")
     assert "\n" not in str(e.value) and "imagefolder:<path>" in str(e.value)
     with pytest.raises(UserError, match="unknown dataset"):
-        load_dataset("svhn")
+        load_dataset("stl10")
 
 
 # ---------------------------------------------------------------- IDX
@@ -385,8 +385,8 @@ def test_fetch_dataset_uses_mirror_and_keeps_nothing_bad(server, tmp_path, monke
     with pytest.raises(UserError, match="checksum mismatch for .*train-images-idx3-ubyte.gz: expected md5 f68b3c2d"):
         fetch_dataset("mnist", data, progress=False)
     assert [p for p in data.rglob("*") if p.is_file()] == []
-    with pytest.raises(UserError, match="tiny-imagenet has no automatic download"):
-        fetch_dataset("tiny-imagenet", data)
+    with pytest.raises(UserError, match="imagenet-1k has no automatic download .*register at image-net.org"):
+        fetch_dataset("imagenet-1k", data)
 
 
 def test_fetch_dataset_success_paths(server, tmp_path, monkeypatch):

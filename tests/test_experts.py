@@ -155,8 +155,8 @@ def test_resume_trains_only_missing_expert(ds, store_copy, monkeypatch):
 def test_interrupted_run_resumes_from_last_epoch(ds, sequential, tmp_path, monkeypatch):
     real_save = experts._save_epoch
 
-    def save_then_die(out, k, epoch, flat, gen):
-        real_save(out, k, epoch, flat, gen)
+    def save_then_die(out, k, epoch, flat, gen, *momentum):
+        real_save(out, k, epoch, flat, gen, *momentum)
         if epoch == 1:
             raise KeyboardInterrupt
 

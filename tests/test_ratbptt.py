@@ -246,7 +246,8 @@ def fake_dataset(n_per_class: int = 20, num_classes: int = C) -> SimpleNamespace
         return x[class_indices[c][torch.randperm(n_per_class, generator=generator)[:k]]]
 
     spec = SimpleNamespace(name="fake", channels=1, im_size=(8, 8), num_classes=num_classes,
-                           class_names=[str(c) for c in range(num_classes)], default_model="ConvNetD2W4")
+                           class_names=[str(c) for c in range(num_classes)], default_model="ConvNetD2W4",
+                           rat_noise_init=False)
     return SimpleNamespace(spec=spec, train=SimpleNamespace(x=x, y=y), class_indices=class_indices,
                            preprocess=FakePreprocess(), sample_real=sample_real)
 

@@ -37,6 +37,7 @@ i to the same point about the centre); it matters for non-square images.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -156,8 +157,7 @@ class Augment:
 
         tokens = self.tokens
         if self.mode == "S" and tokens:
-            choice = torch.randint(len(tokens), (1,), generator=generator, device=gen_device)
-            tokens = (tokens[int(choice)],)
+            tokens = (tokens[_choose_token(len(tokens), generator)],)
         drawn: dict[str, Tensor] = {}
         for token in tokens:
             if token == "color":
@@ -253,6 +253,21 @@ class Augment:
         angle = _as(p.rotate, x)
         cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
         return _homogeneous(cos, -sin, zero, sin, cos, zero)
+
+
+def _choose_token(n: int, generator: torch.Generator) -> int:
+    """Mode S's token index in [0, n) without a host sync: drawn from a CPU generator (the stream the CPU path has
+    always used), and for a device generator read from its host-side state (seed, offset), which every draw that
+    follows advances. The token is then a function of the generator state that callers save: resume stays exact."""
+    if generator.device.type == "cpu":
+        return int(torch.randint(n, (1,), generator=generator))
+    return _token_from_state(generator.get_state(), n)
+
+
+def _token_from_state(state: Tensor, n: int) -> int:
+    """A uniform index in [0, n) that is a fixed function of a generator state (a uint8 CPU tensor)."""
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
 
 
 def _parse_strategy(strategy: str) -> tuple[str, ...]:

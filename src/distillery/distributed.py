@@ -1,16 +1,23 @@
-"""Several processes (torchrun): who am I, averaging, broadcasting, and setting the process group up.
+"""Several processes (torchrun): who am I, averaging, broadcasting, waiting, and setting the process group up.
 
-Launch: `torchrun --nproc_per_node G -m distillery.cli distill ...`. Each rank computes meta-gradients on its
-share of the real batch; they are averaged with an all-reduce; only rank 0 evaluates and writes files.
+Launch: `torchrun --nproc_per_node G -m distillery.cli distill|experts|evaluate ...` (docs/SCALING.md). RaT-BPTT
+ranks compute meta-gradients on their share of the real batch, MTT/TESLA ranks on their own expert segments; the
+gradients are averaged with an all-reduce and every rank applies the same update. Experts are split by index and
+evaluation runs by run index. Only rank 0 writes run files; expert shards are written by the rank that trained them.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# The longest one rank waits for the others at a collective: at the end of an uneven split of experts or evaluation
+# runs, a rank idles for up to one expert's training or one evaluation run (NCCL's own default is 10 minutes).
+TIMEOUT = timedelta(hours=6)
 
 
 def init_from_env(device: torch.device) -> torch.device:
@@ -20,7 +27,7 @@ def init_from_env(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return device
 
 
@@ -50,3 +57,16 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     if rank_and_world()[1] > 1:
         dist.broadcast(t, src=src)
     return t
+
+
+def all_reduce_sum_(t: Tensor) -> Tensor:
+    """Sum `t` in place over all ranks (no-op in a single process)."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()

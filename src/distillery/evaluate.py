@@ -9,6 +9,7 @@ reproduced exactly.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import Augment
+from .distributed import all_reduce_sum_, rank_and_world
 from .errors import UserError
-from .models import init_seeded
+from .grouped_training import train_together
+from .models import FunctionalModel, init_seeded
+from .models.grouped import groupable
+
+_CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
+# Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
+# on the CPU grouped convolutions are not faster; the CUDA row of benchmarks/gpu_suite.py decides.
+TOGETHER = {"cpu": False, "cuda": False}
 
 
 @dataclass
@@ -31,6 +40,10 @@ class EvalResult:
     epochs: int
     lr: float
     split: str
+    protocol: str = "dsa"                      # dsa (MTT/TESLA evaluate_synset) | rat (RaT-BPTT test())
+    steps: int | None = None                   # rat: the step count chosen on validation
+    val_by_steps: dict[int, float] | None = None  # rat: mean validation accuracy per step count
+    train_loss: float | None = None            # rat, on request: mean CE on the real train split (cctype 1 signal)
 
     @property
     def mean(self) -> float:
@@ -41,7 +54,8 @@ class EvalResult:
         return float(np.std(self.accs))  # ddof=0, as the reference code reports it
 
     def __str__(self) -> str:
-        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % ({len(self.accs)} runs, {self.split} split)"
+        how = f"rat protocol, {self.steps} steps" if self.protocol == "rat" else "dsa protocol"
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % ({len(self.accs)} runs, {self.split} split, {how})"
 
 
 @torch.no_grad()
@@ -49,11 +63,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     """Top-1 accuracy of `model` on (x, y), in eval mode, without augmentation."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for i in range(0, len(x), batch):
-        correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+        correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()
     model.train(was_training)
-    return correct / max(1, len(x))
+    return int(correct) / max(1, len(x))  # one host read
 
 
 def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int,
@@ -64,7 +78,7 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
     `y` may be class ids (int64) or per-image probability/weight vectors (soft or learned labels).
     """
     device = x.device
-    model = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), seed).to(device)
+    model = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), seed).to(device=device, dtype=x.dtype)
     model.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     augment = Augment(strategy)
@@ -79,8 +93,9 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise UserError(f"evaluation training diverged (loss {loss.item()}) at epoch {ep} with lr {lr:g}; "
+        finite = torch.isfinite(loss) if ep == 0 else finite & torch.isfinite(loss)  # stays on the device
+        if (ep % _CHECK_EVERY == _CHECK_EVERY - 1 or ep == epochs) and not finite:  # one host read per 100 epochs
+            raise UserError(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
                             "evaluate with a smaller --lr")
         if ep == decay_after:  # the reference code rebuilds the optimiser, so momentum restarts
             optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
@@ -89,28 +104,72 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
     return model
 
 
+def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
+               lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
+               together: bool | None = None) -> list[nn.Module]:
+    """`train_model` for each seed: one by one, or all at once as one grouped ConvNet (`together`; None = TOGETHER)."""
+    together = TOGETHER.get(x.device.type, False) if together is None else together
+    template = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), 0).to(device=x.device, dtype=x.dtype)
+    if not (together and len(seeds) > 1 and groupable(template)):
+        return [train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s, progress)
+                for s in seeds]
+    fm = FunctionalModel(template)
+    inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
+             for s in seeds]
+    gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+    tick = None if progress is None else lambda: progress.update(len(seeds))
+    try:
+        flats = train_together(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
+    except FloatingPointError as err:
+        raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; evaluate with a smaller --lr") from None
+    return [fm.load_into(f, copy.deepcopy(template)) for f in flats]
+
+
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
                  epochs: int = 300, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
-                 seed: int = 0, split: str = "test", progress: bool = True) -> EvalResult:
+                 seed: int = 0, split: str = "test", progress: bool = True,
+                 distributed: bool = False, protocol: str = "dsa", rat=None, train_loss: bool = False,
+                 together: bool | None = None) -> EvalResult:
     """Train `runs` fresh networks on (x, y) and test each on `dataset`'s `split` ("val" or "test").
 
-    Select anything (checkpoints, hyperparameters) on "val"; report "test" once.
+    `protocol`: "dsa" = MTT/TESLA's evaluate_synset (SPEC §7; `epochs`, `lr`, `batch`, `strategy` apply) or "rat"
+    = RaT-BPTT's published test() (`distillery.rat_eval`; `rat` is its RatProtocol, default the published settings;
+    the step count is chosen on the validation split; single process).
+
+    `together`: train the runs at once as one grouped ConvNet (equal to one by one up to float rounding); None =
+    `TOGETHER` for the device. Select anything (checkpoints, hyperparameters) on "val"; report "test" once.
+
+    `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
+    runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
+    evaluation (the "rat" protocol is not split: every rank computes all of it).
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     spec = dataset.spec
     model = model or spec.default_model
+    if protocol == "rat":
+        from .rat_eval import RatProtocol, evaluate_rat
+
+        return evaluate_rat(x, y, dataset, model, runs, rat or RatProtocol(), seed=seed, split=split,
+                            progress=progress, train_loss=train_loss)
+    if protocol != "dsa":
+        raise UserError(f"unknown --protocol '{protocol}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
     strategy = spec.dsa_strategy if strategy is None else strategy
     target = dataset.val if split == "val" else dataset.test
     device = target.x.device
     x, y = x.to(device), y.to(device)
-    accs = []
-    bar = tqdm(total=runs * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False, disable=not progress)
-    for r in range(runs):
-        net = train_model(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
-                          seed=seed * 1000 + r, progress=bar)
-        accs.append(accuracy(net, target.x, target.y))
+    rank, world = rank_and_world() if distributed else (0, 1)
+    mine = range(rank, runs, world)
+    accs = [0.0] * runs
+    bar = tqdm(total=len(mine) * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False,
+               disable=not (progress and rank == 0))
+    nets = train_runs(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
+                      [seed * 1000 + r for r in mine], bar, together)
+    for r, net in zip(mine, nets):
+        accs[r] = accuracy(net, target.x, target.y)
     bar.close()
+    if distributed:  # each run's accuracy is on one rank, zeros elsewhere: the sum is exact
+        accs = all_reduce_sum_(torch.tensor(accs, dtype=torch.float64, device=device)).tolist()
     return EvalResult(accs, model, epochs, lr, split)
 
 

@@ -1,7 +1,8 @@
 """Expert trajectories for MTT and TESLA (SPEC §4.1): train them, store them, check them, read them lazily.
 
 Training recipe (the reference `buffer.py`, kept exact on purpose, SPEC P18): every expert starts from its own
-random init, then runs `epochs` passes of plain SGD (no momentum, no weight decay, constant lr unless `decay`) with
+random init, then runs `epochs` passes of plain SGD (by default no momentum, no weight decay, constant lr unless
+`decay`: buffer.py's --mom, --l2, --decay are the `momentum`, `weight_decay`, `decay` arguments) with
 cross-entropy on shuffled minibatches of `batch` images of `ds.train` (the last minibatch of an epoch may be
 smaller), each minibatch augmented with ordinary non-siamese DSA using the dataset's strategy. Parameters are
 saved after every epoch; index 0 is the init. Data stay on the device; there is no DataLoader.
@@ -9,7 +10,8 @@ saved after every epoch; index 0 is the init. Data stay on the device; there is 
 Randomness: expert k of a run with `seed` uses `s = seed * 100003 + k` twice: `init_seeded(model, ..., seed=s)`
 for its init, and one `torch.Generator` on the device seeded with `s` for its data order (one `randperm` per epoch)
 and its augmentation (one DSA draw per minibatch). Nothing is shared between experts, so training them one at a
-time or K at once with `torch.func.vmap` gives the same trajectories up to float rounding.
+time or K at once (one grouped ConvNet, or `torch.func.vmap` for other models) gives the same trajectories up
+to float rounding.
 
 Store format (format_version 1), a directory:
 
@@ -19,34 +21,47 @@ Store format (format_version 1), a directory:
                              layout hash so a shard copied into the wrong store is caught
     ...
     .partial/expert_0007/epoch_0012.safetensors
-                             only while training: `theta` (P,) after epoch 12 and `rng` (the expert's generator
-                             state), so an interrupted run resumes from the last finished epoch; removed once the
+                             only while training: `theta` (P,) after epoch 12, `rng` (the expert's generator
+                             state) and, with momentum, `momentum` (P,), so an interrupted run resumes from the
+                             last finished epoch; removed once the
                              expert's shard is written
 
 manifest.json keys: format ("distillery-experts"), format_version, dataset, model, channels, num_classes,
 im_size [h, w], preprocess {kind, fingerprint} (from `ds.preprocess`; ZCA and non-ZCA experts never mix, SPEC
-P6), epochs, lr, decay, batch, dsa_strategy, seed, layout {names, shapes, num_params, hash} (parameters() order;
-hash = sha256 of the JSON list of [name, shape] pairs, SPEC P10), torch_version, and experts: a list of
+P6), epochs, lr, decay, momentum, weight_decay (absent in older stores: 0), batch, dsa_strategy, seed, layout
+{names, shapes, num_params, hash} (parameters() order; hash = sha256 of the JSON list of [name, shape] pairs,
+SPEC P10), torch_version, and experts: a list of
 {index, file, seed, sha256, val_acc, test_acc} for the finished experts (val_acc is null without a validation
 split; test accuracy is only reported, never used to select anything).
 
 Every file is written atomically (`distillery.io`); the manifest is rewritten after each finished expert, so a
 killed run loses at most the epoch in progress. BatchNorm models are refused: their running statistics are not in
 the flat parameter vector that MTT/TESLA match (SPEC §1.3).
+
+Several processes (`torchrun --nproc_per_node G -m distillery.cli experts ...`, docs/SCALING.md): rank r trains
+experts r, r + G, r + 2G, ... into the same directory. Each manifest update is a read, add, atomic rewrite under an
+exclusive `flock` on `.manifest.lock`, so processes finishing experts at the same time never lose an entry. Since an
+expert depends only on its index, the store equals a single-process one (bit-equal trajectories and the same
+manifest at the same thread count; the shard bytes and their sha256 differ between any two processes, because
+safetensors orders header metadata keys randomly per process), and a half-finished run resumes with any number of
+processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch.func import grad_and_value, vmap
@@ -54,7 +69,9 @@ from tqdm.auto import tqdm
 
 from .augment import Augment
 from .device import resolve_device
+from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
+from .grouped_training import augment_each, autograd_step
 from .io import atomic_write_bytes, atomic_write_text
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 
@@ -64,16 +81,23 @@ if TYPE_CHECKING:
 FORMAT = "distillery-experts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
 PARTIAL = ".partial"
 # Experts trained at once when `parallel=None`, per device type, from benchmarks/expert_speed.py (numbers in
-# docs/EXPERTS.md): on CPU vmap measured 1.2-2x slower per expert than one at a time. CUDA is not measured yet, so
-# it stays on the plain path until the benchmark has been run on a GPU.
+# docs/EXPERTS.md): on CPU vmap measured 1.2-2x and the grouped ConvNet 1.3x slower per expert than one at a time.
+# CUDA is not measured yet (benchmarks/gpu_suite.py's expert rows decide), so it stays on the one-at-a-time path.
 DEFAULT_PARALLEL = {"cpu": 1, "cuda": 1}
 # Stores up to this size are kept in memory after the first read when `cache=None`.
 AUTO_CACHE_BYTES = 512 * 2**20
+# Experts per file in MTT's replay buffers (buffer.py --save_interval): the unit of distill.py's --max_files.
+EXPERTS_PER_FILE = 10
+# Shards (resolved path, sha256) already hashed by this process: each is verified once, on first use.
+_VERIFIED: set[tuple[str, str]] = set()
 # Manifest keys that must agree before an existing directory is resumed.
 _CONFIG_KEYS = ("format_version", "dataset", "model", "channels", "num_classes", "im_size", "preprocess",
-                "epochs", "lr", "decay", "batch", "dsa_strategy", "seed", "layout")
+                "epochs", "lr", "decay", "momentum", "weight_decay", "batch", "dsa_strategy", "seed", "layout")
+# Keys added to format version 1 later: a manifest without them was trained with these values.
+_ADDED_KEYS = {"momentum": 0.0, "weight_decay": 0.0}
 # step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,))
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
@@ -99,21 +123,29 @@ def epoch_lr(lr: float, epoch: int, epochs: int, decay: bool) -> float:
 
 def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
                   out_dir: str | Path, device: str | torch.device | None = None, seed: int = 0,
-                  parallel: int | None = None, decay: bool = False, progress: bool = True) -> ExpertStore:
+                  parallel: int | None = None, decay: bool = False, progress: bool = True, momentum: float = 0.0,
+                  weight_decay: float = 0.0) -> ExpertStore:
     """Train experts 0..num_experts-1 into `out_dir` (resuming whatever is already there) and open the store.
 
-    `parallel` = experts trained at once with `torch.func.vmap`; 1 is the plain one-at-a-time path; both give the
+    `momentum`, `weight_decay`, `decay`: buffer.py's --mom, --l2 and --decay (torch.optim.SGD's update, dampening 0;
+    the momentum restarts from zero when the lr decays, as buffer.py builds a new optimiser then). 0, 0, False is the
+    published recipe.
+    `parallel` = experts trained at once (a grouped ConvNet, else `torch.func.vmap`); 1 is the plain
+    one-at-a-time path (plain autograd); all give the
     same trajectories up to float rounding. None picks `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap
     measured 1.2-2x slower per expert (docs/EXPERTS.md), and 1 on CUDA until a GPU measurement says otherwise.
     Memory grows linearly with `parallel` (~1.1 GB per expert for ConvNet on 32x32 at batch 256).
     Device: `device`, or where `ds.train.x` lives when None. `progress` shows a bar and prints each expert's
-    val/test accuracy.
+    val/test accuracy. With torch.distributed initialised (torchrun) every rank must call this: rank r trains experts
+    r, r + G, ... and all ranks return once the whole store is finished.
     """
     for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch", batch)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if not lr > 0:
         raise UserError(f"lr must be positive, got {lr}")
+    if not (0 <= momentum < 1 and weight_decay >= 0):
+        raise UserError(f"expert momentum must be in [0, 1) and weight decay >= 0, got {momentum} and {weight_decay}")
     device = ds.train.x.device if device is None else resolve_device(device)
     parallel = DEFAULT_PARALLEL.get(device.type, 1) if parallel is None else parallel
     if parallel < 1:
@@ -125,37 +157,48 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
                         "parameters trajectory matching uses; train experts with a non-BN model such as ConvNet")
     fm = FunctionalModel(template)
     out = Path(out_dir)
-    manifest = _start_manifest(out, {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": spec.name, "model": model,
-        "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
-        "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
-        "epochs": epochs, "lr": lr, "decay": decay, "batch": batch, "dsa_strategy": spec.dsa_strategy,
-        "seed": seed, "layout": layout_of(fm), "torch_version": torch.__version__, "experts": [],
-    })
+    rank, world = rank_and_world()
+    with _manifest_lock(out):  # torchrun ranks start at once: one creates the manifest, the others check it
+        manifest = _start_manifest(out, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": spec.name, "model": model,
+            "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
+            "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
+            "epochs": epochs, "lr": lr, "decay": decay, "momentum": momentum, "weight_decay": weight_decay,
+            "batch": batch, "dsa_strategy": spec.dsa_strategy,
+            "seed": seed, "layout": layout_of(fm), "torch_version": torch.__version__, "experts": [],
+        })
     done = {e["index"] for e in manifest["experts"]}
-    for k in done:  # snapshots left behind by a run killed right after an expert's manifest entry
+    mine = range(rank, num_experts, world)  # this process's experts: r, r + G, r + 2G, ...
+    for k in done.intersection(mine):  # snapshots left behind by a run killed right after an expert's manifest entry
         shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
-    todo = [k for k in range(num_experts) if k not in done]
+    todo = [k for k in mine if k not in done]
     train = (ds.train.x.to(device), ds.train.y.to(device))
     augment = Augment(spec.dsa_strategy)
 
     def init(s: int) -> torch.Tensor:
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
-    bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not progress)
+    bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
     for i in range(0, len(todo), parallel):
         group = todo[i:i + parallel]
-        finals = _train_group(fm, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar)
+        finals = _train_group(fm, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
+                              momentum, weight_decay)
         for k, final in zip(group, finals):
             entry = _finish_expert(out, fm, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
             if progress:
                 val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
                 tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
     bar.close()
+    barrier()  # every rank's experts are finished before anyone opens the store or tidies up
     partial = out / PARTIAL
-    if partial.is_dir() and not any(partial.iterdir()):
+    if is_main_process() and partial.is_dir() and not any(partial.iterdir()):
         partial.rmdir()
-    return ExpertStore.open(out)
+    store = ExpertStore.open(out)
+    missing = sorted(set(range(num_experts)) - {e["index"] for e in store.experts})
+    if missing:  # torchrun over machines that do not share `out`: each sees only its own experts
+        raise UserError(f"{out} lacks experts {missing[:5]} that other processes trained; on several machines put "
+                        "the store (--out, or $DISTILLERY_CACHE) on a file system all of them see")
+    return store
 
 
 def _start_manifest(out: Path, fresh: dict) -> dict:
@@ -166,17 +209,38 @@ def _start_manifest(out: Path, fresh: dict) -> dict:
         return fresh
     old = _read_manifest(path)
     for key in _CONFIG_KEYS:
-        if old.get(key) != fresh[key]:
+        if old.get(key, _ADDED_KEYS.get(key)) != fresh[key]:
             shown = "the parameter layout" if key == "layout" else f"{key}={old.get(key)!r} (this call: {fresh[key]!r})"
             raise UserError(f"{out} already holds experts trained with {shown}; "
                             "use another output dir, or the same settings to resume")
-    old["experts"] = [e for e in old["experts"] if (out / e["file"]).exists()]
+    kept = [e for e in old["experts"] if (out / e["file"]).exists()]
+    if kept != old["experts"]:  # forget experts whose shard is gone, on disk too: other ranks re-read the manifest
+        old["experts"] = kept
+        atomic_write_text(path, json.dumps(old, indent=1))
     return old
+
+
+@contextmanager
+def _manifest_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the store's manifest while reading and rewriting it (torchrun ranks share it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as handle:  # the lock file stays empty; closing it releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _record_expert(out: Path, entry: dict) -> None:
+    """Add a finished expert to manifest.json as it is on disk now (other ranks add theirs), rewritten atomically."""
+    with _manifest_lock(out):
+        manifest = _read_manifest(out / MANIFEST)
+        others = [e for e in manifest["experts"] if e["index"] != entry["index"]]
+        manifest["experts"] = sorted([*others, entry], key=lambda e: e["index"])
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
                  augment: Augment, group: list[int], seed: int, epochs: int, lr: float, batch: int, decay: bool,
-                 out: Path, bar: tqdm) -> torch.Tensor:
+                 out: Path, bar: tqdm, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.Tensor:
     """Train the experts in `group` side by side from their last saved epoch; return final parameters (K, P)."""
     x, y = train
     device = x.device
@@ -190,48 +254,59 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
             _save_epoch(out, k, 0, flat, gen)
     else:
         flats = torch.stack([_load_epoch(out, k, start, gen) for k, gen in zip(group, gens)]).to(device)
+    bufs = None  # SGD momentum buffers (K, P), saved with every snapshot so that a resumed run continues exactly
+    if momentum:
+        bufs = torch.stack([_load_momentum(out, k, start) for k in group]).to(device) if start else \
+            torch.zeros_like(flats)
     bar.update(start * len(group))
     step = _make_step(fm, len(group))
     for epoch in range(start, epochs):
-        flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, epoch_lr(lr, epoch, epochs, decay))
+        lr_now = epoch_lr(lr, epoch, epochs, decay)
+        if bufs is not None and epoch and lr_now != epoch_lr(lr, epoch - 1, epochs, decay):
+            bufs.zero_()  # buffer.py builds a new SGD optimiser (fresh momentum) when the lr decays
+        flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, lr_now, bufs, momentum, weight_decay)
         losses = losses.tolist()
-        for k, flat, gen, loss in zip(group, flats, gens, losses):
+        for i, (k, flat, gen, loss) in enumerate(zip(group, flats, gens, losses)):
             if not math.isfinite(loss):
                 raise UserError(f"expert {k} diverged in epoch {epoch + 1} (train loss {loss}); use a smaller lr")
-            _save_epoch(out, k, epoch + 1, flat, gen)
+            _save_epoch(out, k, epoch + 1, flat, gen, None if bufs is None else bufs[i])
         bar.update(len(group))
         bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
     return flats
 
 
 def _make_step(fm: FunctionalModel, k: int) -> Step:
-    """The gradient step of K experts: vmapped for K > 1, a plain `torch.func.grad` call for K = 1."""
+    """The gradient step of K experts: plain autograd for K = 1 or a grouped ConvNet (grouped_training.py), else
+    vmapped `torch.func.grad` (grad_and_value alone costs 1.3x: GroupNorm's double-differentiable backward)."""
+    fast = autograd_step(fm, k)
+    if fast is not None:
+        return fast
 
     def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(fm(flat, xb), yb)
 
-    grad_fn = grad_and_value(loss)
-    if k > 1:
-        return vmap(grad_fn)
-
-    def one(flats: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad, value = grad_fn(flats[0], xs[0], ys[0])
-        return grad[None], value[None]
-
-    return one
+    return vmap(grad_and_value(loss))
 
 
 def _sgd_epoch(step: Step, flats: torch.Tensor, gens: list[torch.Generator], x: torch.Tensor, y: torch.Tensor,
-               augment: Augment, batch: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of plain SGD for K experts, each with its own order and DSA draws; returns (flats, mean losses)."""
+               augment: Augment, batch: int, lr: float, bufs: torch.Tensor | None = None, momentum: float = 0.0,
+               weight_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of SGD for K experts, each with its own order and DSA draws; returns (flats, mean losses).
+
+    Plain SGD by default; with `weight_decay` and momentum buffers `bufs` (updated in place) torch.optim.SGD's
+    step: g += wd * θ, buf = momentum * buf + g, θ -= lr * buf."""
     orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
     total = torch.zeros(len(gens), device=x.device)
     for i in range(0, len(x), batch):
         idx = [order[i:i + batch] for order in orders]
         with torch.no_grad():
-            xs = torch.stack([augment(x[j], g) for j, g in zip(idx, gens)])
+            xs = augment_each(augment, [x[j] for j in idx], gens)  # one DSA call per distinct token
         ys = torch.stack([y[j] for j in idx])
         grads, losses = step(flats, xs, ys)
+        if weight_decay:
+            grads = grads.add(flats, alpha=weight_decay)
+        if bufs is not None:
+            grads = bufs.mul_(momentum).add_(grads)
         flats = flats - lr * grads
         total += losses.detach() * len(idx[0])
     return flats, total / len(x)
@@ -255,10 +330,23 @@ def _last_saved_epoch(out: Path, k: int) -> int:
     return epoch
 
 
-def _save_epoch(out: Path, k: int, epoch: int, flat: torch.Tensor, gen: torch.Generator) -> None:
-    """Write expert k's parameters and generator state after `epoch` epochs (atomic)."""
+def _save_epoch(out: Path, k: int, epoch: int, flat: torch.Tensor, gen: torch.Generator,
+                momentum: torch.Tensor | None = None) -> None:
+    """Write expert k's parameters, generator state and SGD momentum buffer (if any) after `epoch` epochs (atomic)."""
     tensors = {"theta": flat.detach().to("cpu", torch.float32).contiguous(), "rng": gen.get_state()}
+    if momentum is not None:
+        tensors["momentum"] = momentum.detach().to("cpu", torch.float32).contiguous()
     atomic_write_bytes(_epoch_file(out, k, epoch), safetensors_bytes(tensors))
+
+
+def _load_momentum(out: Path, k: int, epoch: int) -> torch.Tensor:
+    """Expert k's SGD momentum buffer after `epoch` epochs, from its resume snapshot."""
+    path = _epoch_file(out, k, epoch)
+    try:
+        return load_file(path)["momentum"]
+    except (SafetensorError, OSError, KeyError) as err:
+        raise UserError(f"cannot read the momentum buffer of the resume snapshot {path} ({err!r}); delete "
+                        f"{path.parent} to restart expert {k} from scratch") from err
 
 
 def _load_epoch(out: Path, k: int, epoch: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -284,8 +372,7 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.de
              "sha256": hashlib.sha256(data).hexdigest(),
              "val_acc": _accuracy(fm, final, ds.val, device), "test_acc": _accuracy(fm, final, ds.test, device)}
     atomic_write_bytes(out / entry["file"], data)
-    manifest["experts"] = sorted([*manifest["experts"], entry], key=lambda e: e["index"])
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    _record_expert(out, entry)
     shutil.rmtree(_partial_dir(out, k))
     return entry
 
@@ -296,11 +383,11 @@ def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, devi
     """Top-1 accuracy of parameters `flat` on a split (no augmentation); None for an empty split."""
     if split is None or len(split.y) == 0:
         return None
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, len(split.y), chunk):
         xb, yb = split.x[i:i + chunk].to(device), split.y[i:i + chunk].to(device)
-        correct += (fm(flat, xb).argmax(1) == yb).sum().item()
-    return correct / len(split.y)
+        correct += (fm(flat, xb).argmax(1) == yb).sum()
+    return int(correct) / len(split.y)  # one host read
 
 
 def _read_manifest(path: Path) -> dict:
@@ -415,6 +502,20 @@ class ExpertStore:
             if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
                 raise _corrupt(path, "its sha256 does not match manifest.json")
 
+    def _check_once(self, k: int) -> bytes | None:
+        """Hash shard k against its manifest sha256 the first time this process uses it; the bytes read, if any.
+
+        A damaged shard then stops the run with a message naming it, instead of surfacing later as a NaN loss."""
+        path, want = self._files[k], self.experts[k]["sha256"]
+        key = (str(path.resolve()), want)
+        if key in _VERIFIED:
+            return None
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != want:
+            raise _corrupt(path, "its sha256 does not match manifest.json")
+        _VERIFIED.add(key)
+        return data
+
     def _rows(self, k: int, epochs: list[int]) -> torch.Tensor:
         """Rows `epochs` of expert k's trajectory as a new (len(epochs), P) tensor."""
         if not 0 <= k < self.num_experts:
@@ -422,19 +523,36 @@ class ExpertStore:
         for e in epochs:
             if not 0 <= e <= self.epochs:
                 raise IndexError(f"epoch {e} out of range 0..{self.epochs}")
+        data = self._check_once(k)
         if self._cache is not None:
             if k not in self._cache:
-                self._cache[k] = load_file(self._files[k])["trajectory"]
+                self._cache[k] = (load_file(self._files[k]) if data is None else load_bytes(data))["trajectory"]
             return self._cache[k][epochs]
         with safe_open(self._files[k], framework="pt") as f:
             rows = f.get_slice("trajectory")
             return torch.cat([rows[e:e + 1] for e in epochs])
 
 
+def limit_experts(store: ExpertStore, max_files: int | None = None, max_experts: int | None = None) -> ExpertStore:
+    """The store seen through MTT distill.py's --max_files / --max_experts: MTT keeps experts in files of
+    `EXPERTS_PER_FILE` (buffer.py's save_interval) and reads `max_files` files, `max_experts` experts of each.
+    Here "file" f holds experts 10f .. 10f + 9 by index; MTT takes random files and experts, we take the first ones
+    (the experts are i.i.d., so only the count matters). None = no limit."""
+    if max_files is None and max_experts is None:
+        return store
+    kept = [e for e in store.experts if (max_files is None or e["index"] // EXPERTS_PER_FILE < max_files)
+            and (max_experts is None or e["index"] % EXPERTS_PER_FILE < max_experts)]
+    if not kept:
+        raise UserError(f"--max-files {max_files} / --max-experts {max_experts} leave none of the "
+                        f"{store.num_experts} experts in {store.root}; raise them")
+    return ExpertStore(store.root, {**store.manifest, "experts": kept}, cache=store._cache is not None)
+
+
 def _corrupt(path: Path, reason: str) -> UserError:
     """The error for a damaged shard: what is wrong and how to get it retrained."""
-    return UserError(f"expert shard {path} is corrupt ({reason}); delete it and rerun `distillery experts` with the "
-                     "same output dir to retrain that expert")
+    return UserError(f"expert shard {path} is corrupt ({reason}); delete it and run the command that trained it "
+                     "again (`distillery experts` with the same --out, or the same `distillery distill` for cached "
+                     "experts): only that expert is retrained")
 
 
 def _check_shard(root: Path, entry: dict, manifest: dict) -> None:

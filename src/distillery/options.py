@@ -20,9 +20,12 @@ from .errors import UserError
 
 
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-           choices: Iterable[Any] | None = None, none_ok: bool = False, help: str = "") -> Any:
-    """A dataclass field whose metadata records the allowed values (`low <= v <= high`, or `low < v` if low_open)."""
-    meta = {"low": low, "high": high, "low_open": low_open, "none_ok": none_ok or default is None,
+           choices: Iterable[Any] | None = None, none_ok: bool = False, help: str = "",
+           high_open: bool = False) -> Any:
+    """A dataclass field whose metadata records the allowed values (`low <= v <= high`; `low < v` if low_open,
+    `v < high` if high_open)."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "none_ok": none_ok or default is None,
             "choices": tuple(choices) if choices is not None else None, "help": help}
     return dataclasses.field(default=default, metadata={"option": meta})
 
@@ -42,7 +45,7 @@ def describe(meta: Mapping[str, Any]) -> str:
         if low is not None:
             parts.append(f"{'>' if meta.get('low_open') else '>='} {low:g}")
         if high is not None:
-            parts.append(f"<= {high:g}")
+            parts.append(f"{'<' if meta.get('high_open') else '<='} {high:g}")
         text = " and ".join(parts) or "any value"
     return text + (" (or none)" if meta.get("none_ok") else "")
 
@@ -59,7 +62,7 @@ def check_value(name: str, value: Any, meta: Mapping[str, Any]) -> None:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = meta.get("low"), meta.get("high")
         bad = not math.isfinite(value) or (low is not None and (value <= low if meta.get("low_open") else value < low)) \
-            or (high is not None and value > high)
+            or (high is not None and (value >= high if meta.get("high_open") else value > high))
     if bad:
         raise UserError(f"{flag(name)} {value!r} is out of range: it must be {describe(meta)}")
 

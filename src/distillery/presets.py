@@ -35,7 +35,10 @@ def _rat(dataset: str, ipc: int, model: str, bpc: int, nc: int | None, learn_lab
             "task_sampler_nc": nc, "learn_labels": learn_labels, "real_batch": real_batch,
             "window_mode": window_mode, "window": w, "horizon": t, "min_start": m, "inner_opt": "adam",
             "inner_lr": 1e-3, "lr": outer_lr, "zca": "kip" if zca else None, "iterations": 60000,
-            "eval_every": 500, "eval_epochs": 1000, "note": note or "SPEC §6.9 (RaT-BPTT README)"}
+            "eval_every": 500, "eval_epochs": 1000, "note": note or "SPEC §6.9 (RaT-BPTT README)",
+            # the published budget: --epochs 60000 passes over the real loader, the window drawn once per pass
+            # (no --complete_random), torch's Adam in the warm-up and higher 0.2.1's in the window (SPEC P14, P16)
+            "epochs": 60000, "window_resample": "epoch", "inner_adam": "higher"}
 
 
 # Small CPU presets of our own for scikit-learn's 8x8 digits (tuned on the validation split, not on test).
@@ -51,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tesla/digits-ipc1": {**_DIGITS_MTT, "method": "tesla", "grad": "tesla"},
     "ratbptt/digits-ipc1": {**_rat("digits", 1, "ConvNetD2", 1, None, False, 256, "random", 10, 40, 0, 1e-2, False,
                                    note="ours: a CPU demo on digits"), **_DIGITS, "syn_strategy": "rotate",
-                            "real_strategy": "rotate", "iterations": 150},
+                            "real_strategy": "rotate", "iterations": 150, "epochs": 30},
     # --- MTT, SPEC §4.6 ------------------------------------------------------------------------------------------
     "mtt/cifar10-ipc1": _mtt("cifar10", 1, 50, 2, 2, 100, 1e-7, 0.01, None, True, "ConvNet"),
     "mtt/cifar10-ipc10": _mtt("cifar10", 10, 30, 2, 20, 100, 1e-5, 0.001, None, True, "ConvNet",
@@ -84,6 +87,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Training-split sizes of the published runs (the whole train split: the published codes hold out no validation).
+_PUBLISHED_TRAIN = {"cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000, "imagenet-1k": 1281167}
+
+
+def budget(name: str) -> str:
+    """Preset `name`'s budget in the paper's units beside ours (`distillery presets` prints it)."""
+    p = PRESETS[name]
+    n = _PUBLISHED_TRAIN.get(p["dataset"])
+    if p["method"] != "ratbptt":
+        it = p["iterations"]
+        if n is None:
+            return f"{it} outer iterations (ours; not a published row)"
+        return (f"{it} outer iterations (published --Iteration {it}, the same unit; its loop runs {it} + 1 "
+                f"times, SPEC P12)")
+    epochs, batch = p["epochs"], p["real_batch"]
+    if n is None:  # our own CPU presets
+        return (f"--epochs {epochs} passes over the real data at real batch {batch} = {epochs} x ceil(train split "
+                f"/ {batch}) outer steps (ours; not a published row; --epochs none runs --iterations instead)")
+    per = -(-n // batch)
+    ours = -(-int(n * 0.9) // batch)
+    return (f"published --epochs {epochs} passes over the real loader = {epochs} x ceil({n} / {batch}) = "
+            f"{epochs * per} outer steps (one process); ours: --epochs {epochs} x ceil(train split / {batch}) "
+            f"= {epochs * ours} outer steps with the 10% validation split ({epochs * per} with --val-fraction 0); "
+            f"window start drawn once per pass; --epochs none runs --iterations instead")
+
+
 def get_preset(name: str) -> dict[str, Any]:
     """A copy of preset `name`; unknown names get a UserError listing them."""
     if name not in PRESETS:
@@ -94,3 +123,11 @@ def get_preset(name: str) -> dict[str, Any]:
 def list_presets(method: str | None = None) -> list[str]:
     """Preset names, optionally only those of one method."""
     return [n for n in PRESETS if method is None or n.startswith(method + "/")]
+
+
+def preset_for(method: str, dataset: str, ipc: int) -> str | None:
+    """The name of the first preset for exactly this method, (built-in) dataset and IPC, or None."""
+    for name, p in PRESETS.items():
+        if p["method"] == method and p.get("dataset") == dataset and p.get("ipc") == ipc:
+            return name
+    return None

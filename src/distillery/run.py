@@ -2,8 +2,11 @@
 
 A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `load_state_dict()`. This loop:
 
-    RUN_DIR/config.json       the resolved configuration (written once; --resume checks it is unchanged)
-    RUN_DIR/checkpoint.pt     method state + loop state, written atomically every `checkpoint_every` iterations
+    RUN_DIR/config.json       the resolved configuration, the environment (threads, versions, command line, data
+                              location) and a history: one entry per start, restart and resume with what changed
+    RUN_DIR/checkpoint.pt     method state + loop state, written atomically every `checkpoint_every` iterations,
+                              with a sha256 trailer that loading checks
+    RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused
     RUN_DIR/metrics.csv       one row per iteration (loss, lr, ...) plus val accuracy at evaluations
     RUN_DIR/tb/               TensorBoard scalars (when the tensorboard package is installed)
     RUN_DIR/last.safetensors  the set at the latest evaluation
@@ -12,16 +15,26 @@ A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `loa
     RUN_DIR/result.json       at the end: test accuracy of best and last, measured once
 
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
-Resume is exact: all randomness lives in the method's generators (saved) and evaluation seeds derive from
-(seed, iteration), so an interrupted and resumed run gives the same images as an uninterrupted one.
+With torchrun every rank steps, and evaluates its share of the runs (`evaluate_set(distributed=True)`); rank 0 alone
+writes, and every rank reads the same checkpoint on resume (RUN_DIR on a file system all nodes see).
+Resume is exact: all randomness lives in the method's saved state or in streams keyed by the iteration
+(`streams.py`: MTT/TESLA, RaT-BPTT), and evaluation seeds derive from
+(seed, iteration), so an interrupted and resumed run gives the same images as an uninterrupted one (with the same
+thread count: a resume with another one is warned about). `--resume` may change what does not alter the state's
+shape or meaning (`RESUME_MAY_CHANGE`: learning rates, guard bounds, a larger `--iterations`, evaluation and
+checkpoint cadence); anything else is refused. A directory without a checkpoint (a run stopped before its first
+one) is started again by the same command.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +43,28 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import is_main_process
+from . import __version__
+from .distributed import barrier, is_main_process
 from .errors import UserError
-from .evaluate import evaluate_set
-from .io import atomic_save_torch, atomic_write_text
+from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
+from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
+from .health import DEFAULT_FIX, HealthMonitor
+from .options import option
 from .synset import SyntheticSet
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run directories are not locked
+    fcntl = None
+
+CHECKPOINT = "checkpoint.pt"
+# Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
+RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
+                               "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
+                               "checkpoint_every", "epochs", "eval_models"})
+_NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
+_CHECKSUM = b"\ndistillery-sha256:"
+_LOCKS: dict[Path, int] = {}
 
 
 class Method(Protocol):
@@ -47,42 +77,156 @@ class Method(Protocol):
 
 
 class Diverged(UserError):
-    """The distillation produced NaN/inf; the last good checkpoint is kept."""
+    """The distillation produced NaN/inf (or a non-positive step size); `run_distillation` adds how to go on."""
 
 
 @dataclass
 class LoopConfig:
     """How long to run and how to evaluate along the way."""
 
-    iterations: int
-    eval_every: int = 100
-    eval_runs: int = 3
-    eval_epochs: int = 300
-    eval_model: str | None = None
-    final_eval_runs: int = 5
-    checkpoint_every: int = 10
-    seed: int = 0
+    iterations: int = option(1000, low=1, help="outer iterations")
+    eval_every: int = option(100, low=1, help="evaluate on the validation split every this many iterations")
+    eval_runs: int = option(3, low=1, help="networks trained per validation evaluation")
+    eval_epochs: int = option(300, low=1, help="training epochs of every evaluation network")
+    eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
+    eval_models: str | None = option(None, help="models of the final cross-architecture table of the best set, "
+                                                "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
+    final_eval_runs: int = option(5, low=1, help="networks trained per final test evaluation")
+    checkpoint_every: int = option(10, low=1, help="write a checkpoint every this many iterations")
+    health: str = option("stop", choices=("stop", "warn", "off"),
+                         help="a dead run (alpha pinned, student still, val below the initial set): stop | warn | off")
+    seed: int = option(0, low=0, help="seed of every random draw")
+
+
+def environment(data: str | None = None) -> dict[str, Any]:
+    """What a result depends on beyond its config: thread count, versions, command line and data location."""
+    env: dict[str, Any] = {"threads": torch.get_num_threads(), "library_version": __version__,
+                           "torch_version": torch.__version__, "command": list(sys.argv)}
+    if data is not None:
+        env["data"] = data
+    return env
 
 
 def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool) -> Path:
-    """Create RUN_DIR with config.json, or check an existing one matches when resuming."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    if cfg_path.exists():
-        if not resume:
-            raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
-                            "or choose a new --out")
-        old = json.loads(cfg_path.read_text())
-        new = json.loads(text)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("resume", "device"))
-        if diff:
-            raise UserError(f"--resume with a different configuration ({', '.join(diff)} changed); "
-                            f"use the original settings or a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg_path.exists():
-        atomic_write_text(cfg_path, text)
+    """Check RUN_DIR can take this run, lock it, and write config.json with a new history entry; before any work.
+
+    No checkpoint yet (a new directory, or a run that stopped before its first checkpoint): the run starts
+    (again). A checkpoint: refused without `resume`; with it, only `RESUME_MAY_CHANGE` keys may differ from the
+    stored config, `iterations` may not fall below the checkpoint's, and each change goes into the history.
+    """
+    run_dir = ensure_dir(run_dir)
+    lock_run_dir(run_dir)
+    try:
+        _check_and_record(run_dir, config, resume)
+    except BaseException:
+        unlock_run_dir(run_dir)
+        raise
     return run_dir
+
+
+def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
+    """The checks and the config.json write of `prepare_run_dir` (the caller holds the lock)."""
+    cfg_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT
+    new = json.loads(json.dumps(config, sort_keys=True, default=str))
+    old = _read_config(cfg_path)
+    env = environment()
+    history = old.get("history", []) if old else []
+    if old is None or not ckpt_path.exists():
+        if old is not None:
+            print(f"{run_dir} holds a run that stopped before its first checkpoint; starting it again")
+        elif resume:
+            print(f"{run_dir} holds no run to resume; starting a new one")
+        history.append({"event": "restart" if old else "start", "time": _now(), "environment": env})
+    else:
+        if not resume:
+            raise UserError(f"run directory {run_dir} already holds a run with a checkpoint; pass --resume to "
+                            "continue it (learning rates and --iterations may change) or choose a new --out")
+        changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+                   if k not in _NOT_CONFIG and old.get(k) != new.get(k)}
+        refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUME_MAY_CHANGE]
+        if refused:
+            raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
+                            f"means; use the run's original values or a new --out")
+        it = read_checkpoint(ckpt_path)["it"]
+        if new.get("iterations", it) < it:
+            raise UserError(f"--iterations {new['iterations']} is below iteration {it} of the checkpoint in "
+                            f"{run_dir}; pass --iterations {it} or more")
+        before = (history[-1]["environment"] if history else old.get("environment", {})).get("threads")
+        if before is not None and before != env["threads"]:
+            print(f"warning: {run_dir} ran with {before} threads and resumes with {env['threads']}: float sums "
+                  f"differ in their last bits, so results will not match an uninterrupted run exactly "
+                  f"(pass --threads {before} to match)", file=sys.stderr)
+        history.append({"event": "resume", "time": _now(), "iteration": it, "changed": changed,
+                        "environment": env})
+    atomic_write_text(cfg_path, json.dumps({**new, "environment": env, "history": history}, indent=2,
+                                           sort_keys=True))
+
+
+def _now() -> str:
+    """UTC time stamp for the history."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """The stored config.json, None if there is none."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); restore it, or delete the run directory to start over") \
+            from None
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive flock on RUN_DIR/.lock for this process (until `unlock_run_dir` or exit)."""
+    key = run_dir.resolve()
+    if fcntl is None or key in _LOCKS:
+        return
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise write_error(run_dir / ".lock", err) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
+                        "(or stop it) or choose another --out") from None
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release the lock `lock_run_dir` took (no-op if this process holds none)."""
+    fd = _LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def write_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """`torch.save` atomically, followed by a sha256 trailer of the saved bytes."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    atomic_write_bytes(path, body + _CHECKSUM + hashlib.sha256(body).hexdigest().encode())
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint after checking its sha256 trailer; a damaged one is a UserError saying what to do."""
+    fix = "delete it to start the run again from iteration 0 with the same command, or restore it from a copy"
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path} ({err.strerror}); {fix}") from None
+    body, sep, digest = raw.rpartition(_CHECKSUM)
+    if not sep:  # written before checkpoints carried a checksum: torch.load still finds damage in most cases
+        body = raw
+    elif hashlib.sha256(body).hexdigest().encode() != digest:
+        raise UserError(f"checkpoint {path} is damaged (its sha256 does not match); {fix}")
+    try:
+        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many kinds on a damaged file
+        raise UserError(f"checkpoint {path} is damaged ({type(err).__name__}); {fix}") from None
 
 
 class _Logger:
@@ -130,23 +274,46 @@ def _check_finite(it: int, run_dir: Path, logs: dict[str, float] | None = None,
     if images is not None and not torch.isfinite(images).all():
         bad.append("synthetic images")
     if bad:
-        raise Diverged(f"{', '.join(bad)} became NaN/inf at iteration {it}; the last good checkpoint is kept in "
-                       f"{run_dir / 'checkpoint.pt'} (resume with --resume after lowering the image or step-size "
-                       "learning rate)")
+        raise Diverged(f"{', '.join(bad)} became NaN/inf at iteration {it}")
+
+
+def _way_out(run_dir: Path, saved: int | None) -> str:
+    """How to continue after a divergence: from the checkpoint really on disk, or from scratch if there is none."""
+    lower = "a lower learning rate (--lr-img or --lr-lr for MTT/TESLA, --lr for RaT-BPTT)"
+    if saved is None:
+        return f"no checkpoint was written yet, so run the same command again with {lower}"
+    return (f"the last good checkpoint (iteration {saved}) is {run_dir / CHECKPOINT}: continue it with the same "
+            f"command, --resume and {lower}")
 
 
 def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopConfig, resume: bool = False,
                      progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a distillation to `loop.iterations` and return the final result dict."""
+    """Run (or resume) a distillation to `loop.iterations` and return the final result dict.
+
+    A divergence (Diverged) names the checkpoint really on disk to continue from, or says there is none."""
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
+    try:
+        return _run_loop(method, dataset, run_dir, loop, resume, progress)
+    except Diverged as err:
+        ckpt = run_dir / CHECKPOINT
+        saved = read_checkpoint(ckpt)["it"] if is_main_process() and ckpt.exists() else None
+        raise Diverged(f"{err}; {_way_out(run_dir, saved)}") from None
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: bool,
+              progress: bool) -> dict[str, Any]:
+    """The loop of `run_distillation`: resume, iterate, evaluate, checkpoint, report."""
+    ckpt_path = run_dir / CHECKPOINT
     start, best_val, rows = 0, -1.0, []
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(ckpt_path)
         method.load_state_dict(ckpt["method"])
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
         print(f"resuming {run_dir} from iteration {start}")
-    main = is_main_process()  # with torchrun, only rank 0 evaluates and writes
+    main = is_main_process()  # with torchrun, only rank 0 writes; every rank takes a share of the evaluation runs
+    env = _record_environment(run_dir, getattr(dataset, "location", None)) if main else {}
     logger = _Logger(run_dir, rows, tensorboard=main)
     (run_dir / "grids").mkdir(parents=True, exist_ok=True)
 
@@ -154,62 +321,114 @@ def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopCon
         if not main:
             return
         _check_finite(it, run_dir, images=method.synset().images)  # never persist NaN images
-        atomic_save_torch({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict()},
-                          ckpt_path)
+        write_checkpoint({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict()},
+                         ckpt_path)
         logger.flush()
 
+    has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
+    stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau curriculum)
+
     def evaluate(it: int) -> float:
-        nonlocal best_val
+        """Validation accuracy under the set's own protocol and model; keeps last and best-on-validation sets."""
+        nonlocal best_val, stop_at
         s = method.synset()
         _check_finite(it, run_dir, images=s.images)
-        lr = s.lr if s.lr is not None else 0.01
-        res = evaluate_set(s.images, s.labels, dataset, loop.eval_model, runs=loop.eval_runs,
-                           epochs=loop.eval_epochs, lr=lr, seed=loop.seed * 100003 + it, split="val",
-                           progress=False)
-        logger.log(it, {"val_acc": res.mean, "val_std": res.std})
-        s.meta = {**s.meta, "iteration": it, "val_acc": res.mean}
+        wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
+        res = None
+        if has_val or wants_loss:  # torchrun: the dsa runs are split across the ranks
+            res = evaluate_synset(s, dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
+                                  seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss)
+            if hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
+                stop_at = it
+        val = res.mean if has_val else math.nan
+        if not main:
+            return val
+        if has_val:
+            logger.log(it, {"val_acc": res.mean, "val_std": res.std,
+                            **({"val_steps": float(res.steps)} if res.steps else {})})
+        if res is not None and res.train_loss is not None:
+            logger.log(it, {"eval_train_loss": res.train_loss})
+        s.meta = {**s.meta, "iteration": it, "val_acc": res.mean if has_val else None}
         s.save(run_dir / "last.safetensors")
         s.save_grid(run_dir / "grids" / f"it_{it:06d}.png")
-        if res.mean > best_val:
-            best_val = res.mean
+        if not has_val or res.mean > best_val:
+            best_val = res.mean if has_val else best_val
             s.save(run_dir / "best.safetensors")
-        return res.mean
+        return val
 
     bar = tqdm(total=loop.iterations, initial=start, desc="distill", unit="it", disable=not (progress and main))
     val = best_val
+    health = HealthMonitor(loop.health, getattr(method, "health_fix", DEFAULT_FIX), run_dir, logger.rows)
     t0 = time.time()
     for it in range(start, loop.iterations + 1):
-        if main and (it % loop.eval_every == 0 or it == loop.iterations):
+        if it % loop.eval_every == 0 or it == loop.iterations:
             val = evaluate(it)
-        if it == loop.iterations:
+            if it < loop.iterations:  # the last evaluation ends the run anyway
+                health.after_eval(it, val)
+        if it == loop.iterations or stop_at is not None:
             break
         logs = method.step(it)
         _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
         logger.log(it, logs)
+        health.after_step(it, logs)
         bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * val:.1f}"}, refresh=False)
         bar.update(1)
         if (it + 1) % loop.checkpoint_every == 0:
             save_checkpoint(it + 1)
     bar.close()
-    save_checkpoint(loop.iterations)
+    if stop_at is not None and main:
+        print(f"the plateau curriculum ended the run at iteration {stop_at} (window start at its cap, no progress)")
+    save_checkpoint(loop.iterations if stop_at is None else stop_at)
+    barrier()  # rank 0 has written best and last; every rank reads them for its share of the final runs
+    result = final_report(dataset, run_dir, loop)
     if not main:
         return {}
-    result = final_report(dataset, run_dir, loop)
     result["seconds"] = time.time() - t0
+    result["environment"] = env
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     return result
 
 
+def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:
+    """This process's environment with the data location, also added to config.json's latest history entry."""
+    env = environment(data)
+    cfg = _read_config(run_dir / "config.json")
+    if cfg is not None and cfg.get("history"):
+        cfg["environment"] = cfg["history"][-1]["environment"] = env
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    return env
+
+
 def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
-    """Test accuracy of the best-on-validation set and of the last set, each measured once."""
-    out: dict[str, Any] = {}
-    for name in ("best", "last"):
+    """Test accuracy of the best-on-validation set and of the last set, each measured once, under the set's own
+    protocol (RaT-BPTT sets also under dsa, each labelled); the cross-architecture table of the best set."""
+    main = is_main_process()
+    has_val = len(dataset.val.y) > 0
+    out: dict[str, Any] = {"selection": "best on the validation split" if has_val else
+                           "none: no validation split (--val-fraction 0), so best = last"}
+    if not has_val and main:
+        print("no validation split (--val-fraction 0): there was nothing to select on, best = last")
+    models = parse_models(loop.eval_models, dataset.spec)
+    for name in ("best", "last") if has_val else ("best",):
         s = SyntheticSet.load(run_dir / f"{name}.safetensors")
-        lr = s.lr if s.lr is not None else 0.01
-        res = evaluate_set(s.images, s.labels, dataset, loop.eval_model, runs=loop.final_eval_runs,
-                           epochs=loop.eval_epochs, lr=lr, seed=loop.seed, split="test", progress=False)
-        out[name] = {"test_mean": res.mean, "test_std": res.std, "test_accs": res.accs,
-                     "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"), "lr": lr}
-        print(f"{name} set (iteration {s.meta.get('iteration', 'last')}): test {res}")
+        results = [evaluate_synset(s, dataset, protocol=p, model=loop.eval_model, runs=loop.final_eval_runs,
+                                   epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True)
+                   for p in report_protocols(s.meta)]  # torchrun: every rank trains its share of the dsa runs
+        own = results[0]
+        out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
+                     "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
+                     "lr": own.lr, "by_protocol": [record(r) for r in results]}
+        if main:
+            for res in results:
+                print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
+        if models and name == "best":
+            table = {m: evaluate_synset(s, dataset, model=m, runs=loop.final_eval_runs, epochs=loop.eval_epochs,
+                                        seed=loop.seed, split="test", distributed=True) for m in models}
+            out[name]["models"] = {m: record(r) for m, r in table.items()}
+            if main:
+                print(f"cross-architecture table of the best set ({set_protocol(s.meta)} protocol):")
+                print(model_table(table))
+    if not has_val:
+        out["last"] = out["best"]
     return out
 

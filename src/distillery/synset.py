@@ -10,9 +10,9 @@ Loading gives back the same tensors bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,8 @@ class SyntheticSet:
         header = {"format": "distillery.synset/1", "label_kind": self.label_kind, "lr": self.lr,
                   "preprocess_meta": self.preprocess.get("meta", {}),
                   "meta": {"library_version": __version__, **self.meta}}
-        data = st_save(tensors, metadata={"distillery": json.dumps(header, default=_json_default)})
+        text = json.dumps(header, default=_json_default)
+        data = st_save(tensors, metadata={"distillery": text, "sha256": _digest(tensors, text)})
         atomic_write_bytes(path, data)
 
     @classmethod
@@ -100,11 +101,15 @@ class SyntheticSet:
         try:
             tensors = st_load(raw)
             header_len = int.from_bytes(raw[:8], "little")
-            header = json.loads(raw[8:8 + header_len])["__metadata__"]["distillery"]
-            header = json.loads(header)
+            metadata = json.loads(raw[8:8 + header_len])["__metadata__"]
+            text = metadata["distillery"]
+            header = json.loads(text)
         except (SafetensorError, KeyError, ValueError, TypeError) as e:
             raise UserError(f"'{path}' is not a distillery set file (corrupt or another format: {e}); "
                             "re-export it or point at the right file") from None
+        if "sha256" in metadata and metadata["sha256"] != _digest(tensors, text):  # older sets carry none
+            raise UserError(f"distilled set '{path}' is damaged (its sha256 does not match its contents); "
+                            "use another copy, or the run's other set (best/last.safetensors)")
         pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
         return cls(images=tensors["images"], labels=tensors["labels"], label_kind=header["label_kind"],
                    lr=header["lr"], preprocess={"tensors": pre_tensors, "meta": header["preprocess_meta"]},
@@ -121,31 +126,34 @@ class SyntheticSet:
             x = Preprocess.from_state_dict({**meta, **self.preprocess["tensors"]}).inverse(x)
         return x.clamp(0, 1)
 
-    def save_grid(self, path: str | Path, max_per_class: int = 10) -> None:
-        """Write a PNG grid: one column per class, up to `max_per_class` images of it down the column."""
-        from PIL import Image
-
-        x = self.display_images()
-        c, h, w = x.shape[1:]
-        k, ipc = self.num_classes, self.ipc
-        rows = min(ipc, max_per_class)
-        grid = torch.ones(c, rows * (h + 1) + 1, k * (w + 1) + 1)
-        for cls in range(k):
-            for j in range(rows):
-                top, left = 1 + j * (h + 1), 1 + cls * (w + 1)
-                grid[:, top:top + h, left:left + w] = x[cls * ipc + j]
-        scale = max(1, math.ceil(256 / max(grid.shape[1], grid.shape[2])))
-        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        arr = arr.repeat(scale, 0).repeat(scale, 1)
-        img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    def save_grid(self, path: str | Path, max_per_class: int = 10, scale: int | None = None) -> None:
+        """Write a PNG grid: one column per class headed by its name, up to `max_per_class` images down it,
+        small images scaled up (`distillery.grid`)."""
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        self.grid_image(max_per_class, scale).save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
+
+    def grid_image(self, max_per_class: int = 10, scale: int | None = None):
+        """The grid of `save_grid` as a PIL image (preprocessing undone, class names from the metadata)."""
+        from .grid import render_grid
+
+        return render_grid(self.display_images(), self.num_classes, self.ipc, max_per_class,
+                           self.meta.get("class_names"), scale)
 
 
 def preprocess_record(pre) -> dict[str, Any]:
     """What a set stores about its preprocessing: the fitted tensors, the parameters and the fingerprint."""
     return {"tensors": pre.tensors(), "meta": {**pre.meta(), "fingerprint": pre.fingerprint()}}
+
+
+def _digest(tensors: dict[str, torch.Tensor], header: str) -> str:
+    """sha256 over the JSON header and every tensor's name, dtype, shape and bytes: what `load` checks."""
+    h = hashlib.sha256(header.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _json_default(o: Any) -> Any:

@@ -23,9 +23,10 @@ from torch import Tensor
 from ..device import resolve_device
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from . import formats
+from . import formats, imagenet
 from .download import SOURCES, fetch_dataset
 from .formats import RawSplit, to_float01
+from .imagenet import SUBSETS
 from .preprocess import Preprocess, images_digest, make_preprocess
 from .registry import (
     IMAGEFOLDER_PREFIX,
@@ -48,6 +49,9 @@ _CANDIDATES: dict[str, tuple[list[str], tuple[str, ...]]] = {
                 ("cifar10-pickle", "imagefolder")),
     "cifar100": (["cifar-100-python", "cifar100/cifar-100-python", "cifar100"], ("cifar100-pickle", "imagefolder")),
     "tiny-imagenet": (["tiny-imagenet-200", "tiny-imagenet"], ("tiny-imagenet",)),
+    "svhn": (["svhn", "SVHN"], ("svhn-mat",)),
+    "imagenet-1k": (["imagenet-1k", "imagenet64", "Imagenet64", "imagenet"], ("imagenet-npz", "imagenet-folder")),
+    **{name: ([name, "imagenet", "ILSVRC2012", "ILSVRC/Data/CLS-LOC"], ("imagenet-folder",)) for name in SUBSETS},
 }
 _SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 
@@ -220,14 +224,13 @@ def _read(name: str, data_dir: str | None, download: bool,
     if found is None:
         roots = ", ".join(str(r) for r in _search_roots(data_dir) + _SYSTEM_DIRS.get(spec.name, []))
         subdirs = ", ".join(_CANDIDATES[spec.name][0])
-        fetch = " or pass download=True (--download)" if spec.name in SOURCES else ""
         raise UserError(f"{spec.name} not found: looked in {roots} (data_dir, ${DATA_ENV}, ./data) for {subdirs}; "
-                        f"get it with: {spec.how_to_get}{fetch}")
+                        f"get it with: {spec.how_to_get}")
     folder, layout = found
     train, test = _read_layout(spec, folder, layout)
     if len(train.classes) != spec.num_classes:
         raise UserError(f"{folder} holds {len(train.classes)} classes, but {spec.name} has {spec.num_classes}")
-    if not spec.class_names:  # tiny-imagenet: class names (wnids) come from the data
+    if not spec.class_names:  # tiny-imagenet, imagenet-1k: class names (wnids, npz label numbers) come from the data
         spec = dataclasses.replace(spec, class_names=tuple(train.classes))
     return spec, train, test, str(folder)
 
@@ -242,6 +245,14 @@ def _read_layout(spec: DatasetSpec, folder: Path, layout: str) -> tuple[RawSplit
         return formats.read_cifar100(folder)
     if layout == "tiny-imagenet":
         return formats.read_tiny_imagenet(folder, spec.im_size[0])
+    if layout == "svhn-mat":
+        return formats.read_svhn(folder)
+    if layout == "imagenet-npz":
+        return imagenet.read_imagenet_npz(folder, spec.im_size[0])
+    if layout == "imagenet-folder" and spec.name in SUBSETS:
+        return imagenet.read_imagenet_subset(folder, spec.name, spec.im_size[0])
+    if layout == "imagenet-folder":
+        return imagenet.read_imagenet_folder(folder, spec.im_size[0])
     order = _folder_order(folder / "train", spec)
     return tuple(formats.read_image_folder(folder / split, spec.im_size[0], spec.channels, order)
                  for split in ("train", "test"))

@@ -1,6 +1,7 @@
 """Downloads with checksums: a file only reaches its final name once its sha256/md5 matches.
 
-`fetch_dataset` knows the canonical sources of MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100. A mirror (the
+`fetch_dataset` knows the canonical sources of MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100, SVHN and Tiny-ImageNet
+(ImageNet needs a registration, so it has none). A mirror (the
 `base_url` argument or $DISTILLERY_MIRROR) replaces the source folder; file names and checksums stay the same.
 """
 
@@ -15,13 +16,14 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, make_temp, write_error
 from .formats import layout_of
 from .registry import canonical_name, get_spec
 
@@ -36,6 +38,7 @@ class Source:
     md5: dict[str, str]  # published file name -> md5 of that file (the checksums torchvision also uses)
     folder: str  # folder under the data root that `load_dataset` searches
     unpacked_sha256: dict[str, str] = field(default_factory=dict)  # IDX name -> sha256 of the decompressed file
+    kind: str = "archive"  # archive: one .tar.gz/.zip holding `folder`; files: the files are the dataset (SVHN)
 
 
 # Decompressed IDX files: MNIST sha256 from shared/data/README.md; Fashion-MNIST sha256 measured on the Debian
@@ -83,6 +86,17 @@ SOURCES: dict[str, Source] = {
         {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
         "cifar-100-python",
     ),
+    "svhn": Source(  # md5s as in torchvision's SVHN; the 'extra' split is not used by the distillation codes
+        "http://ufldl.stanford.edu/housenumbers/",
+        {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
+        "svhn",
+        kind="files",
+    ),
+    "tiny-imagenet": Source(
+        "http://cs231n.stanford.edu/",
+        {"tiny-imagenet-200.zip": "90528d7ca1a48142e341f4ef8d21d0de"},
+        "tiny-imagenet-200",
+    ),
 }
 
 
@@ -95,7 +109,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, md
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     hashes = {kind: hashlib.new(kind, usedforsecurity=False) for kind in expected}
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = make_temp(dest.parent, dest.name, ".part")  # honours the umask, as every file we write
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -104,7 +118,10 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, md
                              unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress,
                              leave=False) as bar:
                     while chunk := response.read(1 << 20):
-                        out.write(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as e:  # disk full, not the network: say so
+                            raise write_error(dest, e) from None
                         for h in hashes.values():
                             h.update(chunk)
                         bar.update(len(chunk))
@@ -112,8 +129,11 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, md
                 reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
                 raise UserError(f"cannot download {url}: {reason}; check the network, or set {MIRROR_ENV} "
                                 f"to a mirror that holds {dest.name}") from e
-            out.flush()
-            os.fsync(out.fileno())
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as e:
+                raise write_error(dest, e) from None
         for kind, want in expected.items():
             got = hashes[kind].hexdigest()
             if got != want:
@@ -139,8 +159,12 @@ def fetch_dataset(name: str, root: str | os.PathLike, base_url: str | None = Non
         return target
     if source.unpacked_sha256:
         _fetch_gzipped_idx(source, base, target, progress)
+    elif source.kind == "files":
+        for file_name, md5 in source.md5.items():
+            if not (target / file_name).is_file():  # present = verified by an earlier, interrupted fetch
+                download(base + file_name, target / file_name, md5=md5, progress=progress)
     else:
-        _fetch_tarball(source, base, target, progress)
+        _fetch_archive(source, base, target, progress)
     return target
 
 
@@ -164,8 +188,8 @@ def _fetch_gzipped_idx(source: Source, base: str, target: Path, progress: bool) 
         atomic_write_bytes(final, data)
 
 
-def _fetch_tarball(source: Source, base: str, target: Path, progress: bool) -> None:
-    """Download one verified tarball, extract it into a temp folder and rename the dataset folder into place."""
+def _fetch_archive(source: Source, base: str, target: Path, progress: bool) -> None:
+    """Download one verified tarball or zip, extract it into a temp folder and rename the dataset folder into place."""
     if target.exists():
         raise UserError(f"{target} exists but is incomplete; remove it and download again")
     (archive_name, md5), = source.md5.items()
@@ -173,14 +197,18 @@ def _fetch_tarball(source: Source, base: str, target: Path, progress: bool) -> N
     archive = download(base + archive_name, target.parent / archive_name, md5=md5, progress=progress)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(scratch, filter="data")
+        if archive.suffix == ".zip":
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(scratch)  # zipfile drops absolute paths and '..' parts of member names
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(scratch, filter="data")
         extracted = scratch / target.name
         if not extracted.is_dir():
             raise UserError(f"{archive} does not contain the folder {target.name}/")
         os.replace(extracted, target)
         archive.unlink()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
         raise UserError(f"cannot extract {archive}: {e}; delete it and download again") from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

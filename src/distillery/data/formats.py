@@ -1,4 +1,5 @@
-"""On-disk readers: IDX, CIFAR pickles, image-folder trees, Tiny-ImageNet and scikit-learn digits.
+"""On-disk readers: IDX, CIFAR pickles, SVHN .mat files, image-folder trees, Tiny-ImageNet and scikit-learn digits
+(ImageNet's readers are in `imagenet.py`).
 
 Every reader returns `RawSplit`s of uint8 `(N, H, W, C)` images and int64 labels. Readers check what they read and
 raise `UserError` naming the file at fault. Decoding image files is slow, so decoded arrays are cached as `.npz`
@@ -38,6 +39,7 @@ IDX_FILES = {
 _IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
 _CACHE_VERSION = 1  # bump when the decoding changes, so old cache files are not used
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 
 @dataclass
@@ -64,19 +66,33 @@ def cache_dir() -> Path:
 
 
 def layout_of(folder: Path) -> str | None:
-    """Which on-disk layout a folder holds: 'idx', 'cifar10-pickle', 'cifar100-pickle', 'tiny-imagenet',
-    'imagefolder', or None."""
+    """Which on-disk layout a folder holds: 'idx', 'cifar10-pickle', 'cifar100-pickle', 'svhn-mat', 'tiny-imagenet',
+    'imagenet-npz', 'imagefolder', 'imagenet-folder' (train/ and val/), or None."""
     if all(_find_idx(folder, name) for pair in IDX_FILES.values() for name in pair):
         return "idx"
     if (folder / "data_batch_1").is_file():
         return "cifar10-pickle"
     if (folder / "train").is_file() and (folder / "meta").is_file():
         return "cifar100-pickle"
+    if all((folder / name).is_file() for name in SVHN_FILES.values()):
+        return "svhn-mat"
     if (folder / "wnids.txt").is_file():
         return "tiny-imagenet"
+    if any(any(place.glob("train_data_batch_*.npz")) for place in (folder, *_subfolders(folder))):
+        return "imagenet-npz"
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         return "imagefolder"
+    if (folder / "train").is_dir() and (folder / "val").is_dir():
+        return "imagenet-folder"
     return None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The non-hidden subfolders of a folder, sorted (none if it cannot be listed)."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -212,6 +228,36 @@ def read_cifar100(folder: Path) -> tuple[RawSplit, RawSplit]:
             _cifar_split(folder / "test", "fine_labels", classes))
 
 
+# ---------------------------------------------------------------- SVHN (.mat files)
+
+
+def read_svhn_mat(path: Path) -> RawSplit:
+    """One SVHN cropped-digits file: `X` (32, 32, 3, N) uint8 and `y` (N, 1) with 1..10, where 10 is the digit 0."""
+    try:
+        from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
+    except ImportError as e:
+        raise UserError("reading SVHN's .mat files needs scipy (it comes with scikit-learn): pip install scipy") from e
+    try:
+        mat = loadmat(path)
+    except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as e:
+        raise UserError(f"cannot read SVHN file {path}: {e}; download it again") from e
+    if "X" not in mat or "y" not in mat:
+        raise UserError(f"{path} lacks the 'X' or 'y' matrix; is it SVHN's train_32x32.mat or test_32x32.mat?")
+    x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or x.dtype != np.uint8:
+        raise UserError(f"{path} holds {x.dtype} X of shape {x.shape} with {len(y)} labels; "
+                        f"expected uint8 (32, 32, 3, N) and N labels")
+    if len(y) and (y.min() < 1 or y.max() > 10):
+        raise UserError(f"{path} has labels outside 1..10 (min {y.min()}, max {y.max()})")
+    return RawSplit(np.ascontiguousarray(x.transpose(3, 0, 1, 2)), y % 10, [str(d) for d in range(10)])
+
+
+def read_svhn(folder: Path) -> tuple[RawSplit, RawSplit]:
+    """Train (73,257 images) and test (26,032) from a folder holding train_32x32.mat and test_32x32.mat."""
+    return read_svhn_mat(Path(folder) / SVHN_FILES["train"]), read_svhn_mat(Path(folder) / SVHN_FILES["test"])
+
+
 # ---------------------------------------------------------------- image files (image folders, Tiny-ImageNet)
 
 
@@ -253,15 +299,26 @@ def read_image_folder(split_dir: Path, resolution: int, channels: int,
     classes = list(classes) if classes is not None else found
     if sorted(classes) != found:
         raise UserError(f"class folders of {split_dir} are {found}; expected exactly {sorted(classes)}")
+    return read_selected_folders(split_dir, classes, resolution, channels)
+
+
+def read_selected_folders(split_dir: Path, classes: Sequence[str], resolution: int, channels: int,
+                          crop: bool = False) -> RawSplit:
+    """The images of the named class folders of `split_dir` (label = position in `classes`; other folders are
+    ignored). `crop`: resize the shorter side to `resolution` and centre-crop (torchvision's Resize(int) +
+    CenterCrop) instead of resizing to a square."""
+    split_dir = Path(split_dir).resolve()
     files, labels = [], []
     for label, name in enumerate(classes):
+        if not (split_dir / name).is_dir():
+            raise UserError(f"missing class folder {split_dir / name}; every split needs one folder per class")
         class_files = _image_files(split_dir / name)
         if not class_files:
             raise UserError(f"class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += class_files
         labels += [label] * len(class_files)
     tag = f"{split_dir.parent.name}-{split_dir.name}"
-    return _decode_cached(tag, files, np.array(labels, dtype=np.int64), classes, resolution, channels)
+    return _decode_cached(tag, files, np.array(labels, dtype=np.int64), list(classes), resolution, channels, crop)
 
 
 def read_tiny_imagenet(root: Path, resolution: int = 64) -> tuple[RawSplit, RawSplit]:
@@ -293,13 +350,27 @@ def read_tiny_imagenet(root: Path, resolution: int = 64) -> tuple[RawSplit, RawS
     return train, test
 
 
-def _decode_one(path: str, resolution: int, mode: str) -> np.ndarray:
-    """Decode one image file to a (res, res, C) uint8 array."""
+def _resize_and_crop(im: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to `resolution` (the longer one to int(res * long / short)), then the centred square: the
+    sizes and offsets of torchvision's Resize(res) and CenterCrop(res)."""
+    w, h = im.size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        w, h = (resolution, int(h * scale)) if w <= h else (int(w * scale), resolution)
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = int(round((w - resolution) / 2)), int(round((h - resolution) / 2))
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def _decode_one(path: str, resolution: int, mode: str, crop: bool = False) -> np.ndarray:
+    """Decode one image file to a (res, res, C) uint8 array (squashed to a square, or resized and centre-cropped)."""
     try:
         with Image.open(path) as im:
             if im.mode != mode:
                 im = im.convert(mode)
-            if im.size != (resolution, resolution):
+            if crop:
+                im = _resize_and_crop(im, resolution)
+            elif im.size != (resolution, resolution):
                 im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
             array = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -307,7 +378,7 @@ def _decode_one(path: str, resolution: int, mode: str) -> np.ndarray:
     return array.reshape(resolution, resolution, -1)
 
 
-def _decode_all(tag: str, files: list[str], resolution: int, channels: int) -> np.ndarray:
+def _decode_all(tag: str, files: list[str], resolution: int, channels: int, crop: bool = False) -> np.ndarray:
     """Decode many image files with a thread pool and a progress bar (PIL releases the GIL only inside the
     decoder, so the gain over one thread is modest; the npz cache makes it a one-time cost)."""
     mode = "L" if channels == 1 else "RGB"
@@ -316,7 +387,7 @@ def _decode_all(tag: str, files: list[str], resolution: int, channels: int) -> n
 
     def work(start: int) -> int:
         for i in range(start, min(start + chunk, len(files))):
-            out[i] = _decode_one(files[i], resolution, mode)
+            out[i] = _decode_one(files[i], resolution, mode, crop)
         return min(chunk, len(files) - start)
 
     workers = min(32, (os.cpu_count() or 1) + 4)
@@ -329,7 +400,7 @@ def _decode_all(tag: str, files: list[str], resolution: int, channels: int) -> n
 
 
 def _decode_cached(tag: str, files: list[str], labels: np.ndarray, classes: list[str], resolution: int,
-                   channels: int) -> RawSplit:
+                   channels: int, crop: bool = False) -> RawSplit:
     """Decode `files`, or load the arrays decoded earlier from the npz cache when no file has changed."""
     if not files:
         raise UserError(f"no images listed for {tag}")
@@ -340,7 +411,8 @@ def _decode_cached(tag: str, files: list[str], labels: np.ndarray, classes: list
         except OSError as e:
             raise UserError(f"cannot read image file {f}: {e.strerror}") from e
         stats.append((f, st.st_size, st.st_mtime_ns))
-    key = json.dumps([_CACHE_VERSION, resolution, channels, classes, labels.tolist(), stats])
+    key = json.dumps([_CACHE_VERSION, resolution, channels, classes, labels.tolist(), stats]
+                     + (["center-crop"] if crop else []))  # unchanged keys for the square resize
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = cache_dir() / f"{tag}-{len(files)}-{digest}.npz"
 
@@ -350,7 +422,7 @@ def _decode_cached(tag: str, files: list[str], labels: np.ndarray, classes: list
                 return RawSplit(cached["images"], cached["labels"], [str(c) for c in cached["classes"]])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable cache file: decode again and overwrite it
-    images = _decode_all(tag, files, resolution, channels)
+    images = _decode_all(tag, files, resolution, channels, crop)
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, classes=np.array(classes))
     try:

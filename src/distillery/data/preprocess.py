@@ -179,7 +179,7 @@ class _ZCA(Preprocess):
         self._require_fitted()
         if x.dim() != 4 or list(x.shape[1:]) != self.shape:
             raise ValueError(f"expected images (N,{','.join(map(str, self.shape))}), got shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1)
+        return x.flatten(1)  # also for an empty split (--val-fraction 0), where reshape(0, -1) is ambiguous
 
     @staticmethod
     def _chunked(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -14,11 +14,14 @@ import numpy as np
 
 from ..errors import UserError
 from . import formats
+from .imagenet import SUBSETS
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 DIGIT_STRATEGY = "color_crop_cutout_scale_rotate"  # no flip for digits (SPEC §3.3)
 IMAGEFOLDER_PREFIX = "imagefolder:"
 DEFAULT_IMAGEFOLDER_RESOLUTION = 32
+# ImageNet's per-channel constants, used (not measured) for Tiny-ImageNet, ImageNet-1K and MTT's subsets (SPEC §2.1)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -49,10 +52,13 @@ class DatasetSpec:
     mean: tuple[float, ...]  # per channel, on the [0,1] scale
     std: tuple[float, ...]
     dsa_strategy: str
-    class_names: tuple[str, ...]  # label order; empty for tiny-imagenet until the data is read (its wnids)
+    class_names: tuple[str, ...]  # label order; empty for tiny-imagenet / imagenet-1k until the data is read
     default_model: str
     source: str  # where the data comes from, for humans
     how_to_get: str  # one line telling a user how to obtain the files
+    # RaT-BPTT's published runs of this dataset start from unit-norm noise without ZCA (ImageNet-1K); its
+    # pix_init="auto" then starts from noise too (with ZCA it always does)
+    rat_noise_init: bool = False
 
 
 _SPECS: dict[str, DatasetSpec] = {
@@ -69,7 +75,7 @@ _SPECS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "mnist", 1, (28, 28), 10, (0.1307,), (0.3081,), DIGIT_STRATEGY, DIGIT_CLASSES, "ConvNet",
             "MNIST IDX files (LeCun, Cortes, Burges), 60k train / 10k test",
-            "distillery download mnist, or bash shared/data/prepare.sh DIR and set DISTILLERY_DATA=DIR",
+            "distillery download mnist, or put the four IDX files in DIR/mnist and set DISTILLERY_DATA=DIR",
         ),
         DatasetSpec(
             "fashion-mnist", 1, (28, 28), 10, (0.2861,), (0.3530,), DEFAULT_STRATEGY, FASHION_CLASSES, "ConvNet",
@@ -80,8 +86,8 @@ _SPECS: dict[str, DatasetSpec] = {
             "cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), DEFAULT_STRATEGY,
             CIFAR10_CLASSES, "ConvNet",
             "CIFAR-10 python batches (cifar-10-batches-py) or an image-folder tree such as the JPEG pack",
-            "distillery download cifar10, or bash shared/data/prepare.sh DIR (JPEG pack, lossy) "
-            "and set DISTILLERY_DATA=DIR",
+            "distillery download cifar10, or put cifar-10-batches-py/ into DIR (or image folders "
+            "DIR/cifar10/train/<class>/ and DIR/cifar10/test/<class>/) and set DISTILLERY_DATA=DIR",
         ),
         DatasetSpec(
             # DC-code constants; MTT/TESLA reuse the CIFAR-10 ones instead (SPEC §2.1, P7): only matters without ZCA.
@@ -91,12 +97,34 @@ _SPECS: dict[str, DatasetSpec] = {
             "distillery download cifar100",
         ),
         DatasetSpec(
-            "tiny-imagenet", 3, (64, 64), 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), DEFAULT_STRATEGY,
+            "tiny-imagenet", 3, (64, 64), 200, IMAGENET_MEAN, IMAGENET_STD, DEFAULT_STRATEGY,
             (), "ConvNetD4",
             "Tiny-ImageNet-200 standard layout (wnids.txt, train/<wnid>/images, val/ as the test split)",
-            "download tiny-imagenet-200.zip from http://cs231n.stanford.edu/ and unzip it into DIR, "
-            "then set DISTILLERY_DATA=DIR",
+            "distillery download tiny-imagenet, or unzip tiny-imagenet-200.zip (cs231n.stanford.edu) into DIR "
+            "and set DISTILLERY_DATA=DIR",
         ),
+        DatasetSpec(
+            "svhn", 3, (32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), DIGIT_STRATEGY,
+            DIGIT_CLASSES, "ConvNet",
+            "SVHN cropped digits (train_32x32.mat, test_32x32.mat; label 10 is digit 0), 73,257 train / 26,032 test",
+            "distillery download svhn",
+        ),
+        DatasetSpec(
+            "imagenet-1k", 3, (64, 64), 1000, IMAGENET_MEAN, IMAGENET_STD, DEFAULT_STRATEGY, (), "ConvNetD4",
+            "ImageNet-1K at 64x64: the downsampled-ImageNet npz files (train_data_batch_1..10.npz, val_data.npz as the "
+            "test split), or an ImageNet folder train/<wnid>/*, val/<wnid>/* resized to 64x64 (~16 GB uint8 in memory)",
+            "register at image-net.org, download the 64x64 downsampled ImageNet in npz format, unpack "
+            "train_data_batch_*.npz and val_data.npz into DIR/imagenet-1k (or put ImageNet's train/<wnid>/ and "
+            "val/<wnid>/ folders there) and set DISTILLERY_DATA=DIR",
+            rat_noise_init=True,
+        ),
+        *(DatasetSpec(
+            name, 3, (128, 128), 10, IMAGENET_MEAN, IMAGENET_STD, DEFAULT_STRATEGY, names, "ConvNetD5",
+            f"MTT's {name} subset of ImageNet at 128x128 (wnids {', '.join(wnids)}; train/ for training, "
+            f"val/ as the test split; shorter side resized to 128, centre crop)",
+            f"put ImageNet's train/<wnid>/ and val/<wnid>/ folders (validation images sorted into class folders) "
+            f"into DIR/imagenet and set DISTILLERY_DATA=DIR; only the 10 {name} classes are read",
+        ) for name, (_, wnids, names) in SUBSETS.items()),
     ]
 }
 

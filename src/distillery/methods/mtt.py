@@ -9,9 +9,19 @@ memory ∝ √N, one extra forward per step), `tesla` (TESLA's two-pass gradient
 in the parameter path: not MTT's exact gradient, SPEC §5.2). TESLA is this class with `grad="tesla"` and,
 optionally, soft labels read off the experts.
 
+Several segments per iteration (`trajectories` = K, and torchrun: G processes): segment j = rank·K + i draws its
+expert, start epoch, minibatches and DSA from streams keyed by (seed, iteration, j) (`stream_generator`); the loss
+and the image and step-size gradients are averaged over the K segments, then over the ranks (all-reduce mean), and
+every rank applies the same update. So G processes x K segments and 1 process x G·K segments give the same gradient;
+K = 1 on one process is the published MTT. Segments run one after another (memory of one segment; `vmap` does not
+apply: the gradient modes call `torch.autograd.grad` with `create_graph`). Only rank 0 writes (`distillery.run`).
+
 Step-size guard (SPEC P1): with `lr_guard="clamp"` (default) α is clamped to [lr_min, lr_max] after every update,
-so it can neither turn negative nor explode; `lr_guard="none"` is the faithful unconstrained mode, and the run
-stops with a clear message if α becomes non-positive or non-finite.
+so it can neither turn negative nor explode, but it can sit at a bound; `lr_guard="log"` learns log α (plain SGD,
+learning rate lr_lr / α₀² so the first step equals clamp's, |Δ log α| <= ln 2 per iteration): α stays positive and
+has no bound to stick to; `lr_guard="none"` is the faithful unconstrained mode, and the run stops with a clear
+message if α becomes non-positive or non-finite. `step` also reports `alpha_pinned` and `student_still`, which the
+run loop's health check (run.py, docs/DEFAULTS.md) watches.
 """
 
 from __future__ import annotations
@@ -22,48 +32,68 @@ from typing import Any
 import torch
 
 from ..augment import Augment
+from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..experts import ExpertStore
 from ..models import FunctionalModel, create_model, has_batchnorm
+from ..options import option
 from ..run import Diverged
+from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
 from .tesla import expert_soft_labels, tesla_grad
-from .trajectory import checkpointed_grad, make_plan, unrolled_grad
+from .trajectory import GradResult, checkpointed_grad, make_plan, unrolled_grad
 
 GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": tesla_grad}
 LABELS = ("hard", "expert", "frozen")
+LR_GUARDS = ("clamp", "log", "none")
+LOG_STEP_MAX = 0.6931471805599453   # --lr-guard log: |Δ log α| <= ln 2 per iteration
+STILL_TOL = 1e-3                    # |L - 1| below this: the student ended where it started (it did not move)
+# Purposes of the random streams (first key after the seed in `stream_generator`).
+_INIT, _SEGMENT, _PLAN = 0, 1, 2
 
 
 @dataclass
 class MTTConfig:
     """Hyperparameters of SPEC §4.6 / §5.4 (names follow the reference code)."""
 
-    ipc: int = 1
-    model: str | None = None
-    syn_steps: int = 20            # N student steps per iteration
-    expert_epochs: int = 2         # M: the target is M epochs after the start
-    max_start_epoch: int = 10      # start epoch t in [0, max_start_epoch), exclusive as in the reference code
-    lr_img: float = 1000.0
-    lr_lr: float = 1e-5
-    lr_teacher: float = 0.01       # α₀
-    batch_syn: int | None = None   # None: the whole set in every student step
-    pix_init: str = "real"         # real | noise
-    grad: str = "unrolled"         # unrolled | checkpointed | tesla
-    grad_checkpoint_every: int | None = None  # --grad checkpointed: keep θ every k steps (default ceil(sqrt(N)))
-    labels: str = "hard"           # hard | expert (TESLA: target checkpoint, every iteration) | frozen (one expert)
-    temperature: float = 1.0
-    label_expert: int = 0
-    dsa: bool = True
-    lr_guard: str = "clamp"        # clamp | none
-    lr_min: float = 1e-6
-    lr_max: float = 1.0
-    seed: int = 0
+    ipc: int = option(1, low=1, help="images per class")
+    model: str | None = option(None, help="distillation model (default: the dataset's ConvNet)")
+    syn_steps: int = option(20, low=1, help="N: student steps per iteration")
+    expert_epochs: int = option(2, low=1, help="M: the target is M expert epochs after the start")
+    max_start_epoch: int = option(10, low=1, help="start epoch drawn from [0, max_start_epoch), as the reference")
+    lr_img: float = option(1000.0, low=0, low_open=True, help="SGD learning rate of the images")
+    lr_lr: float = option(1e-5, low=0, help="SGD learning rate of the step size alpha")
+    lr_teacher: float = option(0.01, low=0, low_open=True, help="alpha_0: initial student step size")
+    batch_syn: int | None = option(None, low=1, help="synthetic images per student step (none: the whole set)")
+    pix_init: str = option("real", choices=("real", "noise"), help="initial images: real train images or noise")
+    grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
+                       help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
+    grad_checkpoint_every: int | None = option(None, low=1,
+                                               help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
+    trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "
+                                              "averaged (torchrun: G processes match G*K segments)")
+    labels: str = option("hard", choices=LABELS,
+                         help="hard | expert (TESLA: target checkpoint, every iteration) | frozen (one expert)")
+    temperature: float = option(1.0, low=0, low_open=True, help="softmax temperature of expert soft labels")
+    label_expert: int = option(0, low=0, help="--labels frozen: the expert whose final checkpoint labels the set")
+    dsa: bool = option(True, help="DSA augmentation in the student steps")
+    lr_guard: str = option("clamp", choices=LR_GUARDS,
+                           help="step-size guard: clamp to [lr_min, lr_max] | log (learn log alpha) | none (faithful)")
+    lr_min: float = option(1e-6, low=0, low_open=True, help="--lr-guard clamp: lower bound of alpha")
+    lr_max: float = option(1.0, low=0, low_open=True, help="--lr-guard clamp: upper bound of alpha")
+    seed: int = option(0, low=0, help="seed of every random draw")
 
 
 class MTT:
     """The MTT / TESLA method object for the shared run loop (`distillery.run`)."""
 
     name = "mtt"
+
+    @property
+    def health_fix(self) -> str:
+        """What to change when the run loop finds this run dead (run.py, health.py)."""
+        return (f"lower --lr-lr (now {self.cfg.lr_lr:g}) or --lr-img (now {self.cfg.lr_img:g}), or use --lr-guard "
+                "log, or start from a preset (`distillery presets`)")
 
     def __init__(self, dataset, store: ExpertStore, cfg: MTTConfig):
         self.ds, self.store, self.cfg = dataset, store, cfg
@@ -85,16 +115,15 @@ class MTT:
                             "distil with an instance-norm or norm-free model (e.g. ConvNet) and evaluate on BN later")
         self.fm = FunctionalModel(model.to(device))
         self.augment = Augment(spec.dsa_strategy if cfg.dsa else "none")
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)       # minibatches, augmentation
-        self.cpu_gen = torch.Generator().manual_seed(cfg.seed + 1)           # expert and start-epoch draws
 
         n = cfg.ipc * spec.num_classes
+        gen = stream_generator(cfg.seed, _INIT, device=device)
         if cfg.pix_init == "real":
-            images, hard = dataset.random_set(cfg.ipc, self.gen)
+            images, hard = dataset.random_set(cfg.ipc, gen)
         else:
             hard = torch.arange(spec.num_classes, device=device).repeat_interleave(cfg.ipc)
-            images = torch.randn((n, spec.channels, *spec.im_size), generator=self.gen, device=device)
-        self.images = images.clone().requires_grad_(True)
+            images = torch.randn((n, spec.channels, *spec.im_size), generator=gen, device=device)
+        self.images = broadcast_(images.clone()).requires_grad_(True)  # torchrun: every rank starts from rank 0's
         self.labels = hard
         if cfg.labels == "frozen":
             theta = store.checkpoint(cfg.label_expert, store.epochs).to(device)
@@ -104,29 +133,62 @@ class MTT:
         self.opt_lr = torch.optim.SGD([self.lr], lr=cfg.lr_lr, momentum=0.5)
 
     def step(self, it: int) -> dict[str, float]:
-        """One outer iteration: sample an expert segment, match it, update images and α."""
-        cfg, device = self.cfg, self.images.device
-        k = int(torch.randint(self.store.num_experts, (1,), generator=self.cpu_gen))
-        t = int(torch.randint(cfg.max_start_epoch, (1,), generator=self.cpu_gen))
-        theta_start, theta_target = (p.to(device) for p in self.store.pair(k, t, t + cfg.expert_epochs))
-        if cfg.labels == "expert":  # TESLA: soft labels from the target checkpoint of this iteration's expert
-            self.labels = expert_soft_labels(self.fm, theta_target, self.images.detach(), cfg.temperature)
-        plan = make_plan(len(self.images), cfg.syn_steps, cfg.batch_syn, self.augment, self.gen,
-                         self.ds.spec.im_size, device)
-        kwargs = {"every": cfg.grad_checkpoint_every} if cfg.grad == "checkpointed" else {}
-        res = GRADS[cfg.grad](self.fm, self.images, self.labels, self.lr, theta_start, theta_target, plan,
-                              self.augment, **kwargs)
+        """One outer iteration: sample expert segments, match them, update images and α."""
+        cfg = self.cfg
+        res, t = self.gradient(it)
         self.images.grad = res.grad_images
-        self.lr.grad = res.grad_lr
         self.opt_img.step()
-        self.opt_lr.step()
+        pinned = 0.0
         with torch.no_grad():
+            if cfg.lr_guard == "log":  # SGD on log α, first step as plain SGD, at most x2 or /2 per iteration
+                step = -(cfg.lr_lr / cfg.lr_teacher ** 2) * self.lr * res.grad_lr
+                self.lr.mul_(step.clamp(-LOG_STEP_MAX, LOG_STEP_MAX).exp())
+            else:
+                self.lr.grad = res.grad_lr
+                self.opt_lr.step()
             if cfg.lr_guard == "clamp":
+                pinned = float(not cfg.lr_min < self.lr.item() < cfg.lr_max)
                 self.lr.clamp_(cfg.lr_min, cfg.lr_max)
             elif not self.lr.item() > 0:
                 raise Diverged(f"step size α became {self.lr.item():.3g} at iteration {it} (--lr-guard none); "
-                               "the last good checkpoint is kept: lower --lr-lr or use --lr-guard clamp")
-        return {"loss": res.loss, "lr": self.lr.item(), "start_epoch": float(t)}
+                               "lower --lr-lr or use --lr-guard log or clamp")
+        # health signals for the run loop (run.py): α held at a guard bound; a student that did not move (L ≈ 1)
+        return {"loss": res.loss, "lr": self.lr.item(), "start_epoch": float(t), "alpha_pinned": pinned,
+                "student_still": float(abs(res.loss - 1) < STILL_TOL)}
+
+    def gradient(self, it: int) -> tuple[GradResult, int]:
+        """Loss and gradients of iteration `it`, averaged over this rank's K segments and all ranks; the first t.
+
+        Segment j = rank·K + i draws (expert, start epoch) and then its step plan from streams keyed by
+        (seed, it, j), so the average is the same for G processes x K segments as for 1 process x G·K.
+        With `labels="expert"` each segment uses its own expert's soft labels; the set keeps those of this rank's
+        first segment (on rank 0: segment 0).
+        """
+        cfg, device = self.cfg, self.images.device
+        rank = rank_and_world()[0]
+        kwargs = {"every": cfg.grad_checkpoint_every} if cfg.grad == "checkpointed" else {}
+        total: list[torch.Tensor] = []
+        starts: list[int] = []
+        for i in range(cfg.trajectories):
+            j = rank * cfg.trajectories + i
+            segment = stream_generator(cfg.seed, _SEGMENT, it, j)  # on the CPU: the same draws on any device
+            k = int(torch.randint(self.store.num_experts, (1,), generator=segment))
+            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=segment))
+            starts.append(t)
+            theta_start, theta_target = (p.to(device) for p in self.store.pair(k, t, t + cfg.expert_epochs))
+            labels = self.labels
+            if cfg.labels == "expert":  # TESLA: soft labels from the target checkpoint of this segment's expert
+                labels = expert_soft_labels(self.fm, theta_target, self.images.detach(), cfg.temperature)
+                if i == 0:
+                    self.labels = labels
+            plan = make_plan(len(self.images), cfg.syn_steps, cfg.batch_syn, self.augment,
+                             stream_generator(cfg.seed, _PLAN, it, j, device=device), self.ds.spec.im_size, device)
+            res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
+                                  self.augment, **kwargs)
+            parts = [res.grad_images, res.grad_lr, torch.tensor(res.loss, device=device)]
+            total = parts if i == 0 else [a + b for a, b in zip(total, parts)]
+        grad_images, grad_lr, loss = (all_reduce_mean_(part / cfg.trajectories) for part in total)
+        return GradResult(float(loss), grad_images, grad_lr, None), starts[0]
 
     def synset(self) -> SyntheticSet:
         """The current distilled set, with α as its training learning rate."""
@@ -140,10 +202,9 @@ class MTT:
                             preprocess_record(self.ds.preprocess), meta)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed for an exact resume."""
+        """Everything needed for an exact resume (every draw comes from a keyed stream: no generator state)."""
         return {"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "lr": self.lr.detach().cpu(),
-                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-                "gen": self.gen.get_state(), "cpu_gen": self.cpu_gen.get_state()}
+                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output."""
@@ -152,7 +213,8 @@ class MTT:
             self.images.copy_(state["images"].to(device))
             self.lr.copy_(state["lr"].to(device))
         self.labels = state["labels"].to(device)
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.gen.set_state(state["gen"])
-        self.cpu_gen.set_state(state["cpu_gen"])
+        for opt, key in ((self.opt_img, "opt_img"), (self.opt_lr, "opt_lr")):
+            lrs = [group["lr"] for group in opt.param_groups]  # the config's: --resume may change them
+            opt.load_state_dict(state[key])
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr

@@ -11,7 +11,13 @@ batch with respect to the synthetic images (and learned labels):
 The inner gradient is `torch.autograd.grad(..., create_graph=True)` on a flat parameter vector run through
 `FunctionalModel` (torch.func.functional_call), and the inner optimizer (`InnerOptimizer`) is Adam or SGD written
 with plain tensor ops, so the window is differentiable end to end. Memory grows with the window W, not with the
-horizon T; compute grows with start + W.
+horizon T; compute grows with start + W. As published, the warm-up runs torch's Adam and the window higher 0.2.1's
+DifferentiableAdam, whose eps sits outside the bias correction (`--inner-adam higher`, SPEC P16; `torch`: both
+torch's).
+
+Budget (`--epochs`): passes over the real data, ceil(train size / this process's real batch) outer steps each, as
+the published `--epochs`. Sets record the `rat` evaluation protocol (the published test(), `distillery.rat_eval`).
+`--window-mode plateau` is the published cctype 1 curriculum (`Plateau`), driven by the run loop's evaluations.
 
 Window placement (SPEC §6.4): `start ~ U{m, ..., T-W}` (RaT-BPTT) or `start = T-W` (classic truncated BPTT), drawn
 every outer step or once per epoch of the real data as the published code does (SPEC P14). The real batch is a
@@ -46,7 +52,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,6 +60,8 @@ from ..augment import Augment
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
+from ..options import option
+from ..streams import stream_generator
 from ..synset import SyntheticSet
 
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
@@ -70,18 +77,28 @@ class InnerOptimizer:
 
     Same update as torch.optim.Adam (PyTorch bias correction, weight decay 0 by default) and torch.optim.SGD
     (momentum 0.9, dampening 0, weight decay 5e-4 by default, as the RaT-BPTT code). The state is a dict of tensors.
+    `adam="higher"` is higher 0.2.1's DifferentiableAdam instead (SPEC P16), the optimiser the published code
+    differentiates: denom = sqrt(v) + eps and step lr * sqrt(bc2) / bc1, i.e. eps / sqrt(bc2) in torch's terms
+    (31.6x torch's eps at step 1, converging to it as the step count grows).
     """
 
     def __init__(self, kind: str = "adam", lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, momentum: float = 0.9, weight_decay: float | None = None):
+                 eps: float = 1e-8, momentum: float = 0.9, weight_decay: float | None = None, adam: str = "torch"):
         if kind not in ("adam", "sgd"):
             raise UserError(f"unknown inner optimizer '{kind}'; use adam or sgd")
-        self.kind, self.lr, self.betas, self.eps, self.momentum = kind, lr, betas, eps, momentum
+        if adam not in ("torch", "higher"):
+            raise UserError(f"unknown --inner-adam '{adam}'; use higher or torch")
+        self.kind, self.lr, self.betas, self.eps, self.momentum, self.adam = kind, lr, betas, eps, momentum, adam
         self.weight_decay = (0.0 if kind == "adam" else 5e-4) if weight_decay is None else weight_decay
 
     def __repr__(self) -> str:
         """Constructor-style description for logs."""
-        return f"InnerOptimizer(kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay})"
+        adam = f", adam={self.adam!r}" if self.kind == "adam" else ""
+        return f"InnerOptimizer(kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay}{adam})"
+
+    def with_adam(self, adam: str) -> "InnerOptimizer":
+        """The same optimiser with the other Adam formula (torch or higher)."""
+        return InnerOptimizer(self.kind, self.lr, self.betas, self.eps, self.momentum, self.weight_decay, adam)
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
         """Zero moments (and step count) for parameters shaped like `theta`."""
@@ -101,8 +118,11 @@ class InnerOptimizer:
         step = state["step"] + 1
         exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * grad
         exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
-        denom = _sqrt_zero_grad(exp_avg_sq) / torch.sqrt(1 - beta2 ** step) + self.eps
-        theta = theta - self.lr / (1 - beta1 ** step) * exp_avg / denom
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        if self.adam == "higher":  # higher 0.2.1 optim.py DifferentiableAdam._update
+            theta = theta - self.lr * torch.sqrt(bc2) / bc1 * exp_avg / (_sqrt_zero_grad(exp_avg_sq) + self.eps)
+        else:
+            theta = theta - self.lr / bc1 * exp_avg / (_sqrt_zero_grad(exp_avg_sq) / torch.sqrt(bc2) + self.eps)
         return theta, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
@@ -113,12 +133,6 @@ def _sqrt_zero_grad(v: Tensor) -> Tensor:
 
 
 # --- sampling ---------------------------------------------------------------------------------------------------------
-def stream_generator(seed: int, *key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (seed, *key): an independent, reproducible random stream per purpose, rank and step."""
-    mixed = np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(mixed))
-
-
 def sample_batch(num_classes: int, ipc: int, task_sampler_nc: int, batch_per_class: int,
                  generator: torch.Generator) -> Tensor:
     """Indices of one inner mini-batch of a class-blocked set (SPEC §6.3), on the generator's device.
@@ -183,24 +197,53 @@ def _inner_step(fm: FunctionalModel, optimizer: InnerOptimizer, theta: Tensor, s
 def warm_up(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
             steps: int, draw: BatchDraw, augment: Augmentation | None,
             generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Train `steps` inner steps on detached images and labels: no graph reaches the synthetic data (SPEC P13)."""
+    """Train `steps` inner steps on detached images and labels: no graph reaches the synthetic data (SPEC P13).
+
+    torch's Adam and SGD run as torch.optim's in-place foreach (CUDA: fused) step; the formula is the same as
+    `InnerOptimizer.step` up to float rounding (tested), and the state continues into the window unchanged."""
     images, labels, theta = images.detach(), labels.detach(), theta.detach()
+    if steps and (optimizer.kind == "sgd" or getattr(optimizer, "adam", "torch") == "torch"):
+        return _warm_up_in_place(fm, images, labels, theta, optimizer, steps, draw, augment, generator)
     state = optimizer.init_state(theta)
     for _ in range(steps):
         theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment, generator, False)
     return theta, state
 
 
+def _warm_up_in_place(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
+                      steps: int, draw: BatchDraw, augment: Augmentation | None,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """`warm_up` with torch.optim's in-place step; same draws in the same order; returns InnerOptimizer's state."""
+    theta = theta.clone().requires_grad_(True)
+    fast = {"fused": True} if theta.device.type == "cuda" else {"foreach": True}
+    if optimizer.kind == "sgd":
+        opt = torch.optim.SGD([theta], lr=optimizer.lr, momentum=optimizer.momentum,
+                              weight_decay=optimizer.weight_decay, **fast)
+    else:
+        opt = torch.optim.Adam([theta], lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                               weight_decay=optimizer.weight_decay, **fast)
+    for _ in range(steps):
+        idx = draw(generator)
+        x = images[idx] if augment is None else augment(images[idx], generator)
+        (theta.grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), labels[idx]), theta)
+        opt.step()
+    state = {k: torch.as_tensor(v, dtype=theta.dtype, device=theta.device).detach() for k, v in opt.state[theta].items()}
+    return theta.detach(), state
+
+
 def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: Tensor, optimizer: InnerOptimizer,
                   start: int, window: int, real_x: Tensor, real_y: Tensor, augment_syn: Augmentation | None,
                   augment_real: Augmentation | None, generator: torch.Generator, *, num_classes: int,
-                  task_sampler_nc: int | None = None,
-                  batch_per_class: int | None = None) -> tuple[float, Tensor, Tensor | None]:
+                  task_sampler_nc: int | None = None, batch_per_class: int | None = None,
+                  window_optimizer: InnerOptimizer | None = None,
+                  real_chunk: int | None = None) -> tuple[float, Tensor, Tensor | None]:
     """RaT-BPTT meta-loss and its gradient w.r.t. the images (and the labels if they require grad), SPEC §6.2.
 
     `images`/`labels` are the whole class-blocked synthetic set; `theta0` the initial flat parameters. Draws from
     `generator`, in order: for each of the start + window inner steps the batch indices then its augmentation,
-    finally the real batch's augmentation. `.grad` of the inputs is not touched.
+    finally the real batch's augmentation. `.grad` of the inputs is not touched. The warm-up uses `optimizer`, the
+    window `window_optimizer` (default: the same), as the published code runs torch's Adam, then higher's.
+    The real-batch meta-loss is differentiated `real_chunk` images at a time (`real_loss_grad`).
     """
     ipc = len(images) // num_classes
     draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
@@ -208,14 +251,33 @@ def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: T
     # The window starts from constants: gradients reach neither the warm-up nor the initialisation (SPEC P16).
     theta = theta.detach().requires_grad_(True)
     state = {k: v.detach() for k, v in state.items()}
+    window_optimizer = window_optimizer or optimizer
     for _ in range(window):
-        theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment_syn, generator, True)
+        theta, state = _inner_step(fm, window_optimizer, theta, state, images, labels, draw, augment_syn, generator,
+                                   True)
     if augment_real is not None:
         real_x = augment_real(real_x, generator)
-    meta_loss = F.cross_entropy(fm(theta, real_x), real_y)
+    meta_loss, grad_theta = real_loss_grad(fm, theta, real_x, real_y, real_chunk)
     wrt = [images, labels] if labels.requires_grad else [images]
-    grads = torch.autograd.grad(meta_loss, wrt)
-    return float(meta_loss.detach()), grads[0], grads[1] if labels.requires_grad else None
+    grads = torch.autograd.grad(theta, wrt, grad_outputs=grad_theta)  # one backward through the window
+    return float(meta_loss), grads[0], grads[1] if labels.requires_grad else None
+
+
+def real_loss_grad(fm: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor,
+                   chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of θ on (x, y) and its gradient w.r.t. θ, `chunk` images at a time, so that only one
+    chunk's activations live at once (the 5000-image meta-loss otherwise holds them all). One chunk (chunk None or
+    >= len(x)) is bit-identical to differentiating the unchunked loss."""
+    leaf = theta.detach().requires_grad_(True)
+    if chunk is None or chunk >= len(x):
+        loss = F.cross_entropy(fm(leaf, x), y)
+        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+    total, grad = leaf.new_zeros(()), torch.zeros_like(leaf)
+    for i in range(0, len(x), chunk):
+        loss = F.cross_entropy(fm(leaf, x[i:i + chunk]), y[i:i + chunk], reduction="sum") / len(x)
+        grad += torch.autograd.grad(loss, leaf)[0]
+        total += loss.detach()
+    return total, grad
 
 
 # --- outer optimisation pieces ----------------------------------------------------------------------------------------
@@ -289,34 +351,81 @@ class BoostSchedule:
         return row.repeat(num_classes)
 
 
+class Plateau:
+    """RaT-BPTT's cctype 1 curriculum (published `base.py` main loop, SPEC §6.4): the window start begins at m; when
+    the evaluation loss has not improved for `patience` epochs it moves by W, capped at T-W; a further plateau at
+    the cap stops the run."""
+
+    def __init__(self, start: int, cap: int, window: int, patience: int):
+        self.start, self.cap, self.window, self.patience = start, cap, window, patience
+        self.best_loss, self.best_epoch = math.inf, 0
+
+    def observe(self, epoch: int, loss: float) -> bool:
+        """Record the evaluation loss at `epoch`; True when the run should stop."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, epoch
+        elif epoch >= self.best_epoch + self.patience:
+            self.best_epoch = epoch
+            if self.start == self.cap:
+                return True
+            self.start = min(self.cap, self.start + self.window)
+        return False
+
+    def state_dict(self) -> dict[str, float]:
+        """Window start and the best loss so far, for an exact resume."""
+        return {"start": self.start, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore `state_dict()` output."""
+        self.start, self.best_loss, self.best_epoch = int(state["start"]), state["best_loss"], int(state["best_epoch"])
+
+
 # --- the method object ------------------------------------------------------------------------------------------------
 @dataclass
 class RaTBPTTConfig:
     """Hyperparameters of SPEC §6 (reference flag in brackets). Defaults: the CIFAR-10 IPC10 row of §6.9."""
 
-    ipc: int = 10
-    model: str | None = None          # None: the dataset's default model [--arch]
-    horizon: int = 200                # T [--totwindow]
-    window: int = 60                  # W [--window]
-    min_start: int = 0                # m [--minwindow]
-    window_mode: str = "random"       # random: start ~ U{m..T-W} (cctype 2) | last: start = T-W (cctype 0)
-    window_resample: str = "step"     # step [--complete_random] | epoch (the reference default, SPEC P14)
-    inner_opt: str = "adam"           # adam | sgd (momentum 0.9, weight decay 5e-4) [--inner_optim]
-    inner_lr: float = 1e-3
-    lr: float = 1e-3                  # outer Adam learning rate of the images
-    label_lr_scale: float = 1.0       # learned labels use lr / label_lr_scale
-    real_batch: int = 5000            # real images per outer step over all processes (capped at the train size)
-    batch_per_class: int | None = None  # None: all ipc images of a class in every inner batch
-    task_sampler_nc: int | None = None  # None: all classes in every inner batch
-    learn_labels: bool = False        # [--train_y]
-    clip_coef: float = 0.9
-    syn_strategy: str = "flip_rotate"
-    real_strategy: str = "flip_rotate"
-    pix_init: str = "auto"            # auto: noise for ZCA data (as the reference), else real | noise | real
-    boost_blocks: str | None = None   # Boost-DD block sizes per class, e.g. "1,1,2" (must sum to ipc)
-    boost_beta: float = 0.0
-    boost_every: int = 1000           # outer steps per block; the last block runs to the end
-    seed: int = 0
+    ipc: int = option(10, low=1, help="images per class")
+    model: str | None = option(None, help="distillation model (default: the dataset's ConvNet) [--arch]")
+    horizon: int = option(200, low=1, help="T: inner steps per outer step [--totwindow]")
+    window: int = option(60, low=1, help="W: inner steps that keep the graph, <= horizon [--window]")
+    min_start: int = option(0, low=0, help="m: earliest window start, <= horizon - window [--minwindow]")
+    window_mode: str = option("random", choices=("random", "last", "plateau"),
+                              help="random: start ~ U{m..T-W} (cctype 2) | last: start = T-W (cctype 0) | "
+                                   "plateau: start = m, += W on an evaluation-loss plateau (cctype 1)")
+    window_resample: str = option("step", choices=("step", "epoch"),
+                                  help="draw the window start every step [--complete_random] or every epoch (P14)")
+    inner_opt: str = option("adam", choices=("adam", "sgd"),
+                            help="inner optimizer: adam | sgd (momentum 0.9, weight decay 5e-4) [--inner_optim]")
+    inner_lr: float = option(1e-3, low=0, low_open=True, help="inner learning rate")
+    lr: float = option(1e-3, low=0, low_open=True, help="outer Adam learning rate of the images")
+    label_lr_scale: float = option(1.0, low=0, low_open=True, help="learned labels use lr / label_lr_scale")
+    real_batch: int = option(5000, low=1, help="real images per outer step over all processes (capped at train size)")
+    batch_per_class: int | None = option(None, low=1, help="images per class in an inner batch (none: all ipc)")
+    task_sampler_nc: int | None = option(None, low=1, help="classes in an inner batch (none: all classes)")
+    learn_labels: bool = option(False, help="learn soft labels too [--train_y]")
+    clip_coef: float = option(0.9, low=0, high=1, help="EMA coefficient of the gradient-norm clip")
+    syn_strategy: str = option("flip_rotate", help="augmentation of the synthetic batches: flip_rotate, rotate, none")
+    real_strategy: str = option("flip_rotate", help="augmentation of the real batches: flip_rotate, rotate, none")
+    pix_init: str = option("auto", choices=("auto", "noise", "real"),
+                           help="initial images: auto (noise for ZCA data, as the reference; else real) | noise | real")
+    boost_blocks: str | None = option(None, help="Boost-DD block sizes per class, e.g. 1,1,2 (must sum to ipc)")
+    boost_beta: float = option(0.0, low=0, high=1, help="Boost-DD: learning-rate factor of earlier blocks (0 freezes)")
+    boost_every: int = option(1000, low=1, help="Boost-DD: outer steps per block; the last block runs to the end")
+    inner_adam: str = option("higher", choices=("higher", "torch"),
+                             help="Adam formula in the differentiable window: higher (0.2.1's DifferentiableAdam, "
+                                  "as published; the warm-up uses torch's) or torch (both torch's)")
+    epochs: int | None = option(None, low=1, none_ok=True,
+                                help="budget in passes over the real data (the published --epochs): iterations = "
+                                     "epochs x ceil(train size / this process's real batch); none: --iterations")
+    rat_eval_steps: str = option("300,600,1000,3000",
+                                 help="the rat evaluation protocol's cumulative step counts, one chosen on "
+                                      "validation (published test(): 300,600,1000,3000)")
+    plateau_patience: int = option(60, low=1, help="--window-mode plateau (cctype 1): epochs without a lower "
+                                                   "evaluation loss before the window start moves by W")
+    real_chunk: int | None = option(1000, low=1, none_ok=True,
+                                    help="real images per chunk of the meta-loss gradient (memory; none: all at once)")
+    seed: int = option(0, low=0, help="seed of every random draw")
 
 
 @dataclass
@@ -358,7 +467,9 @@ class RaTBPTT:
         self.model_name = cfg.model or spec.default_model
         self.fm = FunctionalModel(create_model(self.model_name, spec.channels, spec.num_classes, spec.im_size)
                                   .to(self.device))
-        self.inner_opt = InnerOptimizer(cfg.inner_opt, cfg.inner_lr)
+        self.inner_opt = InnerOptimizer(cfg.inner_opt, cfg.inner_lr)   # the warm-up: torch's Adam, as published
+        self.window_opt = self.inner_opt.with_adam(cfg.inner_adam)
+        self.plateau = Plateau(cfg.min_start, cfg.horizon - cfg.window, cfg.window, cfg.plateau_patience)
         self.augment_syn = _augmentation(cfg.syn_strategy)
         self.augment_real = _augmentation(cfg.real_strategy)
         self.clipper = EmaClipper(cfg.clip_coef)
@@ -374,8 +485,9 @@ class RaTBPTT:
         """UserError for option values that cannot work."""
         if cfg.ipc < 1:
             raise UserError(f"--ipc {cfg.ipc} must be at least 1")
-        if cfg.window_mode not in ("random", "last"):
-            raise UserError(f"unknown --window-mode '{cfg.window_mode}'; use random (RaT-BPTT) or last")
+        parse_steps(cfg.rat_eval_steps)
+        if cfg.window_mode not in ("random", "last", "plateau"):
+            raise UserError(f"unknown --window-mode '{cfg.window_mode}'; use random (RaT-BPTT), last or plateau")
         if cfg.window_resample not in ("step", "epoch"):
             raise UserError(f"unknown --window-resample '{cfg.window_resample}'; use step or epoch")
         if cfg.pix_init not in ("auto", "noise", "real"):
@@ -394,7 +506,7 @@ class RaTBPTT:
         gen = stream_generator(self.cfg.seed, _INIT, stage, device=self.device)
         mode = self.cfg.pix_init
         if mode == "auto":
-            mode = "noise" if str(self.ds.preprocess.meta().get("kind", "")).startswith("zca") else "real"
+            mode = "noise" if self.ds.spec.rat_noise_init or self.ds.preprocess.meta()["kind"][:3] == "zca" else "real"
         if mode == "noise":
             return unit_noise(k * self.setup.num_classes, self.setup.image_shape, gen)
         return torch.cat([self.ds.sample_real(c, k, gen) for c in range(self.setup.num_classes)]).detach().clone()
@@ -426,6 +538,8 @@ class RaTBPTT:
         cfg = self.cfg
         if cfg.window_mode == "last":
             return cfg.horizon - cfg.window
+        if cfg.window_mode == "plateau":  # moved only by observe_eval, on rank 0, and broadcast
+            return int(broadcast_(torch.tensor(self.plateau.start, device=self.device)))
         period = window_period(it, cfg.window_resample, self.setup.steps_per_epoch)
         start = window_start(cfg.min_start, cfg.horizon, cfg.window, stream_generator(cfg.seed, _WINDOW, period))
         return int(broadcast_(torch.tensor(start, device=self.device)))
@@ -445,7 +559,8 @@ class RaTBPTT:
         loss, grad_x, grad_y = meta_gradient(
             self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window,
             self.ds.train.x[idx], self.ds.train.y[idx], self.augment_syn, self.augment_real, gen,
-            num_classes=setup.num_classes, task_sampler_nc=cfg.task_sampler_nc, batch_per_class=cfg.batch_per_class)
+            num_classes=setup.num_classes, task_sampler_nc=cfg.task_sampler_nc, batch_per_class=cfg.batch_per_class,
+            window_optimizer=self.window_opt, real_chunk=cfg.real_chunk)
         loss = float(all_reduce_mean_(torch.tensor(loss, device=self.device)))
         grad_x, norm = self.clipper(all_reduce_mean_(grad_x))
         self.images.grad = grad_x
@@ -475,7 +590,12 @@ class RaTBPTT:
         spec, cfg = self.ds.spec, self.cfg
         meta = {"method": self.name, "dataset": spec.name, "ipc": len(self.images) // spec.num_classes,
                 "num_classes": spec.num_classes, "class_names": list(spec.class_names), "model": self.model_name,
-                "inner_opt": repr(self.inner_opt), "config": asdict(cfg), "seed": cfg.seed}
+                "inner_opt": repr(self.inner_opt), "config": asdict(cfg), "seed": cfg.seed,
+                # the evaluation it was distilled for: the published test() (distillery.rat_eval)
+                "protocol": "rat", "rat_eval": {"inner_opt": cfg.inner_opt, "inner_lr": cfg.inner_lr,
+                                                "strategy": cfg.syn_strategy, "task_sampler_nc": cfg.task_sampler_nc,
+                                                "batch_per_class": cfg.batch_per_class,
+                                                "steps": list(parse_steps(cfg.rat_eval_steps))}}
         if self.setup.boost is not None:  # prefix sizes that are distilled sets of their own
             meta["boost_prefix_ipcs"] = [self.setup.boost.ipc(s) for s in range(self.stage + 1)]
         preprocess = {"tensors": self.ds.preprocess.tensors(), "meta": self.ds.preprocess.meta()}
@@ -485,7 +605,8 @@ class RaTBPTT:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume (randomness is derived from (seed, rank, step), nothing to save)."""
         return {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(), "stage": self.stage,
-                "opt": self.opt.state_dict(), "clipper": self.clipper.state_dict()}
+                "opt": self.opt.state_dict(), "clipper": self.clipper.state_dict(),
+                "plateau": self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output (also mid-boost, when the set has grown)."""
@@ -493,8 +614,45 @@ class RaTBPTT:
         self.images = state["images"].to(self.device).clone().requires_grad_(True)
         self.labels = state["labels"].to(self.device).clone().requires_grad_(self.cfg.learn_labels)
         self.opt = self._make_optimizer()
+        lrs = [group["lr"] for group in self.opt.param_groups]  # the config's: --resume may change them
         self.opt.load_state_dict(state["opt"])
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr
         self.clipper.load_state_dict(state["clipper"])
+        if "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])
+
+    @property
+    def wants_eval_train_loss(self) -> bool:
+        """cctype 1 needs the evaluation nets' loss on the real train split (the published plateau signal)."""
+        return self.cfg.window_mode == "plateau"
+
+    def observe_eval(self, it: int, train_loss: float | None) -> bool:
+        """cctype 1: feed the evaluation loss of iteration `it` to the plateau curriculum; True = stop the run."""
+        if self.cfg.window_mode != "plateau" or train_loss is None:
+            return False
+        return self.plateau.observe(it // self.setup.steps_per_epoch, train_loss)
+
+    def init_from(self, s: SyntheticSet) -> None:
+        """Start from a saved set (the published --ckptname): its images, and its labels when both learn labels."""
+        if tuple(s.images.shape) != tuple(self.images.shape):
+            raise UserError(f"--init-from set has images {tuple(s.images.shape)}, this run needs "
+                            f"{tuple(self.images.shape)}; use a set of the same dataset and ipc")
+        with torch.no_grad():
+            self.images.copy_(s.images.to(self.device))
+            if self.cfg.learn_labels and s.labels.ndim == 2:
+                self.labels.copy_(s.labels.to(self.device))
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """'300,600,1000,3000' -> increasing positive step counts of the rat evaluation protocol."""
+    try:
+        steps = tuple(int(b) for b in str(text).split(","))
+    except ValueError:
+        steps = ()
+    if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise UserError(f"--rat-eval-steps '{text}' must be increasing positive step counts, e.g. 300,600,1000,3000")
+    return steps
 
 
 def _parse_blocks(text: str) -> tuple[int, ...]:

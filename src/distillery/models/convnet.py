@@ -8,6 +8,7 @@ from functools import partial
 from torch import nn
 
 from ..errors import UserError
+from .instancenorm import InstanceNorm
 from .registry import register_model
 
 NORMS = {"NN": "none", "BN": "batchnorm", "LN": "layernorm", "IN": "instancenorm", "GN": "groupnorm"}
@@ -17,7 +18,7 @@ ACTS = {"AS": "sigmoid", "AR": "relu", "AL": "leakyrelu", "ASwish": "swish"}
 
 def _norm(kind: str, channels: int, hw: tuple[int, int]) -> nn.Module | None:
     if kind == "instancenorm":  # per-sample per-channel, learnable affine: GroupNorm(C, C), not nn.InstanceNorm2d
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm(channels)  # an nn.GroupNorm(C, C) with a cheaper double backward (instancenorm.py)
     if kind == "batchnorm":
         return nn.BatchNorm2d(channels, affine=True)
     if kind == "layernorm":

@@ -1,0 +1,134 @@
+"""Defaults derived from the data when no preset fits (the rule is documented in docs/DEFAULTS.md).
+
+`data_facts` reads only what the rule needs, cheaply and before any image is decoded: the registry for named
+datasets (train sizes are fixed facts of the standard files), folder listings and a few image headers for
+`imagefolder:` sets. `derive_defaults` turns those facts into option values for MTT, TESLA and RaT-BPTT.
+
+The rule has two regimes. Small data (under `SMALL_TRAIN` training images, e.g. digits or a few thousand images of
+your own) gets the CPU-sized settings of our digits presets, whose values were chosen on the validation split;
+large data gets the published CIFAR rows (SPEC §4.6, §6.9), scaled by classes, resolution and IPC as those rows are.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SMALL_TRAIN = 10_000        # training images below which a run uses the small-data (CPU) settings
+MAX_RESOLUTION = 64         # image folders: native resolution, capped here (larger images are downscaled)
+MIN_RESOLUTION = 8
+HEADER_SAMPLE = 64          # image-folder files whose headers are read to find the native resolution
+
+# Train-split sizes (all images, before the validation hold-out) and the smallest class, of the standard files.
+_KNOWN_SIZES = {"digits": (1198, 116), "mnist": (60000, 5421), "fashion-mnist": (60000, 6000),
+                "cifar10": (50000, 5000), "cifar100": (50000, 500), "tiny-imagenet": (100000, 500),
+                "svhn": (73257, 4659), "imagenet-1k": (1281167, 732),  # SVHN's smallest: digit 9; ImageNet: 732..1300
+                # MTT's 10-class subsets: bounds, not counts (ImageNet classes hold 732 to 1300 train images)
+                **dict.fromkeys(("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow"),
+                                (13000, 732))}
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rule and the up-front checks know about a dataset before it is read."""
+
+    name: str
+    channels: int
+    im_size: tuple[int, int]
+    num_classes: int
+    n_train: int                 # training images left after the validation hold-out
+    min_class: int               # training images of the smallest class after the hold-out
+    dsa_strategy: str
+    resolution: int | None       # image folders: the resolution to load at; None for named datasets
+
+
+def _held_out(n: int, val_fraction: float) -> int:
+    """Images of a class of n that stay in train (the same rounding as `data.stratified_split`)."""
+    return n - min(int(round(val_fraction * n)), max(n - 1, 0))
+
+
+def native_resolution(train_dir: Path) -> int:
+    """Median shorter side over a sample of image headers (no pixels are decoded), clamped to [8, 64]."""
+    from PIL import Image
+
+    from .data import formats
+
+    files: list[str] = []
+    classes = formats.class_folders(train_dir)
+    per_class = max(1, HEADER_SAMPLE // len(classes))
+    for name in classes:
+        files += formats._image_files(train_dir / name)[:per_class]
+    sides = []
+    for path in files[:HEADER_SAMPLE]:
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except OSError as e:  # PIL's UnidentifiedImageError included: name the file, as formats.py does
+            from .errors import UserError
+
+            raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from None
+    side = int(statistics.median(sides)) if sides else MAX_RESOLUTION
+    return max(MIN_RESOLUTION, min(MAX_RESOLUTION, side))
+
+
+def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = None) -> DataFacts:
+    """Channels, size, classes and train sizes of a dataset, from the registry or folder listings (cheap)."""
+    from .data import formats
+    from .data.registry import IMAGEFOLDER_PREFIX, DEFAULT_STRATEGY, canonical_name, check_resolution, get_spec, \
+        imagefolder_root
+
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        root = imagefolder_root(name)
+        train_dir = root / "train"
+        classes = formats.class_folders(train_dir)
+        counts = [len(formats._image_files(train_dir / c)) for c in classes]
+        res = check_resolution(resolution) if resolution is not None else native_resolution(train_dir)
+        kept = [_held_out(n, val_fraction) for n in counts]
+        return DataFacts(f"{IMAGEFOLDER_PREFIX}{root}", formats.detect_channels(train_dir), (res, res), len(classes),
+                         sum(kept), min(kept), DEFAULT_STRATEGY, res)
+    spec = get_spec(canonical_name(name), resolution)
+    total, smallest = _KNOWN_SIZES[spec.name]
+    per_class = total / spec.num_classes
+    n_train = total - spec.num_classes * (int(round(val_fraction * per_class)))
+    return DataFacts(spec.name, spec.channels, spec.im_size, spec.num_classes, n_train,
+                     _held_out(smallest, val_fraction), spec.dsa_strategy, None)
+
+
+def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
+    """Option values for `method` on data described by `facts` at `ipc` images per class (docs/DEFAULTS.md)."""
+    small = facts.n_train < SMALL_TRAIN
+    classes = facts.num_classes
+    pixels = facts.im_size[0] * facts.im_size[1]
+    zca = facts.channels == 3 and not small   # whitening pays off on large colour sets (MTT/RaT CIFAR rows)
+    out: dict[str, Any] = {"ipc": ipc, "model": None}
+    if method in ("mtt", "tesla"):
+        steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
+        expert_epochs_train = 20 if small else 50
+        n_syn = ipc * classes
+        out.update(
+            zca="kornia" if zca else None,
+            num_experts=5 if small else 20, expert_epochs_train=expert_epochs_train, expert_lr=0.01,
+            expert_epochs=2, max_start_epoch=expert_epochs_train // 4,
+            # as many student steps as the expert took in its 2 epochs, within the published range 10..50
+            syn_steps=max(10, min(50, 2 * steps_per_epoch)),
+            lr_img=100.0 * max(1.0, classes / 10) * max(1.0, pixels / 1024) * (10 if ipc >= 50 else 1),
+            lr_lr=1e-5, lr_teacher=0.01, batch_syn=None if n_syn <= 256 else 256,
+            iterations=200 if small else 5000, eval_every=50 if small else 100,
+            eval_epochs=300 if small else 1000, eval_runs=3, final_eval_runs=5)
+        if method == "tesla":
+            out["grad"] = "tesla"
+        return out
+    flip = "flip" in facts.dsa_strategy
+    if small:
+        out.update(zca=None, horizon=40, window=10, min_start=0, real_batch=min(256, facts.n_train), lr=1e-2,
+                   iterations=150, eval_every=50, eval_epochs=300, eval_runs=3, final_eval_runs=5)
+    else:
+        out.update(zca="kip" if zca else None, horizon=200, window=60, min_start=0, real_batch=5000, lr=1e-3,
+                   learn_labels=classes >= 100, iterations=60000, eval_every=500, eval_epochs=1000, eval_runs=3,
+                   final_eval_runs=5)
+    out.update(window_mode="random", inner_opt="adam", inner_lr=1e-3,
+               syn_strategy="flip_rotate" if flip else "rotate", real_strategy="flip_rotate" if flip else "rotate")
+    return out

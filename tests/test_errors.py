@@ -1,0 +1,689 @@
+"""docs/ERRORS.md, row by row: every bad input or fault gives one `error:` line naming the cause, and leaves nothing
+written or damaged. Test ids are the row ids of the table. Cheap settings only (digits, a 1-expert 2-epoch store)."""
+
+import errno
+import functools
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distillery.cli import build_parser, main
+from distillery.data import load_dataset
+from distillery.data.download import SOURCES
+from distillery.experts import train_experts
+from distillery.synset import SyntheticSet, preprocess_record
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Each test in its own folder, with its own data root and cache, so nothing outside is read or written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTILLERY_DATA", str(tmp_path / "data-root"))
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DISTILLERY_MIRROR", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real 1-expert, 2-epoch ConvNetD2 store on digits (tests copy it before damaging it)."""
+    path = tmp_path_factory.mktemp("experts") / "store"
+    train_experts(load_dataset("digits"), "ConvNetD2", 1, epochs=2, out_dir=path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def set_file(tmp_path_factory):
+    """A real digits set file (random real images, ZCA-whitened as MTT does, so the fit depends on the split)."""
+    ds = load_dataset("digits", zca="kornia")
+    x, y = ds.random_set(1, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("sets") / "set.safetensors"
+    SyntheticSet(x, y, preprocess=preprocess_record(ds.preprocess),
+                 meta={"dataset": "digits", "num_classes": 10, "method": "random", "model": "ConvNetD2"}).save(path)
+    return path
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root: what 'nothing written or damaged' compares."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, argv, needle, code=2):
+    """Run the CLI; assert exit `code` and exactly one stderr line `error: ...` containing `needle`; return it."""
+    got = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]  # no progress bars
+    assert got == code, (got, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in err and "/work/shared" not in err and "../shared" not in err
+    return lines[0]
+
+
+def distill_args(store, out, *extra):
+    """The cheapest MTT run on digits with the test store."""
+    return ["distill", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--experts", store, "--out", out,
+            "--syn-steps", "2", "--max-start-epoch", "1", "--expert-epochs", "1", "--iterations", "2",
+            "--eval-every", "100", "--eval-runs", "1", "--eval-epochs", "1", "--final-eval-runs", "1",
+            "--checkpoint-every", "1", "--no-progress", "--threads", "1", *extra]
+
+
+def copy_store(store, tmp_path) -> Path:
+    dest = tmp_path / "store"
+    shutil.copytree(store, dest)
+    return dest
+
+
+# --- options (ranges declared beside their fields; checked before any data is read) -------------------------------
+OPTION_ROWS = [
+    ("opt-range", ["distill", "--method", "mtt", "--ipc", "0"], "--ipc 0 is out of range"),
+    ("opt-range", ["distill", "--method", "mtt", "--ipc", "-1"], "--ipc -1 is out of range"),
+    ("opt-range", ["distill", "--method", "mtt", "--lr-img", "-5"], "--lr-img -5.0 is out of range"),
+    ("opt-range", ["distill", "--method", "mtt", "--eval-every", "0"], "--eval-every 0 is out of range"),
+    ("opt-range", ["distill", "--method", "mtt", "--checkpoint-every", "0"], "--checkpoint-every 0 is out of range"),
+    ("opt-range", ["distill", "--method", "mtt", "--iterations", "0"], "--iterations 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--runs", "0"], "--runs 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--epochs", "0"], "--epochs 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--threads", "0"], "--threads 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--val-fraction", "1.5"], "--val-fraction 1.5 is out of range"),
+    ("opt-cross", ["distill", "--method", "ratbptt", "--ipc", "1", "--window", "8", "--horizon", "4"],
+     "--window 8 must be at most --horizon 4"),
+    ("opt-cross", ["distill", "--method", "ratbptt", "--ipc", "1", "--horizon", "6", "--window", "2", "--min-start",
+                   "5"], "--min-start 5 must be at most"),
+    ("opt-cross", ["distill", "--method", "mtt", "--lr-min", "0.5", "--lr-max", "0.1"], "must be below --lr-max"),
+    ("opt-cross", ["distill", "--method", "ratbptt", "--ipc", "2", "--boost-blocks", "1,2"], "adding up to --ipc 2"),
+    ("opt-cross", ["distill", "--method", "mtt", "--batch-syn", "50"], "--batch-syn 50 is larger than"),
+    ("opt-cross", ["distill", "--method", "mtt", "--grad", "checkpointed", "--grad-checkpoint-every", "99"],
+     "--grad-checkpoint-every 99 is more than"),
+    ("opt-ipc-class", ["distill", "--method", "mtt", "--ipc", "500"], "of the smallest class"),
+    ("opt-expert-epochs", ["distill", "--method", "mtt", "--experts", "{store}", "--max-start-epoch", "5"],
+     "has 2 epochs but --max-start-epoch 5"),
+    ("opt-preset", ["distill", "--method", "mtt", "--preset", "mtt/nope"], "unknown preset"),
+    ("opt-preset", ["distill", "--method", "tesla", "--preset", "mtt/digits-ipc1"], "is for --method mtt"),
+    ("opt-no-dataset", ["distill", "--method", "mtt", "--out", "run"], "no dataset given"),
+]
+
+
+@pytest.mark.parametrize("row,argv,needle", OPTION_ROWS, ids=[f"{r[0]}-{i}" for i, r in enumerate(OPTION_ROWS)])
+def test_option_rows(capsys, tmp_path, store, row, argv, needle):
+    argv = [a.replace("{store}", str(store)) for a in argv]
+    if row != "opt-no-dataset":
+        argv += ["--dataset", "digits"] + (["--out", "run"] if argv[0] == "distill" else [])
+    one_line(capsys, [*argv, "--no-progress"], needle)
+    assert tree(tmp_path) == {}  # refused before anything was read or written
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+def _png_folder(root: Path, classes=("a", "b"), per_class=2, bad: str | None = None) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    if bad:
+        (root / bad).write_bytes(b"not a png")
+    return root
+
+
+def _idx_folder(root: Path, truncate: bool = False, magic: int = 2051) -> Path:
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 4), ("t10k", 2)):
+        images = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        images += bytes(n * 28 * 28 // (2 if truncate else 1))
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(images)
+        labels = (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + bytes(n)
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(labels)
+    return root
+
+
+def _cifar_folder(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "batches.meta"):
+        (folder / name).write_bytes(b"\x80\x04garbage, not a pickle")
+    return root
+
+
+DATA_ROWS = {
+    "data-unknown-name": (lambda p: None, ["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
+    "data-missing": (lambda p: None, ["--dataset", "mnist"], "distillery download mnist"),
+    "data-folder-no-train": (lambda p: p.mkdir(), ["--dataset", "imagefolder:{p}"], "expected class folders"),
+    "data-folder-empty-class": (lambda p: (_png_folder(p), shutil.rmtree(p / "train" / "b"),
+                                           (p / "train" / "b").mkdir()),
+                                ["--dataset", "imagefolder:{p}"], "holds no images"),
+    "data-folder-bad-image": (lambda p: _png_folder(p, bad="train/a/broken.png"), ["--dataset", "imagefolder:{p}"],
+                              "cannot read image"),
+    "data-folder-class-mismatch": (lambda p: (_png_folder(p), (p / "test" / "b").rename(p / "test" / "c")),
+                                   ["--dataset", "imagefolder:{p}"], "class folders of"),
+    "data-idx-truncated": (lambda p: _idx_folder(p, truncate=True), ["--dataset", "mnist", "--data-dir", "{p}"],
+                           "truncated or corrupt"),
+    "data-idx-bad-magic": (lambda p: _idx_folder(p, magic=1234), ["--dataset", "mnist", "--data-dir", "{p}"],
+                           "is not a uint8 IDX file"),
+    "data-cifar-bad-pickle": (lambda p: _cifar_folder(p), ["--dataset", "cifar10", "--data-dir", "{p}"],
+                              "cannot read CIFAR file"),
+    "data-ipc-above-class-size": (lambda p: None, ["--dataset", "digits", "--ipc", "500"], "has only"),
+}
+
+
+@pytest.mark.parametrize("row", list(DATA_ROWS))
+def test_data_rows(capsys, tmp_path, row):
+    make, argv, needle = DATA_ROWS[row]
+    p = tmp_path / "given"
+    make(p)
+    before = tree(tmp_path)
+    argv = [a.replace("{p}", str(p)) for a in argv]
+    ipc = [] if "--ipc" in argv else ["--ipc", "1"]
+    one_line(capsys, ["baseline", "random", *argv, *ipc, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    after = {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")}  # a decoded good split may stay
+    assert after == before  # the data untouched, nothing else written
+
+
+# --- expert stores -----------------------------------------------------------------------------------------------
+def _edit_manifest(change):
+    def edit(store: Path) -> None:
+        m = json.loads((store / "manifest.json").read_text())
+        change(m)
+        (store / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+def _flip_last_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+EXPERT_ROWS = {
+    "experts-no-manifest": (lambda s: (s / "manifest.json").unlink(), [], "no expert store"),
+    "experts-manifest-unreadable": (lambda s: (s / "manifest.json").write_text("{not json"), [], "manifest.json"),
+    "experts-format-version": (_edit_manifest(lambda m: m.update(format_version=99)), [], "format version 99"),
+    "experts-other-dataset": (_edit_manifest(lambda m: m.update(dataset="mnist")), [], "trained on dataset 'mnist'"),
+    "experts-other-model": (lambda s: None, ["--model", "ConvNetD1"], "are 'ConvNetD2' models"),
+    "experts-other-preprocessing": (lambda s: None, ["--zca", "kornia"], "saw data preprocessed as"),
+    "experts-none-finished": (_edit_manifest(lambda m: m.update(experts=[])), [], "no finished experts"),
+    "experts-shard-missing": (lambda s: (s / "expert_0000.safetensors").unlink(), [], "is missing"),
+    "experts-shard-header": (lambda s: (s / "expert_0000.safetensors").write_bytes(b"\x08" + bytes(20)), [],
+                             "is corrupt"),
+    "experts-shard-sha256": (lambda s: _flip_last_byte(s / "expert_0000.safetensors"), [],
+                             "sha256 does not match manifest.json"),
+}
+
+
+@pytest.mark.parametrize("row", list(EXPERT_ROWS))
+def test_expert_store_rows(capsys, tmp_path, store, row):
+    damage, extra, needle = EXPERT_ROWS[row]
+    s = copy_store(store, tmp_path)
+    damage(s)
+    before = tree(s)
+    one_line(capsys, distill_args(s, tmp_path / "run", *extra), needle)
+    assert tree(s) == before
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_experts_resume_with_other_settings(capsys, tmp_path, store):
+    """experts-other-settings: `distillery experts` into a store trained with other settings is refused."""
+    s = copy_store(store, tmp_path)
+    before = tree(s)
+    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2", "--epochs", "3",
+                      "--out", s, "--no-progress", "--threads", "1"], "already holds experts trained with epochs=2")
+    assert tree(s) == before
+
+
+def test_shard_is_hashed_once_per_process(tmp_path, store, monkeypatch):
+    """experts-shard-sha256: the hash is checked on first use only (later reads cost nothing extra)."""
+    from distillery import experts
+
+    s = copy_store(store, tmp_path)
+    opened = experts.ExpertStore.open(s)
+    calls, real = [], hashlib.sha256
+    monkeypatch.setattr(experts.hashlib, "sha256", lambda data=b"": calls.append(1) or real(data))
+    first = opened.pair(0, 0, 1)
+    opened.checkpoint(0, 2)
+    experts.ExpertStore.open(s).pair(0, 0, 1)
+    assert len(calls) == 1 and torch.isfinite(first[0]).all()
+
+
+# --- set files ---------------------------------------------------------------------------------------------------
+def _flip_image_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + 3] ^= 0x01  # a bit inside the tensor data: the file still parses
+    path.write_bytes(bytes(raw))
+
+
+SET_ROWS = {
+    "set-missing": (None, [], "does not exist"),
+    "set-not-a-set": (lambda p: p.write_bytes(b"garbage, not a set"), [], "not a distillery set file"),
+    "set-damaged": (_flip_image_byte, [], "is damaged"),
+    "set-other-dataset": (lambda p: None, ["--dataset", "mnist"], "made for dataset digits"),
+    "set-other-preprocessing": (lambda p: None, ["--val-fraction", "0.2"], "preprocessed differently"),
+    "set-ipc-prefix": (lambda p: None, ["--ipc", "3"], "this set has 1 images per class"),
+}
+
+
+@pytest.mark.parametrize("row", list(SET_ROWS))
+def test_set_file_rows(capsys, tmp_path, set_file, row):
+    damage, extra, needle = SET_ROWS[row]
+    path = tmp_path / "set.safetensors"
+    if damage is not None:
+        shutil.copy(set_file, path)
+        damage(path)
+    before = tree(tmp_path)
+    one_line(capsys, ["evaluate", path, *extra, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")} == before  # a ZCA fit may be cached
+
+
+def test_show_into_a_folder(capsys, tmp_path, set_file):
+    """set-show-out-folder: `show --out` naming a folder."""
+    (tmp_path / "grid.png").mkdir()
+    one_line(capsys, ["show", set_file, "--out", tmp_path / "grid.png"], "cannot write")
+    assert tree(tmp_path) == {}
+
+
+# --- run directories ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory, store):
+    """A finished 2-iteration run, made once per module."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main([str(a) for a in distill_args(store, out)]) == 0
+    return out
+
+
+@pytest.fixture()
+def finished_run(tmp_path, one_run):
+    """A private copy of the finished run in tmp_path/run."""
+    out = tmp_path / "run"
+    shutil.copytree(one_run, out)  # with its (empty, unlocked) .lock file
+    return out
+
+
+RUN_ROWS = {
+    "run-exists": ([], "already holds a run with a checkpoint"),
+    "run-resume-changes-state": (["--resume", "--ipc", "2", "--syn-steps", "3"], "--resume cannot change"),
+    "run-resume-fewer-iterations": (["--resume", "--iterations", "1"], "is below iteration 2"),
+}
+
+
+@pytest.mark.parametrize("row", list(RUN_ROWS))
+def test_run_dir_rows(capsys, store, finished_run, row):
+    extra, needle = RUN_ROWS[row]
+    before = tree(finished_run)
+    line = one_line(capsys, distill_args(store, finished_run, *extra), needle)  # a repeated flag: the last wins
+    assert tree(finished_run) == before
+    if row == "run-resume-changes-state":
+        assert "ipc 1 -> 2" in line and "syn_steps 2 -> 3" in line
+
+
+def test_damaged_checkpoint(capsys, store, finished_run):
+    """run-checkpoint-damaged: a checkpoint whose sha256 trailer does not match is refused, not loaded."""
+    path = finished_run / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    before = tree(finished_run)
+    one_line(capsys, distill_args(store, finished_run, "--resume"), "is damaged")
+    assert tree(finished_run) == before
+
+
+def test_damaged_config(capsys, store, finished_run):
+    """run-config-damaged."""
+    (finished_run / "config.json").write_text("{half")
+    before = tree(finished_run)
+    one_line(capsys, distill_args(store, finished_run, "--resume"), "cannot read")
+    assert tree(finished_run) == before
+
+
+def test_locked_run_dir(capsys, tmp_path, store):
+    """run-locked: a second process on the same run directory stops at once."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another open file description = another process, for flock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        one_line(capsys, distill_args(store, out), "in use by another distillery process")
+    assert tree(out) == {".lock": hashlib.sha256(b"").hexdigest()}
+
+
+@pytest.mark.parametrize("row,out,needle", [
+    ("out-is-a-file", "file.txt", "is an existing file"),
+    ("out-under-proc", "/proc/distillery-run", "cannot write /proc/distillery-run"),
+])
+def test_out_unusable(capsys, tmp_path, store, row, out, needle):
+    (tmp_path / "file.txt").write_text("precious")
+    one_line(capsys, distill_args(store, out), needle)
+    assert (tmp_path / "file.txt").read_text() == "precious"
+    one_line(capsys, ["experts", "--dataset", "digits", "--out", out, "--no-progress"], needle)
+
+
+class FullDisk:
+    """A file object whose writes fail as on a full disk (ENOSPC)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _disk_full(monkeypatch, after: int = 0):
+    """Make every write through os.fdopen (io.py's temp files, downloads) fail after `after` good files."""
+    real, count = os.fdopen, [0]
+
+    def fdopen(fd, *args, **kwargs):
+        count[0] += 1
+        f = real(fd, *args, **kwargs)
+        return f if count[0] <= after else FullDisk(f)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_disk_full_keeps_the_old_file(capsys, tmp_path, set_file, monkeypatch):
+    """disk-full: the write fails with a clear line, the old file stays whole and no temp file is left."""
+    grid = tmp_path / "grid.png"
+    assert main(["show", str(set_file), "--out", str(grid)]) == 0
+    capsys.readouterr()
+    before = tree(tmp_path)
+    _disk_full(monkeypatch)
+    one_line(capsys, ["show", set_file, "--out", grid], "no space left on device; free some space")
+    assert tree(tmp_path) == before
+
+
+def test_disk_full_in_a_run(capsys, tmp_path, store, monkeypatch):
+    """disk-full: a run whose disk fills after a few writes stops with the same line; the directory can be resumed."""
+    out = tmp_path / "run"
+    _disk_full(monkeypatch, after=6)
+    one_line(capsys, distill_args(store, out), "no space left on device")
+    monkeypatch.undo()
+    assert not list(out.rglob(".*.tmp"))
+    assert main([str(a) for a in distill_args(store, out, "--resume")]) == 0
+
+
+# --- ways out: NaN stops, restarts, resume with changes ----------------------------------------------------------
+def _nan_from(monkeypatch, it_bad: int):
+    """MTT images turn NaN in iteration `it_bad` (a stand-in for a too high learning rate)."""
+    from distillery.methods.mtt import MTT
+
+    real = MTT.step
+
+    def step(self, it):
+        logs = real(self, it)
+        if it >= it_bad:
+            with torch.no_grad():
+                self.images.mul_(float("nan"))
+        return logs
+
+    monkeypatch.setattr(MTT, "step", step)
+
+
+def test_nan_before_the_first_checkpoint(capsys, tmp_path, store, monkeypatch):
+    """nan-no-checkpoint: the message says there is no checkpoint, and the same command starts the run again."""
+    out = tmp_path / "run"
+    _nan_from(monkeypatch, 0)
+    line = one_line(capsys, distill_args(store, out, "--checkpoint-every", "5", "--iterations", "5"),
+                    "no checkpoint was written yet")
+    assert "checkpoint.pt" not in line and not (out / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    assert main([str(a) for a in distill_args(store, out, "--lr-img", "50")]) == 0
+    history = json.loads((out / "config.json").read_text())["history"]
+    assert [h["event"] for h in history] == ["start", "restart"]
+
+
+def test_nan_names_the_real_checkpoint_and_resume_lowers_the_lr(capsys, tmp_path, store, monkeypatch):
+    """nan-with-checkpoint: the named checkpoint exists and holds finite images; --resume with a lower lr works,
+    the change is recorded in the history, and the new lr is the one the optimiser uses."""
+    out = tmp_path / "run"
+    _nan_from(monkeypatch, 2)
+    line = one_line(capsys, distill_args(store, out, "--iterations", "4"), "iteration 2")
+    assert str(out / "checkpoint.pt") in line and "--resume" in line
+    from distillery.run import read_checkpoint
+
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["it"] == 2 and torch.isfinite(ckpt["method"]["images"]).all()
+    monkeypatch.undo()
+    assert main([str(a) for a in distill_args(store, out, "--iterations", "4", "--lr-img", "25", "--resume")]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr_img"] == 25 and cfg["history"][-1]["changed"]["lr_img"][1] == 25
+    assert cfg["history"][-1]["event"] == "resume" and cfg["history"][-1]["iteration"] == 2
+    opt = read_checkpoint(out / "checkpoint.pt")["method"]["opt_img"]
+    assert opt["param_groups"][0]["lr"] == 25
+
+
+def test_extend_a_finished_run(capsys, store, finished_run):
+    """resume-extend: a larger --iterations continues a finished run; config.json and result.json record it."""
+    argv = distill_args(store, finished_run, "--resume")
+    argv[argv.index("--iterations") + 1] = "3"
+    assert main([str(a) for a in argv]) == 0
+    result = json.loads((finished_run / "result.json").read_text())
+    cfg = json.loads((finished_run / "config.json").read_text())
+    assert result["last"]["iteration"] == 3 and cfg["history"][-1]["changed"] == {"iterations": [2, 3]}
+    env = result["environment"]
+    assert env["threads"] == torch.get_num_threads() and env["data"] == "scikit-learn" and env["library_version"]
+    assert cfg["environment"] == env and env["command"] == sys.argv  # the process's command line
+
+
+def test_resume_with_other_thread_count_warns(capsys, finished_run):
+    """resume-threads: a resume with another thread count says results will differ in the last bits."""
+    from distillery.run import prepare_run_dir, unlock_run_dir
+
+    config = json.loads((finished_run / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("environment", "history")}
+    torch.set_num_threads(2)
+    try:
+        prepare_run_dir(finished_run, config, resume=True)
+    finally:
+        torch.set_num_threads(1)
+        unlock_run_dir(finished_run)
+    err = capsys.readouterr().err
+    assert "ran with 1 threads and resumes with 2" in err and "last bits" in err
+    assert json.loads((finished_run / "config.json").read_text())["history"][-1]["environment"]["threads"] == 2
+
+
+def test_files_respect_the_umask(tmp_path):
+    """io-umask: files are created with the mode the umask allows, not 0600."""
+    from distillery.io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    old = os.umask(0o002)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
+
+
+# --- devices -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row,device,needle", [
+    ("device-unknown", "tpu", "unknown device 'tpu'"),
+    ("device-bad-index", "cuda:x", "unknown device 'cuda:x'"),
+    pytest.param("device-no-cuda", "cuda", "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("device-cuda-index", "cuda:99", "this machine has",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_device_rows(capsys, row, device, needle):
+    one_line(capsys, ["baseline", "random", "--dataset", "digits", "--ipc", "1", "--device", device,
+                      "--no-progress"], needle)
+
+
+# --- signals -----------------------------------------------------------------------------------------------------
+def _signal_in(monkeypatch, target: str, sig: int):
+    """Replace `target` (module:attr) by a function that receives `sig`, as if the user or a scheduler sent it."""
+    module, attr = target.split(":")
+
+    def raise_signal(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs before this returns
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(f"{module}.{attr}", raise_signal)
+
+
+@pytest.mark.parametrize("row,argv,target,sig,needle", [
+    ("signal-baseline", ["baseline", "random", "--dataset", "digits", "--ipc", "1", "--no-progress"],
+     "distillery.evaluate:random_real_baseline", signal.SIGINT, "interrupted; `distillery baseline` keeps no"),
+    ("signal-experts", ["experts", "--dataset", "digits", "--out", "st", "--no-progress"],
+     "distillery.experts:train_experts", signal.SIGTERM,
+     "terminated; finished experts and each expert's last finished epoch are kept in st"),
+    ("signal-download", ["download", "mnist"], "distillery.data.download:fetch_dataset", signal.SIGTERM,
+     "run `distillery download mnist` again"),
+    ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.set_eval:evaluate_synset", signal.SIGINT,
+     "`distillery evaluate` keeps no partial results"),
+])
+def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, needle):
+    _signal_in(monkeypatch, target, sig)
+    handler = signal.getsignal(signal.SIGTERM)
+    code = main([a.replace("{set}", str(set_file)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 128 + sig and err.count("\n") == 0 and needle in err, err
+    assert signal.getsignal(signal.SIGTERM) == handler  # main() put the caller's SIGTERM handler back
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(capsys, tmp_path, store, monkeypatch):
+    """signal-distill: SIGTERM mid-run exits 143 with the resume hint; the checkpoint is good and --resume ends it."""
+    from distillery import run
+
+    out = tmp_path / "run"
+    real, calls = run.evaluate_synset, []
+
+    def evaluate_then_term(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_synset", evaluate_then_term)
+    argv = distill_args(store, out, "--eval-every", "1")
+    assert main([str(a) for a in argv]) == 143
+    err = capsys.readouterr().err
+    assert "terminated; continue the run in" in err and "--resume" in err
+    monkeypatch.undo()
+    assert main([str(a) for a in [*argv, "--resume"]]) == 0
+
+
+# --- downloads ---------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def mirror(tmp_path):
+    """A local http.server on 127.0.0.1 serving tmp_path/mirror (files with wrong contents)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (root / name).write_bytes(b"not the real file")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.mark.parametrize("row,name,needle", [
+    ("download-unknown", "nosuchset", "unknown dataset 'nosuchset'"),
+    ("download-not-available", "digits", "has no automatic download"),
+])
+def test_download_name_rows(capsys, tmp_path, row, name, needle):
+    one_line(capsys, ["download", name, "--data-dir", tmp_path / "d"], needle)
+    assert tree(tmp_path / "d") == {}
+
+
+def test_download_checksum_mismatch(capsys, tmp_path, mirror, monkeypatch):
+    """download-checksum: a file that does not match its published checksum is deleted, nothing is kept."""
+    monkeypatch.setenv("DISTILLERY_MIRROR", mirror)
+    one_line(capsys, ["download", "mnist", "--data-dir", tmp_path / "d"], "checksum mismatch")
+    assert tree(tmp_path / "d") == {}
+
+
+def test_download_network_down(capsys, tmp_path, monkeypatch):
+    """download-network."""
+    monkeypatch.setenv("DISTILLERY_MIRROR", _closed_port())
+    one_line(capsys, ["download", "mnist", "--data-dir", tmp_path / "d"], "cannot download")
+    assert tree(tmp_path / "d") == {}
+
+
+def test_download_disk_full(capsys, tmp_path, mirror, monkeypatch):
+    """download-disk-full: a full disk is named as such, not as a network problem."""
+    monkeypatch.setenv("DISTILLERY_MIRROR", mirror)
+    _disk_full(monkeypatch)
+    one_line(capsys, ["download", "mnist", "--data-dir", tmp_path / "d"], "no space left on device")
+    assert tree(tmp_path / "d") == {}
+
+
+def test_download_into_a_file(capsys, tmp_path):
+    """download-data-dir-file."""
+    (tmp_path / "d").write_text("precious")
+    one_line(capsys, ["download", "mnist", "--data-dir", tmp_path / "d"], "is an existing file")
+    assert (tmp_path / "d").read_text() == "precious"
+
+
+# --- hints name real things --------------------------------------------------------------------------------------
+def test_hints_name_commands_that_exist(capsys):
+    """hints: `distillery datasets` and not-found errors name real commands, never a script or flag we lack."""
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    commands = build_parser()._subparsers._group_actions[0].choices
+    lines = [*out.splitlines(), one_line(capsys, ["baseline", "random", "--dataset", "cifar10", "--ipc", "1"],
+                                         "distillery download cifar10")]
+    for line in lines:
+        assert "prepare.sh" not in line and "--download" not in line and "shared/" not in line, line
+        for part in line.split("distillery ")[1:]:  # every `distillery CMD` named is a real command
+            assert part.split()[0].strip("`,;") in commands, line
+        if "distillery download " in line:
+            assert line.split("distillery download ")[1].split()[0].strip("`,;") in SOURCES, line
+
+
+def test_every_row_of_the_table_has_a_test():
+    """docs/ERRORS.md and this file stay in step: each row id appears here as a parameter id or a docstring."""
+    doc = (Path(__file__).parents[1] / "docs" / "ERRORS.md").read_text()
+    cells = re.findall(r"^\| ([a-z][a-z0-9-]+(?:, [a-z0-9-]+)*) \|", doc, re.M)
+    ids = [i for cell in cells for i in cell.split(", ") if i != "id"]
+    here = Path(__file__).read_text()
+    assert len(ids) > 50 and not [i for i in ids if f'"{i}' not in here], ids

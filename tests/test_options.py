@@ -1,0 +1,128 @@
+"""Declared option ranges: the metadata, the generated flags, and bad values refused before any data is read."""
+
+import dataclasses
+import json
+
+import pytest
+
+import distillery.data
+from distillery.cli import main
+from distillery.cli_options import CommandOptions
+from distillery.distill import DataConfig, ExpertConfig, config_classes
+from distillery.errors import UserError
+from distillery.methods.mtt import MTTConfig
+from distillery.methods.ratbptt import RaTBPTTConfig
+from distillery.options import check_options, check_value, check_values, describe, option
+from distillery.run import LoopConfig
+
+
+@dataclasses.dataclass
+class Toy:
+    k: int = option(1, low=1, help="count")
+    f: float = option(0.5, low=0, high=1, high_open=True)
+    rate: float = option(1.0, low=0, low_open=True)
+    mode: str = option("a", choices=("a", "b"))
+    batch: int | None = option(None, low=1)
+
+
+@pytest.mark.parametrize("name, value", [("k", 0), ("k", -1), ("f", 1.0), ("f", -0.1), ("rate", 0.0),
+                                         ("rate", float("nan")), ("mode", "c")])
+def test_out_of_range_values_are_refused(name, value):
+    with pytest.raises(UserError, match=f"--{name} "):
+        check_values(Toy, {name: value})
+
+
+@pytest.mark.parametrize("name, value", [("k", 1), ("f", 0.0), ("f", 0.99), ("rate", 1e-9), ("mode", "b"),
+                                         ("batch", None), ("batch", 3)])
+def test_in_range_values_pass(name, value):
+    check_values(Toy, {name: value})
+
+
+def test_describe_and_defaults():
+    meta = {f.name: f.metadata["option"] for f in dataclasses.fields(Toy)}
+    assert describe(meta["f"]) == ">= 0 and < 1"
+    assert describe(meta["rate"]) == "> 0"
+    assert describe(meta["mode"]) == "one of a, b"
+    check_options(Toy())
+    with pytest.raises(UserError, match="needs a value"):
+        check_value("k", None, meta["k"])
+
+
+def test_every_config_field_declares_its_range():
+    """New fields must be option(...) fields: the CLI generates flags, help and checks from them."""
+    for cls in (MTTConfig, RaTBPTTConfig, LoopConfig, ExpertConfig, DataConfig, CommandOptions):
+        plain = [f.name for f in dataclasses.fields(cls) if "option" not in f.metadata]
+        assert not plain, f"{cls.__name__} fields without option(...): {plain}"
+        check_options(cls())  # the declared defaults are inside their own ranges
+
+
+def test_generated_flags_carry_the_declared_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    seen = {"seed"}  # --seed is a common flag; a field both methods have gets the first one's help
+    for cls in [*config_classes("mtt"), *config_classes("ratbptt")]:
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            assert "--" + f.name.replace("_", "-") in text
+            help_text = " ".join(f.metadata["option"]["help"].split())
+            assert help_text[:40] in text, f.name
+
+
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """Fail the test if any dataset is read; work in an empty folder."""
+    def refuse(*a, **k):
+        raise AssertionError("data was read before the configuration was checked")
+
+    monkeypatch.setattr(distillery.data, "load_dataset", refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+DISTILL = ["distill", "--dataset", "digits", "--out", "R", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (DISTILL + ["--method", "mtt", "--ipc", "0"], "--ipc 0"),
+    (DISTILL + ["--method", "mtt", "--ipc", "-1"], "--ipc -1"),
+    (DISTILL + ["--method", "mtt", "--lr-img", "-5"], "--lr-img -5"),
+    (DISTILL + ["--method", "mtt", "--eval-every", "0"], "--eval-every 0"),
+    (DISTILL + ["--method", "mtt", "--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (DISTILL + ["--method", "tesla", "--iterations", "0"], "--iterations 0"),
+    (DISTILL + ["--method", "mtt", "--val-fraction", "1"], "--val-fraction 1"),
+    (DISTILL + ["--method", "mtt", "--max-start-epoch", "30"], "--max-start-epoch 30"),
+    (DISTILL + ["--method", "mtt", "--ipc", "500"], "smallest class"),
+    (DISTILL + ["--method", "mtt", "--batch-syn", "11"], "--batch-syn 11"),
+    (DISTILL + ["--method", "mtt", "--lr-teacher", "2"], "--lr-teacher 2"),
+    (DISTILL + ["--method", "ratbptt", "--ipc", "1", "--window", "41"], "--window 41"),
+    (DISTILL + ["--method", "ratbptt", "--ipc", "1", "--min-start", "31"], "--min-start 31"),
+    (DISTILL + ["--method", "ratbptt", "--ipc", "2", "--boost-blocks", "1,2"], "--boost-blocks"),
+    (DISTILL + ["--method", "ratbptt", "--ipc", "1", "--task-sampler-nc", "11"], "--task-sampler-nc 11"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "0"], "--ipc 0"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"], "--runs 0"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--epochs", "0"], "--epochs 0"),
+    (["baseline", "full", "--dataset", "digits", "--threads", "0"], "--threads 0"),
+    (["baseline", "full", "--dataset", "digits", "--lr", "-1"], "--lr -1"),
+    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0"),
+    (["experts", "--dataset", "digits", "--num-experts", "0", "--out", "E"], "--num-experts 0"),
+])
+def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert not (no_data / "R").exists() and not (no_data / "E").exists()
+
+
+def test_expert_store_too_short_is_refused_from_its_manifest(capsys, no_data):
+    store = no_data / "experts"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"format": "distillery-experts", "epochs": 4}))
+    argv = DISTILL + ["--method", "mtt", "--experts", str(store), "--max-start-epoch", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has 4 epochs" in err and "--max-start-epoch 5" in err
+    assert main(DISTILL + ["--method", "mtt", "--experts", str(no_data / "nowhere")]) == 2
+    assert "no expert store" in capsys.readouterr().err
