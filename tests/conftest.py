@@ -1,5 +1,28 @@
-"""Test-wide settings: one intra-op thread (the test tensors are tiny; spinning OpenMP threads only cost time)."""
+"""Test-wide settings: one intra-op thread (tiny tensors: spinning OpenMP threads only cost time); a local HTTP server."""
 
+import functools
+import http.server
+import threading
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_port}/"
+    httpd.shutdown()
+    httpd.server_close()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import pickle
 import struct
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -339,22 +336,6 @@ def test_missing_dataset_says_where_and_how():
 # ---------------------------------------------------------------- downloads (local server only)
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_port}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_download_verifies_checksum(server, tmp_path):

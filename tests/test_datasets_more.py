@@ -4,10 +4,7 @@ downloads: each read from small files written here in its published format; down
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
-import threading
 import zipfile
 from pathlib import Path
 
@@ -38,22 +35,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "*")
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_port}/"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def md5_of(path: Path) -> str:

@@ -89,7 +89,7 @@ def test_derived_defaults_pass_every_check(method, n_train, channels, size, clas
         assert 10 <= config["syn_steps"] <= 50
         assert config["batch_syn"] is None or config["batch_syn"] <= ipc * classes
     assert config["zca"] in (None, "kornia", "kip")
-    assert (config["zca"] is not None) == (channels == 3 and n_train >= 10_000)
+    assert (config["zca"] is not None) == (channels == 3 and n_train >= 10_000 and size <= 32)
 
 
 def test_health_warns_then_stops_a_pinned_step_size(capsys, tmp_path):

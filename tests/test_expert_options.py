@@ -17,7 +17,7 @@ from distillery.data import Split, load_dataset
 from distillery.distill import _experts_for, resolve_config
 from distillery.errors import UserError
 from distillery.experts import ExpertStore, expert_seed, limit_experts, train_experts
-from distillery.models import FunctionalModel, create_model, init_seeded
+from distillery.models import init_seeded
 
 MODEL, EPOCHS, LR, BATCH = "ConvNetD2", 5, 0.01, 256
 

@@ -102,7 +102,9 @@ def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
     small = facts.n_train < SMALL_TRAIN
     classes = facts.num_classes
     pixels = facts.im_size[0] * facts.im_size[1]
-    zca = facts.channels == 3 and not small   # whitening pays off on large colour sets (MTT/RaT CIFAR rows)
+    # whitening pays off on large colour sets up to 32x32 (the MTT/RaT CIFAR rows); above, the covariance is
+    # too big (64x64x3: 12288^2 floats) and the published Tiny/ImageNet rows do without it
+    zca = facts.channels == 3 and not small and pixels <= 32 * 32
     out: dict[str, Any] = {"ipc": ipc, "model": None}
     if method in ("mtt", "tesla"):
         steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
@@ -124,7 +126,8 @@ def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
     flip = "flip" in facts.dsa_strategy
     if small:
         out.update(zca=None, horizon=40, window=10, min_start=0, real_batch=min(256, facts.n_train), lr=1e-2,
-                   iterations=150, eval_every=50, eval_epochs=300, eval_runs=3, final_eval_runs=5)
+                   iterations=150, eval_every=50, eval_epochs=300, eval_runs=3, final_eval_runs=5,
+                   rat_eval_steps="300,600,1000")  # as ratbptt/digits-ipc1: 3000 steps cost 2.6x the run
     else:
         out.update(zca="kip" if zca else None, horizon=200, window=60, min_start=0, real_batch=5000, lr=1e-3,
                    learn_labels=classes >= 100, iterations=60000, eval_every=500, eval_epochs=1000, eval_runs=3,

@@ -41,7 +41,7 @@ class Source:
     kind: str = "archive"  # archive: one .tar.gz/.zip holding `folder`; files: the files are the dataset (SVHN)
 
 
-# Decompressed IDX files: MNIST sha256 from shared/data/README.md; Fashion-MNIST sha256 measured on the Debian
+# Decompressed IDX files: MNIST sha256 of the canonical decompressed files; Fashion-MNIST sha256 measured on the Debian
 # package's files, which README.md states are byte-identical to the canonical ones (prefixes match it).
 SOURCES: dict[str, Source] = {
     "mnist": Source(
