@@ -36,7 +36,7 @@ from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..experts import ExpertStore
 from ..models import FunctionalModel, create_model, has_batchnorm
-from ..options import option
+from ..options import check_options, option
 from ..run import Diverged
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
@@ -99,12 +99,7 @@ class MTT:
         self.ds, self.store, self.cfg = dataset, store, cfg
         spec = dataset.spec
         device = dataset.train.x.device
-        if cfg.grad not in GRADS:
-            raise UserError(f"unknown --grad '{cfg.grad}'; use one of {', '.join(GRADS)}")
-        if cfg.labels not in LABELS:
-            raise UserError(f"unknown --labels '{cfg.labels}'; use one of {', '.join(LABELS)}")
-        if cfg.pix_init not in ("real", "noise"):
-            raise UserError(f"unknown --pix-init '{cfg.pix_init}'; use real or noise")
+        check_options(cfg)  # the declared ranges and choices (grad, labels, pix_init, ...)
         if store.epochs < cfg.max_start_epoch - 1 + cfg.expert_epochs:
             raise UserError(f"experts have {store.epochs} epochs but max_start_epoch {cfg.max_start_epoch} + "
                             f"expert_epochs {cfg.expert_epochs} needs {cfg.max_start_epoch - 1 + cfg.expert_epochs}; "

@@ -60,7 +60,7 @@ from ..augment import Augment
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
-from ..options import option
+from ..options import check_options, option
 from ..streams import stream_generator
 from ..synset import SyntheticSet
 
@@ -482,24 +482,11 @@ class RaTBPTT:
 
     @staticmethod
     def _check(cfg: RaTBPTTConfig, num_classes: int) -> None:
-        """UserError for option values that cannot work."""
-        if cfg.ipc < 1:
-            raise UserError(f"--ipc {cfg.ipc} must be at least 1")
+        """UserError for option values that cannot work: the declared ranges, then what depends on the data."""
+        check_options(cfg)
         parse_steps(cfg.rat_eval_steps)
-        if cfg.window_mode not in ("random", "last", "plateau"):
-            raise UserError(f"unknown --window-mode '{cfg.window_mode}'; use random (RaT-BPTT), last or plateau")
-        if cfg.window_resample not in ("step", "epoch"):
-            raise UserError(f"unknown --window-resample '{cfg.window_resample}'; use step or epoch")
-        if cfg.pix_init not in ("auto", "noise", "real"):
-            raise UserError(f"unknown --pix-init '{cfg.pix_init}'; use auto, noise or real")
-        if cfg.batch_per_class is not None and cfg.batch_per_class < 1:
-            raise UserError(f"--batch-per-class {cfg.batch_per_class} must be at least 1")
-        if cfg.task_sampler_nc is not None and not 1 <= cfg.task_sampler_nc <= num_classes:
+        if cfg.task_sampler_nc is not None and cfg.task_sampler_nc > num_classes:
             raise UserError(f"--task-sampler-nc {cfg.task_sampler_nc} must be between 1 and {num_classes} classes")
-        if cfg.label_lr_scale <= 0:
-            raise UserError(f"--label-lr-scale {cfg.label_lr_scale} must be positive (labels use lr / scale)")
-        if cfg.seed < 0:
-            raise UserError(f"--seed {cfg.seed} must be non-negative")
 
     def _init_images(self, k: int, stage: int) -> Tensor:
         """k new images per class, class-blocked: unit-norm noise or real training images (SPEC §2.3)."""
