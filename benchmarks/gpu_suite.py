@@ -10,7 +10,9 @@ batch 5000); an expert epoch (45,000 images: the published loop's port, ours one
 5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together); a short-schedule
 CIFAR-10 IPC 10 MTT run end to end, experts included, with its test accuracy. "fast on" = distillery's default
 paths (closed-form instance norm, chunked RaT meta-loss, grouped training); "fast off" = nn.GroupNorm, unchunked,
-one network at a time. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
+one network at a time. "CUDA graph on/off" rows time MTT IPC 10 N 30 (default paths) with the whole iteration
+captured as one CUDA graph (`--fast on`, methods/graphed.py) against the plain unroll; --smoke skips them (capture
+needs CUDA) and says so. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
 (3 for iterations, 2 for expert epochs, 1 for evaluations), min / median / max and
 peak memory (allocated / reserved). The table is printed and written to `--rows-out` for RESULTS.md. Rows are
 skipped (and say so) once `--budget` seconds have passed.
@@ -37,6 +39,7 @@ from distillery.cli import main as cli_main
 from distillery.evaluate import train_runs
 from distillery.experts import _make_step, _sgd_epoch
 from distillery.io import atomic_write_text
+from distillery.methods.graphed import GraphedUnroll
 from distillery.methods.ratbptt import InnerOptimizer, meta_gradient
 from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
@@ -53,11 +56,12 @@ def sizes(smoke: bool) -> SimpleNamespace:
     """The suite's sizes: the issue's on a GPU, tiny ones for --smoke."""
     if smoke:
         return SimpleNamespace(width=8, mtt=[("unrolled", 1, 2), ("tesla", 1, 2), ("checkpointed", 1, 2)],
+                               graph=(1, 2),
                                rat=dict(ipc=1, window=2, horizon=4, real=64), expert_n=300, ks=[2], eval_runs=2,
                                eval_epochs=1, eval_model="ConvNetW8", rounds=1)
     return SimpleNamespace(width=128, mtt=[("unrolled", 1, 50), ("unrolled", 10, 30), ("unrolled", 50, 30),
                                            ("unrolled", 10, 20), ("unrolled", 10, 80), ("tesla", 50, 30),
-                                           ("checkpointed", 50, 30)],
+                                           ("checkpointed", 50, 30)], graph=(10, 30),
                            rat=dict(ipc=10, window=60, horizon=200, real=5000), expert_n=45000, ks=[4, 8],
                            eval_runs=5, eval_epochs=1000, eval_model="ConvNet", rounds=3)
 
@@ -74,8 +78,10 @@ def convnet(width: int, fast: bool, device: str) -> torch.nn.Module:
     return model.to(device)
 
 
-def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, device: str) -> Callable[[], object]:
-    """One MTT/TESLA outer iteration on random CIFAR-sized tensors (speed does not depend on their values)."""
+def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, device: str,
+                  graphed: bool = False) -> Callable[[], object]:
+    """One MTT/TESLA outer iteration on random CIFAR-sized tensors (speed does not depend on their values); with
+    `graphed`, the unrolled gradient replays one captured CUDA graph (`--fast on`)."""
     g = torch.Generator(device=device).manual_seed(0)
     fm = FunctionalModel(convnet(width, fast, device))
     theta0 = fm.flatten(fm.module).detach()
@@ -85,10 +91,14 @@ def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, devic
     lr = torch.tensor(0.01, device=device, requires_grad=True)
     opt = torch.optim.SGD([images, lr], lr=1e-5, momentum=0.5)
     augment = Augment()
+    graph = GraphedUnroll(fm, augment) if graphed else None
 
     def run() -> None:
         plan = make_plan(len(images), steps, None, augment, g, (32, 32), device)
-        res = GRADS[mode](fm, images, labels, lr, theta0, target, plan, augment)
+        if graph is not None:
+            res = graph(images, labels, lr, theta0, target, plan)
+        else:
+            res = GRADS[mode](fm, images, labels, lr, theta0, target, plan, augment)
         images.grad, lr.grad = res.grad_images, res.grad_lr
         opt.step()
 
@@ -218,6 +228,14 @@ def main() -> None:
                for f in ("off", "on")}
         pub = PUBLISHED_MTT.get((ipc, steps), "—") if mode == "unrolled" else "—"
         timed(fns, {label: pub for label in fns if label.endswith("off")}, s.rounds)
+    ipc, steps = s.graph  # the first call captures: the warm-up round keeps capture out of the timings
+    graph_rows = {f"unrolled IPC {ipc} N {steps}, CUDA graph {f}": f == "on" for f in ("off", "on")
+                  if f == "off" or device == "cuda"}
+    timed({label: mtt_iteration("unrolled", ipc, steps, s.width, True, device, graphed)
+           for label, graphed in graph_rows.items()},
+          {label: PUBLISHED_MTT.get((ipc, steps), "—") for label in graph_rows if label.endswith("off")}, s.rounds)
+    if device != "cuda":
+        emit(f"| unrolled IPC {ipc} N {steps}, CUDA graph on | not run: capture needs CUDA (device {device}) | | |")
     r = s.rat
     timed({f"RaT-BPTT IPC {r['ipc']} W {r['window']} T {r['horizon']} real {r['real']}, fast {f}":
            rat_step(s.width, r["ipc"], r["window"], r["horizon"], r["real"], f == "on", device) for f in ("off", "on")},

@@ -76,3 +76,16 @@ def test_distill_wiring_end_to_end(capsys, tmp_path, monkeypatch, method, extra)
     code, stdout, err = run(capsys, "evaluate", str(out / "last.safetensors"), "--ipc", "1", "--runs", "1",
                             "--epochs", "2", "--no-progress")
     assert code == 0 and "1 images per class" in stdout, err
+
+
+def test_python_dash_m_distillery_runs_the_cli():
+    """`python -m distillery` is the `distillery` command: --help exits 0 and lists the commands."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "distillery", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: distillery") and "distill" in out.stdout and "datasets" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "distillery", "baseline", "random", "--dataset", "digits", "--ipc",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --ipc 0 is out of range"), bad.stderr

@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -291,6 +293,54 @@ def test_digits_splits_and_stratification():
     with pytest.raises(UserError, match="val_fraction"):
         load_dataset("digits", val_fraction=1.0)
 
+
+
+def test_digits_read_without_sklearn_equals_load_digits():
+    """The bundled CSV read directly gives load_digits' arrays, and the split is train_test_split's, exactly."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    ref = load_digits()
+    images, labels = formats.sklearn_digits()
+    assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
+    assert np.array_equal(labels, ref.target)
+    train_idx, test_idx = train_test_split(np.arange(len(ref.target)), test_size=1 / 3, random_state=0,
+                                           stratify=ref.target)
+    train, test = formats.read_sklearn_digits()
+    expected = np.rint(ref.images * (255 / 16)).astype(np.uint8)[..., None]
+    assert np.array_equal(train.images, expected[np.sort(train_idx)])
+    assert np.array_equal(test.images, expected[np.sort(test_idx)])
+    assert np.array_equal(test.labels, ref.target[np.sort(test_idx)])
+    for seed, n_test in ((1, 100), (7, 1001)):  # other draws too, so agreement is not a coincidence of one seed
+        a, b = train_test_split(np.arange(len(ref.target)), test_size=n_test, random_state=seed, stratify=ref.target)
+        mine = formats.stratified_shuffle_split(ref.target, n_test, seed)
+        assert np.array_equal(mine[0], np.sort(a)) and np.array_equal(mine[1], np.sort(b))
+
+
+def test_digits_load_imports_no_sklearn():
+    code = ("import sys; from distillery.data import load_dataset; load_dataset('digits'); "
+            "print(any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_digits_falls_back_to_load_digits_without_the_csv(monkeypatch):
+    import sklearn.datasets
+
+    calls = []
+    real = sklearn.datasets.load_digits
+
+    def counting_load_digits(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", counting_load_digits)
+    direct = formats.sklearn_digits()
+    assert calls == []  # the CSV is installed here: read directly
+    monkeypatch.setattr(formats, "DIGITS_CSV", ("datasets", "data", "no-such-digits.csv.gz"))
+    images, labels = formats.sklearn_digits()
+    assert calls == [1]
+    assert np.array_equal(images, direct[0]) and np.array_equal(labels, direct[1])
 
 def test_sample_real_and_random_set():
     ds = load_dataset("digits", val_fraction=0.5)

@@ -127,3 +127,22 @@ def test_collapsing_step_size_stops_within_50_iterations_naming_the_fix(capsys, 
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: stopped at iteration") and "--lr-lr (now 1)" in line
     assert int(line.split("iteration ")[1].split(":")[0]) < 50
+
+
+def test_small_regime_experts_train_exactly_the_epochs_the_run_reads(tmp_path):
+    """The digits presets and the small derived rule train max_start_epoch - 1 + expert_epochs epochs: with a
+    constant lr those epochs are bit-identical to the same epochs of longer experts, so nothing is lost."""
+    import torch
+
+    from distillery.data import load_dataset
+    from distillery.experts import train_experts
+    from distillery.presets import PRESETS
+
+    for name in ("mtt/digits-ipc1", "tesla/digits-ipc1"):
+        p = PRESETS[name]
+        assert p["expert_epochs_train"] == p["max_start_epoch"] - 1 + p["expert_epochs"]
+    ds = load_dataset("digits")
+    short = train_experts(ds, "ConvNetD1", 1, 3, 0.01, out_dir=tmp_path / "short", progress=False)
+    long = train_experts(ds, "ConvNetD1", 1, 5, 0.01, out_dir=tmp_path / "long", progress=False)
+    assert all(torch.equal(short.checkpoint(0, e), long.checkpoint(0, e)) for e in range(4))
+    assert not torch.equal(long.checkpoint(0, 3), long.checkpoint(0, 5))

@@ -687,3 +687,40 @@ def test_every_row_of_the_table_has_a_test():
     ids = [i for cell in cells for i in cell.split(", ") if i != "id"]
     here = Path(__file__).read_text()
     assert len(ids) > 50 and not [i for i in ids if f'"{i}' not in here], ids
+
+
+# --- --fast on (the CUDA-graph MTT iteration): grad mode and device ----------------------------------------------
+FAST_ROWS = [
+    ("opt-fast-grad", ["--method", "mtt", "--fast", "on", "--grad", "checkpointed"], "not --grad checkpointed"),
+    ("device-fast-cpu", ["--method", "tesla", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
+    ("device-fast-cpu", ["--method", "mtt", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
+]
+
+
+@pytest.mark.parametrize("row,argv,needle", FAST_ROWS, ids=[f"{r[0]}-{i}" for i, r in enumerate(FAST_ROWS)])
+def test_fast_rows(capsys, tmp_path, row, argv, needle):
+    one_line(capsys, ["distill", *argv, "--dataset", "digits", "--out", "run", "--no-progress"], needle)
+    assert tree(tmp_path) == {}  # refused before anything was read or written
+
+
+# --- --resume of a run written by an older version (config.json without the newer keys) -------------------------
+def test_resume_older_run_fills_in_defaults(capsys, store, finished_run):
+    """resume-older-run: keys a run's config.json lacks pass at their defaults (recorded as filled in), else the
+    resume is refused naming the key and its default."""
+    cfg_path = finished_run / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["health"] == "stop" and cfg["processes"] == 1  # today's defaults
+    for key in ("health", "processes"):
+        del cfg[key]
+    cfg_path.write_text(json.dumps(cfg))
+    before = tree(finished_run)
+    line = one_line(capsys, distill_args(store, finished_run, "--resume", "--health", "warn"),
+                    "--resume cannot change health (not in the saved config) -> 'warn'")
+    assert "their defaults: health 'stop'" in line and "processes" not in line
+    assert tree(finished_run) == before
+    argv = distill_args(store, finished_run, "--resume")
+    argv[argv.index("--iterations") + 1] = "3"
+    assert main([str(a) for a in argv]) == 0
+    entry = json.loads(cfg_path.read_text())["history"][-1]
+    assert entry["event"] == "resume" and entry["changed"] == {"iterations": [2, 3]}
+    assert entry["filled_in"] == {"health": "stop", "processes": 1}

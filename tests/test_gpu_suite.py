@@ -19,7 +19,8 @@ def test_gpu_suite_smoke_runs_every_row(tmp_path: Path) -> None:
     table = out.read_text()
     for what in ("unrolled IPC 1 N 2, fast off", "tesla IPC 1 N 2, fast on", "checkpointed IPC 1 N 2",
                  "RaT-BPTT", "expert epoch, published loop", "expert epoch, ours, K=2", "ours together",
-                 "end to end, digits"):
+                 "end to end, digits", "unrolled IPC 1 N 2, CUDA graph off",
+                 "CUDA graph on | not run: capture needs CUDA"):
         assert what in table, what
     assert "skipped" not in table and "failed" not in table
     assert table.count("n/a (CPU") >= 13

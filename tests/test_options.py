@@ -116,6 +116,23 @@ def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, need
     assert not (no_data / "R").exists() and not (no_data / "E").exists()
 
 
+
+@pytest.mark.parametrize("argv, message", [
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"],
+     "--runs 0 is out of range: it must be >= 1"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--resolution", "0"],
+     "--resolution 0 is out of range: it must be >= 1"),
+    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1"),
+    (DISTILL + ["--method", "mtt", "--ipc", "0"], "--ipc 0 is out of range: it must be >= 1"),
+    (DISTILL + ["--method", "mtt", "--resolution", "0"], "--resolution 0 is out of range: it must be >= 1 (or none)"),
+    (DISTILL + ["--method", "ratbptt", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1 (or none)"),
+    (DISTILL + ["--method", "mtt", "--batch-syn", "0"], "--batch-syn 0 is out of range: it must be >= 1 (or none)"),
+])
+def test_range_errors_offer_none_only_where_the_flag_takes_it(capsys, no_data, argv, message):
+    """"(or none)" is said only for flags that parse `none` (distill's optional fields), not for int-only flags."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
 def test_expert_store_too_short_is_refused_from_its_manifest(capsys, no_data):
     store = no_data / "experts"
     store.mkdir()

@@ -31,6 +31,9 @@ the per-token affine matrices (the default strategy runs as color -> one warp):
     clipping between the two warps is reproduced by multiplying with the bilinear coverage of the intermediate
     frame. What remains is interpolation error, largest next to zero-filled edges (mean |Δ| ~1e-2 on unit-scale
     images, concentrated in a 1-2 px band along the frame). Use compose=False where bit-faithfulness matters.
+Branch-free replay (for CUDA-graph capture, `methods/graphed.py`): `full_params` fills a mode-'S' draw with identity
+parameters for the tokens not drawn, and `apply_branch_free` runs color -> crop/cutout mask -> one grid_sample for
+every draw, so the ops and shapes do not depend on which token was drawn (equal to `apply` up to float rounding).
 For square images, align_corners changes flip/scale/rotate only by float rounding (both conventions map pixel
 i to the same point about the centre); it matters for non-square images.
 """
@@ -197,6 +200,47 @@ class Augment:
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Sample fresh per-image parameters from `generator` and apply them (ordinary, non-siamese DSA)."""
         return self.apply(x, self.sample(x.shape[0], generator, x.shape[-2:], device=x.device))
+
+    def full_params(self, params: AugParams) -> AugParams:
+        """A mode-'S' draw with every field filled: identity values (brightness 0, saturation and contrast 1, shift 0,
+        an empty cutout box, no flip, scale 1, angle 0) for the tokens not drawn; tokens = the whole strategy."""
+        if len(params.tokens) > 1 or not set(params.tokens) <= set(self.tokens):
+            raise ValueError(f"branch-free DSA replays one drawn token of {self.tokens}, got {params.tokens}")
+        drawn = {f.name: getattr(params, f.name) for f in fields(params) if isinstance(getattr(params, f.name), Tensor)}
+        n = 1 if params.shared else params.batch
+        device = next(iter(drawn.values())).device if drawn else torch.device("cpu")
+
+        def fill(value: float, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.full(shape, value, dtype=dtype, device=device)
+
+        identity = {"brightness": fill(0.0, (n,), torch.float32), "saturation": fill(1.0, (n,), torch.float32),
+                    "contrast": fill(1.0, (n,), torch.float32), "translate": fill(0, (n, 2), torch.int64),
+                    "cutout": fill(0, (n, 4), torch.int64), "flip": fill(False, (n,), torch.bool),
+                    "scale": fill(1.0, (n, 2), torch.float32), "rotate": fill(0.0, (n,), torch.float32)}
+        return AugParams(self.tokens, params.im_size, params.batch, **{**identity, **drawn})
+
+    def apply_branch_free(self, x: Tensor, full: AugParams) -> Tensor:
+        """`apply` of a mode-'S' draw as the same ops for every draw (`full_params` output): color, then the crop
+        window and cutout as one mask, then one grid_sample with crop·flip·scale·rotate. Equal to `apply` up to
+        float rounding (crop and flip as bilinear samples at shifted pixel centres: ~1e-5 in float32)."""
+        if tuple(x.shape[-2:]) != full.im_size or (not full.shared and full.batch != x.shape[0]):
+            raise ValueError(f"parameters are for {full.batch} images of size {full.im_size}, got {tuple(x.shape)}")
+        tokens = self.tokens
+        if "color" in tokens:
+            x = _color(x, *(_as(t, x) for t in (full.brightness, full.saturation, full.contrast)))
+        if "crop" in tokens or "cutout" in tokens:
+            shift = full.translate.to(x.device)
+            rows, cols = shift.unbind(1)
+            keep = _inside(torch.stack([rows, cols, rows + x.shape[-2], cols + x.shape[-1]], 1), x)
+            keep = keep & ~_inside(full.cutout.to(x.device) + shift.repeat(1, 2), x)
+            x = x * keep.to(x.dtype).unsqueeze(1)
+        geometric = [token for token in ("crop", "flip", "scale", "rotate") if token in tokens]
+        if geometric:
+            matrix = self._matrix(geometric[0], x, full)
+            for token in geometric[1:]:  # output -> input: crop · flip · scale · rotate (one of them moves)
+                matrix = matrix @ self._matrix(token, x, full)
+            x = _warp(x, matrix, self.align_corners)
+        return x
 
     def _run_stage(self, x: Tensor, stage: tuple[str, ...], p: AugParams) -> Tensor:
         """Apply one stage: a single token, or ('warp', *tokens) composed into one resampling."""

@@ -46,7 +46,7 @@ class DataFacts:
 
 
 def _held_out(n: int, val_fraction: float) -> int:
-    """Images of a class of n that stay in train (the same rounding as `data.stratified_split`)."""
+    """Images of a class of n that stay in train (the same rounding as `data.dataset.stratified_split`)."""
     return n - min(int(round(val_fraction * n)), max(n - 1, 0))
 
 
@@ -60,7 +60,7 @@ def native_resolution(train_dir: Path) -> int:
     classes = formats.class_folders(train_dir)
     per_class = max(1, HEADER_SAMPLE // len(classes))
     for name in classes:
-        files += formats._image_files(train_dir / name)[:per_class]
+        files += formats.image_files(train_dir / name)[:per_class]
     sides = []
     for path in files[:HEADER_SAMPLE]:
         try:
@@ -84,7 +84,7 @@ def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = No
         root = imagefolder_root(name)
         train_dir = root / "train"
         classes = formats.class_folders(train_dir)
-        counts = [len(formats._image_files(train_dir / c)) for c in classes]
+        counts = [len(formats.image_files(train_dir / c)) for c in classes]
         res = check_resolution(resolution) if resolution is not None else native_resolution(train_dir)
         kept = [_held_out(n, val_fraction) for n in counts]
         return DataFacts(f"{IMAGEFOLDER_PREFIX}{root}", formats.detect_channels(train_dir), (res, res), len(classes),
@@ -108,12 +108,15 @@ def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
     out: dict[str, Any] = {"ipc": ipc, "model": None}
     if method in ("mtt", "tesla"):
         steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
-        expert_epochs_train = 20 if small else 50
+        max_start_epoch = 5 if small else 12
+        # small: train only the epochs the run reads (constant lr: the same epochs as longer experts); large: the
+        # published 50, so a store can serve other settings too
+        expert_epochs_train = max_start_epoch - 1 + 2 if small else 50
         n_syn = ipc * classes
         out.update(
             zca="kornia" if zca else None,
             num_experts=5 if small else 20, expert_epochs_train=expert_epochs_train, expert_lr=0.01,
-            expert_epochs=2, max_start_epoch=expert_epochs_train // 4,
+            expert_epochs=2, max_start_epoch=max_start_epoch,
             # as many student steps as the expert took in its 2 epochs, within the published range 10..50
             syn_steps=max(10, min(50, 2 * steps_per_epoch)),
             lr_img=100.0 * max(1.0, classes / 10) * max(1.0, pixels / 1024) * (10 if ipc >= 50 else 1),

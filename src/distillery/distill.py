@@ -129,6 +129,12 @@ def config_classes(method: str) -> list[type]:
     return classes + [ExpertConfig] if method in ("mtt", "tesla") else classes
 
 
+def config_defaults(method: str) -> dict[str, Any]:
+    """The declared default of each key of a `method` configuration: what a run recorded before the key existed
+    did (`--resume` of such a run accepts the key at this value). `processes` is not an option: one process."""
+    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)}, "processes": 1}
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults of the method, then a preset (named, else the one for this method/dataset/IPC) or defaults derived
     from the data, then every flag the user gave; checked as a whole before any data is read."""
@@ -240,12 +246,15 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         config["init_from"] = args.init_from
         init = load_init_set(args.init_from, config)  # checked before any data is read
     device = init_from_env(resolve_device(args.device))
+    from .validate import check_fast
+
+    check_fast(config, device)  # --fast on needs CUDA: refused before any data is read or anything is written
     config["processes"] = rank_and_world()[1]  # G x trajectories segments per iteration: --resume keeps G
     estimate = getattr(args, "estimate", False)
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(args.out, config, args.resume)
+            prepare_run_dir(args.out, config, args.resume, config_defaults(args.method))
     run_dir = Path(args.out)
     ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,11 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import Augment
+from .background import check_cancelled
 from .distributed import all_reduce_sum_, rank_and_world
 from .errors import UserError
 from .grouped_training import train_together
 from .models import FunctionalModel, init_seeded
 from .models.grouped import groupable
+from .parallel import map_runs
 
 _CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
 # Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
@@ -85,6 +88,7 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     decay_after = epochs // 2 + 1
     for ep in range(epochs + 1):
+        check_cancelled()
         order = torch.randperm(len(x), generator=gen, device=device)
         for i in range(0, len(x), batch):
             idx = order[i:i + batch]
@@ -107,12 +111,13 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
 def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
                lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
                together: bool | None = None) -> list[nn.Module]:
-    """`train_model` for each seed: one by one, or all at once as one grouped ConvNet (`together`; None = TOGETHER)."""
+    """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
+    grouped ConvNet (`together`; None = TOGETHER)."""
     together = TOGETHER.get(x.device.type, False) if together is None else together
     template = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), 0).to(device=x.device, dtype=x.dtype)
-    if not (together and len(seeds) > 1 and groupable(template)):
-        return [train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s, progress)
-                for s in seeds]
+    if not (together and len(seeds) > 1 and groupable(template)):  # on the CPU: several runs at once, 1 thread each
+        return map_runs(lambda s: train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s,
+                                              progress), seeds, x.device)
     fm = FunctionalModel(template)
     inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
              for s in seeds]
@@ -173,17 +178,31 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     return EvalResult(accs, model, epochs, lr, split)
 
 
+def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable[[torch.Tensor, torch.Tensor, int],
+                     EvalResult], progress: bool = True) -> list[EvalResult]:
+    """Run r: a fresh draw of `ipc` real images per class from seed·1000 + r, scored by `evaluate(x, y, seed·1000 + r)`
+    (one network); the runs go side by side on the CPU (`parallel.map_runs`)."""
+    device = dataset.train.x.device
+    bar = tqdm(total=runs, desc="random real", unit="run", leave=False, disable=not progress)
+
+    def one(r: int) -> EvalResult:
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + r)
+        x, y = dataset.random_set(ipc, gen)
+        res = evaluate(x, y, seed * 1000 + r)
+        bar.update(1)
+        return res
+
+    results = map_runs(one, range(runs), device)
+    bar.close()
+    return results
+
+
 def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = 300,
                          lr: float = 0.01, seed: int = 0, split: str = "test", progress: bool = True) -> EvalResult:
     """Random real images (`ipc` per class, a fresh draw per run) evaluated with the same protocol."""
-    accs = []
-    for r in range(runs):
-        gen = torch.Generator(device=dataset.train.x.device).manual_seed(seed * 1000 + r)
-        x, y = dataset.random_set(ipc, gen)
-        res = evaluate_set(x, y, dataset, model, runs=1, epochs=epochs, lr=lr, seed=seed * 1000 + r,
-                           split=split, progress=progress)
-        accs.extend(res.accs)
-    return EvalResult(accs, res.model, epochs, lr, split)
+    results = random_real_runs(dataset, ipc, runs, seed, lambda x, y, s: evaluate_set(
+        x, y, dataset, model, runs=1, epochs=epochs, lr=lr, seed=s, split=split, progress=False), progress)
+    return EvalResult([a for res in results for a in res.accs], results[0].model, epochs, lr, split)
 
 
 def full_data_baseline(dataset, runs: int = 1, model: str | None = None, epochs: int = 50, lr: float = 0.01,

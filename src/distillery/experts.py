@@ -49,6 +49,7 @@ processes.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -74,6 +75,7 @@ from .errors import UserError
 from .grouped_training import augment_each, autograd_step
 from .io import atomic_write_bytes, atomic_write_text
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
+from .parallel import map_runs
 
 if TYPE_CHECKING:
     from .data import Dataset, Split
@@ -179,15 +181,18 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
     bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
-    for i in range(0, len(todo), parallel):
-        group = todo[i:i + parallel]
-        finals = _train_group(fm, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
+    def run_group(group: list[int]) -> None:
+        own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one per thread
+        finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
                               momentum, weight_decay)
         for k, final in zip(group, finals):
-            entry = _finish_expert(out, fm, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
+            entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
             if progress:
                 val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
                 tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+
+    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another
+    map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
     bar.close()
     barrier()  # every rank's experts are finished before anyone opens the store or tidies up
     partial = out / PARTIAL
@@ -370,7 +375,8 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.de
     data = safetensors_bytes({"trajectory": trajectory}, metadata=meta)
     entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": s,
              "sha256": hashlib.sha256(data).hexdigest(),
-             "val_acc": _accuracy(fm, final, ds.val, device), "test_acc": _accuracy(fm, final, ds.test, device)}
+             "val_acc": split_accuracy(fm, final, ds.val, device),
+             "test_acc": split_accuracy(fm, final, ds.test, device)}
     atomic_write_bytes(out / entry["file"], data)
     _record_expert(out, entry)
     shutil.rmtree(_partial_dir(out, k))
@@ -378,9 +384,10 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.de
 
 
 @torch.no_grad()
-def _accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, device: torch.device,
-              chunk: int = 1024) -> float | None:
-    """Top-1 accuracy of parameters `flat` on a split (no augmentation); None for an empty split."""
+def split_accuracy(fm: FunctionalModel, flat: torch.Tensor, split: Split | None, device: torch.device,
+                   chunk: int = 1024) -> float | None:
+    """Top-1 accuracy of a functional model with flat parameters `flat` on a split, in chunks on `device` (no
+    augmentation); None for an empty split. (`evaluate.accuracy` is the same measure for an `nn.Module`.)"""
     if split is None or len(split.y) == 0:
         return None
     correct = torch.zeros((), dtype=torch.int64, device=device)

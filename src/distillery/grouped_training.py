@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import Augment, AugParams
+from .background import check_cancelled
 from .models import FunctionalModel
 from .models.grouped import GroupedConvNet, groupable
 
@@ -95,6 +96,7 @@ def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     for ep in range(epochs + 1):
+        check_cancelled()
         orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
         for i in range(0, len(x), batch):
             idx = [order[i:i + batch] for order in orders]

@@ -177,7 +177,7 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     """
     from .data import load_dataset
     from .data.registry import get_spec
-    from .experts import FORMAT, FORMAT_VERSION, MANIFEST, ExpertStore, _accuracy, layout_of
+    from .experts import FORMAT, FORMAT_VERSION, MANIFEST, ExpertStore, layout_of, split_accuracy
     from .models import FunctionalModel, create_model, has_batchnorm
 
     out = Path(out)
@@ -228,8 +228,8 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
             data = safetensors_bytes({"trajectory": trajectory.contiguous()}, metadata=meta)
             entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": None,
                      "sha256": hashlib.sha256(data).hexdigest(), "source": f"{path.name}[{e}]",
-                     "val_acc": _accuracy(fm, trajectory[-1], ds.val, torch.device("cpu")),
-                     "test_acc": _accuracy(fm, trajectory[-1], ds.test, torch.device("cpu"))}
+                     "val_acc": split_accuracy(fm, trajectory[-1], ds.val, torch.device("cpu")),
+                     "test_acc": split_accuracy(fm, trajectory[-1], ds.test, torch.device("cpu"))}
             atomic_write_bytes(out / entry["file"], data)
             manifest["experts"].append(entry)
             k += 1

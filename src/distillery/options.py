@@ -21,11 +21,12 @@ from .errors import UserError
 
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
            choices: Iterable[Any] | None = None, none_ok: bool = False, help: str = "",
-           high_open: bool = False) -> Any:
+           high_open: bool = False, none_unset: bool = False) -> Any:
     """A dataclass field whose metadata records the allowed values (`low <= v <= high`; `low < v` if low_open,
-    `v < high` if high_open)."""
+    `v < high` if high_open). None passes if `none_ok` or the default is None; messages offer `none` as a value
+    unless `none_unset` (None then only stands for a flag that was not given and cannot be typed)."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "none_ok": none_ok or default is None,
+            "none_ok": none_ok or default is None, "none_typed": (none_ok or default is None) and not none_unset,
             "choices": tuple(choices) if choices is not None else None, "help": help}
     return dataclasses.field(default=default, metadata={"option": meta})
 
@@ -47,7 +48,7 @@ def describe(meta: Mapping[str, Any]) -> str:
         if high is not None:
             parts.append(f"{'<' if meta.get('high_open') else '<='} {high:g}")
         text = " and ".join(parts) or "any value"
-    return text + (" (or none)" if meta.get("none_ok") else "")
+    return text + (" (or none)" if meta.get("none_typed") else "")
 
 
 def check_value(name: str, value: Any, meta: Mapping[str, Any]) -> None:

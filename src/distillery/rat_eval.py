@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .background import check_cancelled
 from .errors import UserError
 from .evaluate import EvalResult, accuracy
 from .methods.ratbptt import _augmentation, sample_batch
 from .models import init_seeded
+from .parallel import map_runs
 
 RAT_STEPS = (300, 600, 1000, 3000)  # base.py test(): epoch_list
 
@@ -74,6 +76,7 @@ def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: i
     done = 0
     for count in proto.steps:
         for _ in range(count - done):
+            check_cancelled()
             idx = sample_batch(num_classes, ipc, nc, bpc, generator)
             xb = x[idx] if augment is None else augment(x[idx], generator)
             loss = F.cross_entropy(model(xb), y[idx])
@@ -108,29 +111,31 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, model: str, runs: in
     device = dataset.test.x.device
     x, y = x.to(device), y.to(device)
     has_val = len(dataset.val.y) > 0
-    val_accs = {c: [] for c in proto.steps}
-    target_accs = {c: [] for c in proto.steps}
-    losses = []
     target = dataset.val if split == "val" else dataset.test
     bar = tqdm(total=runs * max(proto.steps), desc=f"eval {model} (rat)", unit="step", leave=False,
                disable=not progress)
-    for r in range(runs):
+
+    def one(r: int) -> tuple[dict[int, float], dict[int, float], float | None]:
+        """Run r: val and target accuracy after each step count (and the train loss, on request)."""
         net = init_seeded(model, spec.channels, spec.num_classes, tuple(x.shape[2:]), seed * 1000 + r).to(device)
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + r)
-        last = [0]
+        val, tgt, last = {}, {}, [0]
 
         def measure(count: int, net: nn.Module) -> None:
             if has_val:
-                val_accs[count].append(accuracy(net, dataset.val.x, dataset.val.y))
-            reuse = split == "val" and has_val
-            target_accs[count].append(val_accs[count][-1] if reuse else accuracy(net, target.x, target.y))
+                val[count] = accuracy(net, dataset.val.x, dataset.val.y)
+            tgt[count] = val[count] if split == "val" and has_val else accuracy(net, target.x, target.y)
             bar.update(count - last[0])
             last[0] = count
 
         train_rat(net, x, y, spec.num_classes, proto, gen, measure)
-        if train_loss:
-            losses.append(mean_loss(net, dataset.train.x, dataset.train.y))
+        return val, tgt, mean_loss(net, dataset.train.x, dataset.train.y) if train_loss else None
+
+    per_run = map_runs(one, range(runs), device)  # side by side on the CPU, one thread each
     bar.close()
+    val_accs = {c: [v[c] for v, _, _ in per_run if c in v] for c in proto.steps}
+    target_accs = {c: [t[c] for _, t, _ in per_run] for c in proto.steps}
+    losses = [loss for _, _, loss in per_run if loss is not None]
     if has_val:  # ties go to the shorter count, as list.index(max(...)) in base.py
         means = [float(np.mean(val_accs[c])) for c in proto.steps]
         chosen = proto.steps[means.index(max(means))]

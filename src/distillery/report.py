@@ -312,6 +312,7 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path) -> dict[str
     and model the final test evaluation used, with its runs, epochs and seed: {protocol: {model: record}}."""
     import torch
 
+    from .evaluate import random_real_runs
     from .set_eval import evaluate_synset, parse_models, report_protocols
     from .synset import SyntheticSet
 
@@ -327,14 +328,13 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path) -> dict[str
     out: dict[str, dict[str, Any]] = {}
     wanted = [(p, main_model) for p in protocols] + [(protocols[0], m) for m in extra_models if m != main_model]
     for protocol, model in wanted:
-        accs, res = [], None
-        for r in range(runs):
-            gen = torch.Generator(device=dataset.train.x.device).manual_seed(seed * 1000 + r)
-            x, y = dataset.random_set(int(config["ipc"]), gen)
+        def score(x, y, run_seed, protocol=protocol, model=model):
             real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, meta)
-            res = evaluate_synset(real, dataset, protocol=protocol, model=model, runs=1, epochs=epochs, lr=0.01,
-                                  seed=seed * 1000 + r, split="test")
-            accs += res.accs
+            return evaluate_synset(real, dataset, protocol=protocol, model=model, runs=1, epochs=epochs, lr=0.01,
+                                   seed=run_seed, split="test", progress=False)
+
+        results = random_real_runs(dataset, int(config["ipc"]), runs, seed, score)
+        accs, res = [a for r in results for a in r.accs], results[-1]
         out.setdefault(protocol, {})[model] = {"test_mean": float(sum(accs) / len(accs)),
                                                "test_std": float(torch.tensor(accs).std(unbiased=False)),
                                                "test_accs": accs, "lr": 0.01, "epochs": epochs,

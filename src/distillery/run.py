@@ -12,6 +12,8 @@ A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `loa
     RUN_DIR/last.safetensors  the set at the latest evaluation
     RUN_DIR/best.safetensors  the set with the best *validation* accuracy (never selected on test, SPEC P4)
     RUN_DIR/grids/it_XXXXXX.png  an image grid per evaluation
+    RUN_DIR/pending/          the set of a validation evaluation still running in the background (`--eval-overlap`)
+                              when the checkpoint was written; a resume runs that evaluation again
     RUN_DIR/result.json       at the end: test accuracy of best and last, measured once
 
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
@@ -28,6 +30,7 @@ one) is started again by the same command.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
@@ -38,13 +41,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .distributed import barrier, is_main_process
+from .background import BackgroundEval, overlap_wanted
+from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
@@ -58,10 +62,11 @@ except ImportError:  # not POSIX: run directories are not locked
     fcntl = None
 
 CHECKPOINT = "checkpoint.pt"
+PENDING = "pending"  # the set of an evaluation still running in the background when a checkpoint was written
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
                                "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "epochs", "eval_models"})
+                               "checkpoint_every", "epochs", "eval_models", "eval_overlap"})
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _CHECKSUM = b"\ndistillery-sha256:"
 _LOCKS: dict[Path, int] = {}
@@ -93,6 +98,9 @@ class LoopConfig:
                                                 "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
     final_eval_runs: int = option(5, low=1, help="networks trained per final test evaluation")
     checkpoint_every: int = option(10, low=1, help="write a checkpoint every this many iterations")
+    eval_overlap: str = option("auto", choices=("auto", "off"),
+                               help="auto: on the CPU with 2+ threads, validation evaluations run in the background "
+                                    "while distillation goes on (the threads split in half); off: wait for each")
     health: str = option("stop", choices=("stop", "warn", "off"),
                          help="a dead run (alpha pinned, student still, val below the initial set): stop | warn | off")
     seed: int = option(0, low=0, help="seed of every random draw")
@@ -107,27 +115,31 @@ def environment(data: str | None = None) -> dict[str, Any]:
     return env
 
 
-def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool) -> Path:
+def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool,
+                    defaults: Mapping[str, Any] | None = None) -> Path:
     """Check RUN_DIR can take this run, lock it, and write config.json with a new history entry; before any work.
 
     No checkpoint yet (a new directory, or a run that stopped before its first checkpoint): the run starts
     (again). A checkpoint: refused without `resume`; with it, only `RESUME_MAY_CHANGE` keys may differ from the
     stored config, `iterations` may not fall below the checkpoint's, and each change goes into the history.
+    A key the stored config lacks (written by an older version) passes when its value here is its entry in
+    `defaults` (recorded as filled in), and is refused otherwise.
     """
     run_dir = ensure_dir(run_dir)
     lock_run_dir(run_dir)
     try:
-        _check_and_record(run_dir, config, resume)
+        _check_and_record(run_dir, config, resume, defaults or {})
     except BaseException:
         unlock_run_dir(run_dir)
         raise
     return run_dir
 
 
-def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
+def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defaults: Mapping[str, Any]) -> None:
     """The checks and the config.json write of `prepare_run_dir` (the caller holds the lock)."""
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT
     new = json.loads(json.dumps(config, sort_keys=True, default=str))
+    defaults = json.loads(json.dumps(dict(defaults), sort_keys=True, default=str))  # compared as stored
     old = _read_config(cfg_path)
     env = environment()
     history = old.get("history", []) if old else []
@@ -141,12 +153,19 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool) -> No
         if not resume:
             raise UserError(f"run directory {run_dir} already holds a run with a checkpoint; pass --resume to "
                             "continue it (learning rates and --iterations may change) or choose a new --out")
+        # a key an older version did not write: its behaviour then is the option's default
+        filled_in = {k: v for k, v in new.items() if k not in old and k not in _NOT_CONFIG
+                     and k in defaults and defaults[k] == v}
         changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-                   if k not in _NOT_CONFIG and old.get(k) != new.get(k)}
-        refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUME_MAY_CHANGE]
+                   if k not in _NOT_CONFIG and k not in filled_in and old.get(k) != new.get(k)}
+        refused = [f"{k} {repr(a) if k in old else '(not in the saved config)'} -> {b!r}"
+                   for k, (a, b) in changed.items() if k not in RESUME_MAY_CHANGE]
         if refused:
+            predates = [f"{k} {defaults[k]!r}" for k in changed if k not in old and k in defaults
+                        and k not in RESUME_MAY_CHANGE]
+            hint = f" (for options the run predates, their defaults: {', '.join(predates)})" if predates else ""
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
-                            f"means; use the run's original values or a new --out")
+                            f"means; use the run's original values{hint} or a new --out")
         it = read_checkpoint(ckpt_path)["it"]
         if new.get("iterations", it) < it:
             raise UserError(f"--iterations {new['iterations']} is below iteration {it} of the checkpoint in "
@@ -157,7 +176,7 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool) -> No
                   f"differ in their last bits, so results will not match an uninterrupted run exactly "
                   f"(pass --threads {before} to match)", file=sys.stderr)
         history.append({"event": "resume", "time": _now(), "iteration": it, "changed": changed,
-                        "environment": env})
+                        **({"filled_in": filled_in} if filled_in else {}), "environment": env})
     atomic_write_text(cfg_path, json.dumps({**new, "environment": env, "history": history}, indent=2,
                                            sort_keys=True))
 
@@ -246,10 +265,18 @@ class _Logger:
             pass
 
     def log(self, it: int, values: dict[str, float]) -> None:
-        if self.rows and self.rows[-1]["it"] == it:
-            self.rows[-1].update(values)
+        """Add `values` to iteration `it`'s row (a background evaluation reports after later iterations' rows)."""
+        rows = self.rows
+        if rows and rows[-1]["it"] == it:
+            rows[-1].update(values)
+        elif not rows or rows[-1]["it"] < it:
+            rows.append({"it": it, **values})
         else:
-            self.rows.append({"it": it, **values})
+            i = bisect.bisect_left([r["it"] for r in rows], it)
+            if rows[i]["it"] == it:
+                rows[i].update(values)
+            else:
+                rows.insert(i, {"it": it, **values})
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, it)
@@ -306,75 +333,113 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
               progress: bool) -> dict[str, Any]:
     """The loop of `run_distillation`: resume, iterate, evaluate, checkpoint, report."""
     ckpt_path = run_dir / CHECKPOINT
-    start, best_val, rows = 0, -1.0, []
+    start, best_val, rows, resumed_pending = 0, -1.0, [], None
     if resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
         method.load_state_dict(ckpt["method"])
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
+        resumed_pending = ckpt.get("pending_eval")
         print(f"resuming {run_dir} from iteration {start}")
     main = is_main_process()  # with torchrun, only rank 0 writes; every rank takes a share of the evaluation runs
     env = _record_environment(run_dir, getattr(dataset, "location", None)) if main else {}
     logger = _Logger(run_dir, rows, tensorboard=main)
     (run_dir / "grids").mkdir(parents=True, exist_ok=True)
 
+    has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
+    stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau curriculum)
+    wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
+    background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
+                                                    rank_and_world()[1], wants_loss) else None
+    pending: int | None = None        # the iteration whose evaluation runs in the background
+    pending_dir = run_dir / PENDING
+
     def save_checkpoint(it: int) -> None:
         if not main:
             return
         _check_finite(it, run_dir, images=method.synset().images)  # never persist NaN images
-        write_checkpoint({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict()},
-                         ckpt_path)
+        write_checkpoint({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict(),
+                          "pending_eval": pending}, ckpt_path)
         logger.flush()
+        for old in pending_dir.glob("it_*.safetensors"):  # a resume re-runs only the evaluation named above
+            if pending is None or old.name != _pending_name(pending):
+                old.unlink(missing_ok=True)
 
-    has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
-    stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau curriculum)
+    def validate(it: int, s: SyntheticSet):
+        """The validation evaluation of the set of iteration `it` (None without a validation split)."""
+        if not (has_val or wants_loss):
+            return None
+        return evaluate_synset(s, dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
+                               seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss)
 
-    def evaluate(it: int) -> float:
-        """Validation accuracy under the set's own protocol and model; keeps last and best-on-validation sets."""
-        nonlocal best_val, stop_at
-        s = method.synset()
+    def evaluate(it: int, s: SyntheticSet | None = None) -> None:
+        """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
+        nonlocal pending
+        s = method.synset() if s is None else s
         _check_finite(it, run_dir, images=s.images)
-        wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
-        res = None
-        if has_val or wants_loss:  # torchrun: the dsa runs are split across the ranks
-            res = evaluate_synset(s, dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                                  seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss)
-            if hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
-                stop_at = it
+        if background is None:
+            record_eval(it, s, validate(it, s))
+            return
+        ensure_dir(pending_dir)
+        s.save(pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
+        background.start(lambda: (it, s, validate(it, s)))
+        pending = it
+
+    def collect() -> None:
+        """Wait for the background evaluation, if one runs, and record it."""
+        nonlocal pending
+        if background is not None and background.busy:
+            record_eval(*background.result())
+            pending = None
+
+    def record_eval(it: int, s: SyntheticSet, res) -> None:
+        """Log a validation result; keep the last and the best-on-validation sets; watch the run's health."""
+        nonlocal best_val, stop_at, val
+        if res is not None and hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
+            stop_at = it
         val = res.mean if has_val else math.nan
-        if not main:
-            return val
-        if has_val:
-            logger.log(it, {"val_acc": res.mean, "val_std": res.std,
-                            **({"val_steps": float(res.steps)} if res.steps else {})})
-        if res is not None and res.train_loss is not None:
-            logger.log(it, {"eval_train_loss": res.train_loss})
-        s.meta = {**s.meta, "iteration": it, "val_acc": res.mean if has_val else None}
-        s.save(run_dir / "last.safetensors")
-        s.save_grid(run_dir / "grids" / f"it_{it:06d}.png")
-        if not has_val or res.mean > best_val:
-            best_val = res.mean if has_val else best_val
-            s.save(run_dir / "best.safetensors")
-        return val
+        if main:
+            if has_val:
+                logger.log(it, {"val_acc": res.mean, "val_std": res.std,
+                                **({"val_steps": float(res.steps)} if res.steps else {})})
+            if res is not None and res.train_loss is not None:
+                logger.log(it, {"eval_train_loss": res.train_loss})
+            s.meta = {**s.meta, "iteration": it, "val_acc": res.mean if has_val else None}
+            s.save(run_dir / "last.safetensors")
+            s.save_grid(run_dir / "grids" / f"it_{it:06d}.png")
+            if not has_val or res.mean > best_val:
+                best_val = res.mean if has_val else best_val
+                s.save(run_dir / "best.safetensors")
+        if it < loop.iterations:  # the last evaluation ends the run anyway
+            health.after_eval(it, val)
 
     bar = tqdm(total=loop.iterations, initial=start, desc="distill", unit="it", disable=not (progress and main))
     val = best_val
     health = HealthMonitor(loop.health, getattr(method, "health_fix", DEFAULT_FIX), run_dir, logger.rows)
     t0 = time.time()
-    for it in range(start, loop.iterations + 1):
-        if it % loop.eval_every == 0 or it == loop.iterations:
-            val = evaluate(it)
-            if it < loop.iterations:  # the last evaluation ends the run anyway
-                health.after_eval(it, val)
-        if it == loop.iterations or stop_at is not None:
-            break
-        logs = method.step(it)
-        _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
-        logger.log(it, logs)
-        health.after_step(it, logs)
-        bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * val:.1f}"}, refresh=False)
-        bar.update(1)
-        if (it + 1) % loop.checkpoint_every == 0:
-            save_checkpoint(it + 1)
+    try:
+        if resumed_pending is not None:  # killed while that evaluation ran: run it again, same set and seed
+            evaluate(resumed_pending, SyntheticSet.load(pending_dir / _pending_name(resumed_pending)))
+        for it in range(start, loop.iterations + 1):
+            if it % loop.eval_every == 0 or it == loop.iterations:
+                collect()  # one evaluation at a time, recorded in iteration order
+                if it == loop.iterations and background is not None:  # nothing left to overlap: all threads
+                    background.close()
+                    background = None
+                evaluate(it)
+            if it == loop.iterations or stop_at is not None:
+                break
+            logs = method.step(it)
+            _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
+            logger.log(it, logs)
+            health.after_step(it, logs)
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * val:.1f}"}, refresh=False)
+            bar.update(1)
+            if (it + 1) % loop.checkpoint_every == 0:
+                save_checkpoint(it + 1)
+        collect()
+    finally:
+        if background is not None:
+            background.close()
     bar.close()
     if stop_at is not None and main:
         print(f"the plateau curriculum ended the run at iteration {stop_at} (window start at its cap, no progress)")
@@ -387,6 +452,11 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     result["environment"] = env
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     return result
+
+
+def _pending_name(it: int) -> str:
+    """File name, under RUN_DIR/pending/, of the set whose evaluation at iteration `it` runs in the background."""
+    return f"it_{it:06d}.safetensors"
 
 
 def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:

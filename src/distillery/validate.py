@@ -3,18 +3,22 @@
 Two kinds of checks: every value against the range its option declares (`options.check_values`, over the method's
 config, the loop's and the experts'), then the constraints between options and the data's cheap facts
 (`defaults.DataFacts`): expert epochs vs max_start_epoch + expert_epochs (also against an existing --experts store's
-manifest), window vs horizon, IPC vs class sizes, batch vs set size, Boost-DD blocks vs IPC.
+manifest), window vs horizon, IPC vs class sizes, batch vs set size, Boost-DD blocks vs IPC, --fast on vs --grad (and,
+once `distill` knows the device, vs a non-CUDA device: `check_fast`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .defaults import DataFacts
 from .errors import UserError
 from .options import check_values
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_config(config: dict[str, Any], classes: Iterable[type], facts: DataFacts) -> None:
@@ -60,6 +64,7 @@ def _check_mtt(config: dict[str, Any], n_syn: int) -> None:
     if config.get("batch_syn") is not None and config["batch_syn"] > n_syn:
         raise UserError(f"--batch-syn {config['batch_syn']} is larger than the {n_syn} synthetic images "
                         "(ipc x classes); lower it or leave it unset (the whole set)")
+    check_fast(config)
     every = config.get("grad_checkpoint_every")
     if every is not None and every > config["syn_steps"]:
         raise UserError(f"--grad-checkpoint-every {every} is more than --syn-steps {config['syn_steps']}; lower it")
@@ -72,6 +77,17 @@ def _check_mtt(config: dict[str, Any], n_syn: int) -> None:
     if config.get("lr_guard") == "clamp" and not config["lr_min"] <= config["lr_teacher"] <= config["lr_max"]:
         raise UserError(f"--lr-teacher {config['lr_teacher']:g} is outside [--lr-min, --lr-max] = "
                         f"[{config['lr_min']:g}, {config['lr_max']:g}]; change one of them")
+
+
+def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """--fast on: only for --grad unrolled or tesla and, once the device is known, only on CUDA (graph capture)."""
+    if config.get("fast") != "on":
+        return
+    if config.get("grad") not in ("unrolled", "tesla"):
+        raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
+                        "use one of those or --fast off")
+    if device is not None and str(device).split(":")[0] != "cuda":
+        raise UserError(f"--fast on captures a CUDA graph but the device is {device}; use --device cuda or --fast off")
 
 
 def _check_ratbptt(config: dict[str, Any], facts: DataFacts) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -271,7 +273,7 @@ def class_folders(split_dir: Path) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: Path) -> list[str]:
     """Paths of the image files directly inside a folder, sorted by name (plain strings and scandir: fast at 100k)."""
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith(".")
@@ -282,7 +284,7 @@ def _image_files(folder: Path) -> list[str]:
 def detect_channels(split_dir: Path) -> int:
     """1 if the first image of every class folder is grayscale, else 3 (cheap: PIL reads only headers)."""
     for name in class_folders(split_dir):
-        files = _image_files(split_dir / name)
+        files = image_files(split_dir / name)
         if files:
             with Image.open(files[0]) as im:
                 if im.mode not in _GRAY_MODES:
@@ -312,7 +314,7 @@ def read_selected_folders(split_dir: Path, classes: Sequence[str], resolution: i
     for label, name in enumerate(classes):
         if not (split_dir / name).is_dir():
             raise UserError(f"missing class folder {split_dir / name}; every split needs one folder per class")
-        class_files = _image_files(split_dir / name)
+        class_files = image_files(split_dir / name)
         if not class_files:
             raise UserError(f"class folder {split_dir / name} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += class_files
@@ -328,7 +330,7 @@ def read_tiny_imagenet(root: Path, resolution: int = 64) -> tuple[RawSplit, RawS
     wnids = sorted(set((root / "wnids.txt").read_text().split()))
     files, labels = [], []
     for label, wnid in enumerate(wnids):
-        class_files = _image_files(root / "train" / wnid / "images") if (root / "train" / wnid).is_dir() else []
+        class_files = image_files(root / "train" / wnid / "images") if (root / "train" / wnid).is_dir() else []
         if not class_files:
             raise UserError(f"{root / 'train' / wnid / 'images'} is missing or empty; is {root} complete?")
         files += class_files
@@ -436,19 +438,67 @@ def _decode_cached(tag: str, files: list[str], labels: np.ndarray, classes: list
 # ---------------------------------------------------------------- scikit-learn digits
 
 
+DIGITS_CSV = ("datasets", "data", "digits.csv.gz")  # inside the scikit-learn package: 64 pixels 0..16, label
+
+
 def read_sklearn_digits() -> tuple[RawSplit, RawSplit]:
     """scikit-learn's 1,797 8x8 digits with a fixed stratified split (1/3 test, random_state=0).
 
     Pixel values 0..16 become round(v * 255 / 16) so that 16 maps to exactly 255."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=1 / 3, random_state=0, stratify=labels)
+    pixels, target = sklearn_digits()
+    images = np.rint(pixels * (255 / 16)).astype(np.uint8)[..., None]
+    labels = target.astype(np.int64)
+    train_idx, test_idx = stratified_shuffle_split(labels, n_test=math.ceil(len(labels) / 3), seed=0)
     classes = [str(d) for d in range(10)]
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return (RawSplit(images[train_idx], labels[train_idx], classes),
             RawSplit(images[test_idx], labels[test_idx], classes))
 
+
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """`load_digits()`'s images (1797, 8, 8) float64 0..16 and labels, read straight from the CSV bundled with
+    scikit-learn when it is found (importing scikit-learn costs seconds), else through `load_digits`."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((p for p in (Path(f).joinpath(*DIGITS_CSV) for f in folders) if p.is_file()), None)
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def stratified_shuffle_split(labels: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) sorted indices, the same as scikit-learn's `train_test_split(np.arange(n), test_size=n_test,
+    random_state=seed, stratify=labels)` (its StratifiedShuffleSplit, re-done here to spare importing it)."""
+    rng = np.random.RandomState(seed)
+    _, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, len(labels) - n_test, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train, test = [], []
+    for i, count in enumerate(class_counts):
+        perm = class_indices[i].take(rng.permutation(count), mode="clip")
+        train.extend(perm[:n_i[i]])
+        test.extend(perm[n_i[i]:n_i[i] + t_i[i]])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Draws per class for a stratified sample of n_draws: the floored proportional shares, the rest given to the
+    largest remainders with ties broken at random (scikit-learn's `_approximate_mode`)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)

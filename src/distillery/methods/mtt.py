@@ -9,6 +9,10 @@ memory ∝ √N, one extra forward per step), `tesla` (TESLA's two-pass gradient
 in the parameter path: not MTT's exact gradient, SPEC §5.2). TESLA is this class with `grad="tesla"` and,
 optionally, soft labels read off the experts.
 
+`fast="on"` (CUDA; `grad="unrolled"` or `"tesla"`) replaces each segment's gradient call by replays of captured CUDA
+graphs (`graphed.py`, branch-free DSA): the whole unroll as one graph, or TESLA's second pass as one graph per step
+size replayed N times; the same per-segment result to float rounding.
+
 Several segments per iteration (`trajectories` = K, and torchrun: G processes): segment j = rank·K + i draws its
 expert, start epoch, minibatches and DSA from streams keyed by (seed, iteration, j) (`stream_generator`); the loss
 and the image and step-size gradients are averaged over the K segments, then over the ranks (all-reduce mean), and
@@ -40,12 +44,15 @@ from ..options import check_options, option
 from ..run import Diverged
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
+from ..validate import check_fast
+from .graphed import GraphedTesla, GraphedUnroll
 from .tesla import expert_soft_labels, tesla_grad
 from .trajectory import GradResult, checkpointed_grad, make_plan, unrolled_grad
 
 GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": tesla_grad}
 LABELS = ("hard", "expert", "frozen")
 LR_GUARDS = ("clamp", "log", "none")
+FAST = ("off", "on")
 LOG_STEP_MAX = 0.6931471805599453   # --lr-guard log: |Δ log α| <= ln 2 per iteration
 STILL_TOL = 1e-3                    # |L - 1| below this: the student ended where it started (it did not move)
 # Purposes of the random streams (first key after the seed in `stream_generator`).
@@ -68,6 +75,9 @@ class MTTConfig:
     pix_init: str = option("real", choices=("real", "noise"), help="initial images: real train images or noise")
     grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
                        help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
+    fast: str = option("off", choices=FAST, help="on: capture the whole iteration as one CUDA graph (CUDA only, grad "
+                                                 "unrolled; tesla: its second pass per step); off until "
+                                                 "benchmarks/gpu_suite.py has measured it")
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "
@@ -100,6 +110,7 @@ class MTT:
         spec = dataset.spec
         device = dataset.train.x.device
         check_options(cfg)  # the declared ranges and choices (grad, labels, pix_init, ...)
+        check_fast(asdict(cfg), device)
         if store.epochs < cfg.max_start_epoch - 1 + cfg.expert_epochs:
             raise UserError(f"experts have {store.epochs} epochs but max_start_epoch {cfg.max_start_epoch} + "
                             f"expert_epochs {cfg.expert_epochs} needs {cfg.max_start_epoch - 1 + cfg.expert_epochs}; "
@@ -110,6 +121,8 @@ class MTT:
                             "distil with an instance-norm or norm-free model (e.g. ConvNet) and evaluate on BN later")
         self.fm = FunctionalModel(model.to(device))
         self.augment = Augment(spec.dsa_strategy if cfg.dsa else "none")
+        graphed = {"unrolled": GraphedUnroll, "tesla": GraphedTesla}.get(cfg.grad) if cfg.fast == "on" else None
+        self.graphed = graphed(self.fm, self.augment) if graphed else None  # --fast on: captured CUDA graphs
 
         n = cfg.ipc * spec.num_classes
         gen = stream_generator(cfg.seed, _INIT, device=device)
@@ -178,8 +191,11 @@ class MTT:
                     self.labels = labels
             plan = make_plan(len(self.images), cfg.syn_steps, cfg.batch_syn, self.augment,
                              stream_generator(cfg.seed, _PLAN, it, j, device=device), self.ds.spec.im_size, device)
-            res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
-                                  self.augment, **kwargs)
+            if self.graphed is not None:  # the same per-segment result, replayed from one captured graph
+                res = self.graphed(self.images, labels, self.lr, theta_start, theta_target, plan)
+            else:
+                res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
+                                      self.augment, **kwargs)
             parts = [res.grad_images, res.grad_lr, torch.tensor(res.loss, device=device)]
             total = parts if i == 0 else [a + b for a, b in zip(total, parts)]
         grad_images, grad_lr, loss = (all_reduce_mean_(part / cfg.trajectories) for part in total)

@@ -13,6 +13,7 @@ so one pass stores the θ_i and sums G, and a second pass differentiates one ste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,10 +31,35 @@ def tesla_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, 
                theta_target: Tensor, plan: StepPlan, augment: Augment | None) -> GradResult:
     """TESLA gradient (SPEC §5.2 steps 1-5): autograd memory of one step whatever N; keeps the N θ_i vectors."""
     x, y, alpha = leaf_copies(images, labels, lr)
+    first = tesla_pass1(fm, x, y, alpha, theta_start, theta_target, plan, augment)
+
+    # Pass 2: per step, rebuild g_i at the stored θ_i on the same batch and augmentation (replayed from the plan, so
+    # the augmented batch is bit-identical to pass 1) and differentiate (2/D)·cᵀg_i; each graph is freed right away.
+    wrt = [x, y] if y.requires_grad else [x]
+    totals = [torch.zeros_like(t) for t in wrt]
+    for i in range(plan.steps):
+        grad = step_gradient(fm, first.thetas[i], x, y, plan, i, augment, create_graph=True)
+        for total, part in zip(totals, torch.autograd.grad(2.0 / first.denom * (first.c @ grad), wrt)):
+            total += part
+    return make_result(first.loss, (totals[0], first.grad_alpha, *totals[1:]), labels)
+
+
+@dataclass
+class PassOne:
+    """What TESLA's first pass leaves for the second: θ_i, c = α(θ* − θ_0) + α²G, D, L and ∂L/∂α."""
+
+    thetas: list[Tensor]
+    c: Tensor
+    denom: Tensor
+    loss: Tensor
+    grad_alpha: Tensor
+
+
+def tesla_pass1(fm: FunctionalModel, x: Tensor, y: Tensor, alpha: Tensor, theta_start: Tensor, theta_target: Tensor,
+                plan: StepPlan, augment: Augment | None) -> PassOne:
+    """Pass 1: run the student without any graph between steps (create_graph=False, P9); store θ_i, sum G."""
     a = alpha.detach()
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
-
-    # Pass 1: run the student without any graph between steps (create_graph=False, P9); store θ_i, sum G.
     thetas = []
     grad_sum = torch.zeros_like(theta_start)
     theta = theta_start
@@ -44,21 +70,9 @@ def tesla_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, 
         theta = theta - a * grad
     residual = theta - theta_target
     denom = (theta_start - theta_target).pow(2).sum()
-    loss = residual.pow(2).sum() / denom
-
-    # Pass 2: per step, rebuild g_i at the stored θ_i on the same batch and augmentation (replayed from the plan, so
-    # the augmented batch is bit-identical to pass 1) and differentiate (2/D)·cᵀg_i; each graph is freed right away.
     c = a * (theta_target - theta_start) + a * a * grad_sum
-    wrt = [x, y] if y.requires_grad else [x]
-    totals = [torch.zeros_like(t) for t in wrt]
-    for i in range(plan.steps):
-        grad = step_gradient(fm, thetas[i], x, y, plan, i, augment, create_graph=True)
-        for total, part in zip(totals, torch.autograd.grad(2.0 / denom * (c @ grad), wrt)):
-            total += part
-
     grad_alpha = -2.0 / denom * (residual @ grad_sum)  # step 5: G held fixed
-    grads = (totals[0], grad_alpha, *totals[1:])
-    return make_result(loss, grads, labels)
+    return PassOne(thetas, c, denom, residual.pow(2).sum() / denom, grad_alpha)
 
 
 @torch.no_grad()

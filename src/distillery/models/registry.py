@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -41,9 +42,15 @@ def create_model(name: str, channels: int, num_classes: int, im_size: tuple[int,
                     "(or a ConvNet variant such as ConvNetD4, ConvNetW64, ConvNetBN)")
 
 
+_GLOBAL_RNG = threading.Lock()  # init_seeded borrows the process-wide CPU generator
+
+
 def init_seeded(name: str, channels: int, num_classes: int, im_size: tuple[int, int], seed: int) -> nn.Module:
-    """Build `name` with a deterministic random init from `seed`, leaving the caller's global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
+    """Build `name` with a deterministic random init from `seed`, leaving the caller's global RNG untouched.
+
+    Thread-safe (evaluation runs build their networks side by side, `parallel.map_runs`): construction draws from
+    the global CPU generator, so one build at a time."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         # Seed only the CPU generator (the one construction uses): torch.manual_seed would also reseed every
         # CUDA generator, which fork_rng(devices=[]) does not restore.
         torch.default_generator.manual_seed(seed)

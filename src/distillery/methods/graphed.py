@@ -1,0 +1,189 @@
+"""MTT's unrolled iteration as ONE CUDA graph (`--fast on`): N student steps with double backward, then ∂L/∂(X, α).
+
+`unrolled_static` is `trajectory.unrolled_grad` written for capture: every input is a tensor of a fixed shape (the
+plan's indices and branch-free DSA parameters packed step after step by `pack_plan`), nothing reads a value back
+to the host, and the leaves X and α are made inside the function, so a capture holds no autograd node from an
+earlier (warm-up) call and no stream from outside the capture. It runs eagerly on any device, which is how the
+CPU tests check it against `unrolled_grad`.
+
+`GraphedUnroll` captures it once per input signature with `torch.cuda.graph` (warm-up on a side stream first, as
+the PyTorch CUDA-graph notes ask) and then replays: copy the iteration's tensors into the static buffers,
+`graph.replay()`, clone the three outputs. One graph serves every iteration because branch-free DSA runs the same
+ops whatever token a step drew (augment.py `apply_branch_free`). Only hard or fixed soft labels: labels that
+require grad are not captured.
+
+`GraphedTesla` does the same for TESLA's second pass (`tesla_step_static`: one step's ∂[(2/D)·cᵀg_i]/∂X), one graph
+per step size replayed N times; the first pass (no double backward) runs as in `tesla_grad`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..augment import Augment, AugParams
+from ..models import FunctionalModel
+from .tesla import tesla_pass1
+from .trajectory import GradResult, StepPlan, leaf_copies, match_loss
+
+AUG_FIELDS = ("brightness", "saturation", "contrast", "translate", "cutout", "flip", "scale", "rotate")
+
+
+def pack_plan(plan: StepPlan, augment: Augment | None) -> tuple[tuple[int, ...], Tensor, tuple[Tensor, ...]]:
+    """(step sizes, indices of all steps concatenated, each full DSA field concatenated over steps); no DSA fields
+    when the plan has no augmentation (augment None or the identity strategy)."""
+    sizes = tuple(len(idx) for idx in plan.indices)
+    indices = torch.cat(plan.indices)
+    if augment is None or not augment.tokens:
+        return sizes, indices, ()
+    full = []
+    for idx, params in zip(plan.indices, plan.aug):
+        if params is None or params.shared or params.batch != len(idx):
+            raise ValueError("the graphed unroll replays per-image DSA draws, one per step, as make_plan draws them")
+        full.append(augment.full_params(params))
+    return sizes, indices, tuple(torch.cat([getattr(p, name) for p in full]) for name in AUG_FIELDS)
+
+
+def unrolled_static(fm: FunctionalModel, augment: Augment | None, sizes: tuple[int, ...], images: Tensor,
+                    labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor, indices: Tensor,
+                    aug: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂X, ∂L/∂α, L) of one unrolled MTT iteration from `pack_plan`'s tensors: static shapes, no host
+    sync."""
+    x = images.detach().requires_grad_(True)
+    alpha = lr.detach().requires_grad_(True)
+    theta_start, theta_target = theta_start.detach(), theta_target.detach()
+    y = labels.detach()
+    theta = theta_start
+    offset = 0
+    for size in sizes:
+        batch = _step_batch(augment, x, indices[offset:offset + size], aug, offset)
+        idx = indices[offset:offset + size]
+        offset += size
+        point = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(fm(point, batch), y.index_select(0, idx))
+        (grad,) = torch.autograd.grad(loss, point, create_graph=True)
+        theta = theta - alpha * grad
+    loss = match_loss(theta, theta_start, theta_target)
+    grad_images, grad_lr = torch.autograd.grad(loss, [x, alpha])
+    return grad_images, grad_lr, loss.detach()
+
+
+def _step_batch(augment: Augment | None, x: Tensor, idx: Tensor, aug: tuple[Tensor, ...], offset: int) -> Tensor:
+    """X[idx] augmented with the branch-free DSA fields of the step that starts at `offset` in the packed plan."""
+    size = len(idx)
+    batch = x.index_select(0, idx)  # backward: index_add (no sort, no host sync), unlike x[idx]
+    if not aug:
+        return batch
+    params = AugParams(augment.tokens, tuple(x.shape[-2:]), size,
+                       **{name: t[offset:offset + size] for name, t in zip(AUG_FIELDS, aug)})
+    return augment.apply_branch_free(batch, params)
+
+
+def tesla_step_static(fm: FunctionalModel, augment: Augment | None, images: Tensor, labels: Tensor, theta: Tensor,
+                      weight: Tensor, indices: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
+    """∂(weightᵀ g)/∂X with g = ∇_θ CE at θ on one step's batch (TESLA pass 2, weight = 2c/D): static shapes."""
+    x = images.detach().requires_grad_(True)
+    point = theta.detach().requires_grad_(True)
+    batch = _step_batch(augment, x, indices, aug, 0)
+    loss = F.cross_entropy(fm(point, batch), labels.detach().index_select(0, indices))
+    (grad,) = torch.autograd.grad(loss, point, create_graph=True)
+    (grad_images,) = torch.autograd.grad(weight.detach() @ grad, x)
+    return grad_images
+
+
+class _Captured:
+    """One function of fixed-shape tensors captured as a CUDA graph: copy inputs in, replay, read the outputs."""
+
+    def __init__(self, fn, inputs: list[Tensor], warmup: int) -> None:
+        """Warm up on a side stream (cuDNN/cuBLAS choices, allocator), then capture one call of fn(*buffers)."""
+        self.inputs = [t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, inputs: list[Tensor]):
+        """Replay on `inputs`; the outputs are the static tensors, overwritten by the next replay."""
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
+def _check_inputs(images: Tensor, labels: Tensor) -> None:
+    if images.device.type != "cuda":
+        raise ValueError(f"the graphed gradients capture a CUDA graph; images are on {images.device}")
+    if labels.requires_grad:
+        raise ValueError("the graphed gradients do not differentiate the labels; use the plain gradient modes")
+
+
+class GraphedTesla:
+    """`tesla_grad` with the second pass replayed from one captured graph per step size (N replays)."""
+
+    def __init__(self, fm: FunctionalModel, augment: Augment | None, warmup: int = 3) -> None:
+        """Nothing is captured until the first call."""
+        self.fm, self.augment, self.warmup = fm, augment, warmup
+        self.captures = 0
+        self._graphs: dict[tuple, _Captured] = {}
+
+    def __call__(self, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor,
+                 plan: StepPlan) -> GradResult:
+        """Same result as `tesla_grad(fm, images, labels, lr, theta_start, theta_target, plan, augment)`."""
+        _check_inputs(images, labels)
+        x, y, alpha = leaf_copies(images, labels, lr)
+        first = tesla_pass1(self.fm, x, y, alpha, theta_start, theta_target, plan, self.augment)
+        weight = 2.0 / first.denom * first.c
+        sizes, indices, aug = pack_plan(plan, self.augment)
+        total = torch.zeros_like(x)
+        offset = 0
+        for size, theta in zip(sizes, first.thetas):
+            step_aug = [t[offset:offset + size] for t in aug]
+            inputs = [x.detach(), y.detach(), theta.detach(), weight, indices[offset:offset + size], *step_aug]
+            offset += size
+            key = tuple((t.shape, t.dtype, t.device) for t in inputs)
+            if key not in self._graphs:
+                self._graphs[key] = _Captured(self._step, inputs, self.warmup)
+                self.captures += 1
+            total += self._graphs[key](inputs)
+        return GradResult(float(first.loss), total, first.grad_alpha, None)
+
+    def _step(self, images: Tensor, labels: Tensor, theta: Tensor, weight: Tensor, indices: Tensor,
+              *aug: Tensor) -> Tensor:
+        return tesla_step_static(self.fm, self.augment, images, labels, theta, weight, indices, aug)
+
+
+class GraphedUnroll:
+    """`unrolled_grad` for a fixed model and augmentation, captured as one CUDA graph and replayed per iteration."""
+
+    def __init__(self, fm: FunctionalModel, augment: Augment | None, warmup: int = 3) -> None:
+        """Nothing is captured until the first call (which needs the shapes)."""
+        self.fm, self.augment, self.warmup = fm, augment, warmup
+        self.captures = 0  # how many times a graph was captured (a new input signature recaptures)
+        self._key: tuple | None = None
+        self._graph: _Captured | None = None
+
+    def __call__(self, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor,
+                 plan: StepPlan) -> GradResult:
+        """Same result as `unrolled_grad(fm, images, labels, lr, theta_start, theta_target, plan, augment)`."""
+        _check_inputs(images, labels)
+        sizes, indices, aug = pack_plan(plan, self.augment)
+        inputs = [t.detach() for t in (images, labels, lr, theta_start, theta_target, indices, *aug)]
+        key = (sizes, tuple((t.shape, t.dtype, t.device) for t in inputs))
+        if key != self._key:
+            self._graph = None  # free the old graph's pool before capturing the new one
+
+            def run(images, labels, lr, theta_start, theta_target, indices, *aug) -> tuple[Tensor, Tensor, Tensor]:
+                return unrolled_static(self.fm, self.augment, sizes, images, labels, lr, theta_start, theta_target,
+                                       indices, aug)
+
+            self._graph = _Captured(run, inputs, self.warmup)
+            self._key = key
+            self.captures += 1
+        grad_images, grad_lr, loss = (t.clone() for t in self._graph(inputs))  # the next replay overwrites them
+        return GradResult(float(loss), grad_images, grad_lr, None)
