@@ -8,6 +8,9 @@ see the same load.
 
     python benchmarks/quickstart.py                       # this checkout, 1 round
     python benchmarks/quickstart.py --compare /tmp/old --rounds 2 --threads 1
+    python benchmarks/quickstart.py --compare /tmp/d188df8 --compare-command "distill --method mtt --preset mtt/digits-ipc1"
+
+(`--compare-command`: the quick start of an older checkout whose bare command did not yet pick the digits preset.)
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ def yardstick(threads: int) -> float:
     return float(out.stdout.strip())
 
 
-def quick_start(src: Path, threads: int) -> tuple[float, float | None, str]:
-    """(wall seconds, best-set test accuracy %, version path) of the quick start run from checkout `src`."""
+def quick_start(src: Path, threads: int, command: list[str]) -> tuple[float, float | None, str]:
+    """(wall seconds, best-set test accuracy %, version path) of the quick start `command` run from checkout `src`."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "DISTILLERY_CACHE": f"{tmp}/cache", "PYTHONPATH": str(src / "src")}
         flags = ["--threads", str(threads)] if threads else []
         code = "import sys, distillery.cli as c; print('using', c.__file__, file=sys.stderr); c.main()"
         t = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", code, *QUICK_START, "--out", f"{tmp}/run", *flags],
+        run = subprocess.run([sys.executable, "-c", code, *command, "--out", f"{tmp}/run", *flags],
                              env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
         if run.returncode != 0:
@@ -71,16 +74,19 @@ def quick_start(src: Path, threads: int) -> tuple[float, float | None, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compare", type=Path, help="another distillery checkout to time in the same rounds")
+    ap.add_argument("--compare-command", default=" ".join(QUICK_START),
+                    help="the quick start command of the --compare checkout (default: this checkout's)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="--threads for both commands (0: PyTorch's choice)")
     args = ap.parse_args()
-    checkouts = {"this checkout": HERE, **({f"{args.compare}": args.compare.resolve()} if args.compare else {})}
+    checkouts = {"this checkout": (HERE, QUICK_START),
+                 **({f"{args.compare}": (args.compare.resolve(), args.compare_command.split())} if args.compare else {})}
     rows: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in checkouts}
     for rnd in range(args.rounds):
         order = list(checkouts.items()) if rnd % 2 == 0 else list(checkouts.items())[::-1]
-        for name, src in order:
+        for name, (src, command) in order:
             before = yardstick(args.threads)
-            wall, acc, used = quick_start(src, args.threads)
+            wall, acc, used = quick_start(src, args.threads, command)
             stick = (before + yardstick(args.threads)) / 2
             rows[name].append((wall, stick, acc))
             print(f"round {rnd}: {name} ({used}): {wall:.1f} s, yardstick {stick:.2f} s, "

@@ -46,7 +46,9 @@ def test_rule_on_digits_reproduces_the_validation_tuned_preset(method):
     """The small-data branch of the rule is the digits preset (chosen on validation), derived from the facts."""
     derived = derive_defaults(method, data_facts("digits"), 1)
     preset = get_preset(f"{method}/digits-ipc1")
-    keys = [k for k in derived if k in preset and k not in ("model",)]
+    # iterations: the MTT preset stops at 100, where its val peaked; the rule keeps 200 for data it has not seen
+    # (the digits-as-16x16-PNG run of the README was still best at its last iteration, 200)
+    keys = [k for k in derived if k in preset and k not in ("model", "iterations")]
     assert len(keys) >= 8
     assert {k: derived[k] for k in keys} == {k: preset[k] for k in keys}
 

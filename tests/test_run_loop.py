@@ -37,3 +37,25 @@ def test_nan_images_stop_the_run_and_the_checkpoint_stays_good(tmp_path):
         run_distillation(BreaksAt(ds, bad=4), ds, tmp_path, loop, progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["it"] == 4 and torch.isfinite(ckpt["method"]["x"]).all()
+
+
+@pytest.mark.parametrize("last_it", [4, 8])
+def test_final_report_measures_the_best_set_once_when_it_is_the_last(tmp_path, monkeypatch, last_it):
+    """best = last (same iteration): one measurement reported for both; otherwise each is measured."""
+    import distillery.run as run
+    ds = load_dataset("digits")
+    x, y = ds.random_set(1, torch.Generator().manual_seed(0))
+    SyntheticSet(x, y, meta={"num_classes": 10, "iteration": 4}).save(tmp_path / "best.safetensors")
+    SyntheticSet(x, y, meta={"num_classes": 10, "iteration": last_it}).save(tmp_path / "last.safetensors")
+    calls = []
+    real = run.evaluate_synset
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["split"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_synset", counting)
+    out = run.final_report(ds, tmp_path, LoopConfig(eval_epochs=2, final_eval_runs=2, eval_model="ConvNetD2"))
+    assert len(calls) == (1 if last_it == 4 else 2) and set(calls) == {"test"}
+    assert out["last"]["iteration"] == last_it and out["best"]["iteration"] == 4
+    assert out["last"]["test_accs"] == out["best"]["test_accs"]  # same images, same seeds: same numbers either way

@@ -481,6 +481,12 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
     models = parse_models(loop.eval_models, dataset.spec)
     for name in ("best", "last") if has_val else ("best",):
         s = SyntheticSet.load(run_dir / f"{name}.safetensors")
+        if name == "last" and s.meta.get("iteration") is not None and s.meta["iteration"] == out["best"]["iteration"]:
+            # the best set is the last one: the same images under the same seeds give the same numbers
+            out["last"] = {k: v for k, v in out["best"].items() if k != "models"}
+            if main:
+                print(f"last set = best set (iteration {s.meta.get('iteration')}): measured once, above")
+            continue
         results = [evaluate_synset(s, dataset, protocol=p, model=loop.eval_model, runs=loop.final_eval_runs,
                                    epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True)
                    for p in report_protocols(s.meta)]  # torchrun: every rank trains its share of the dsa runs
