@@ -89,3 +89,17 @@ def test_python_dash_m_distillery_runs_the_cli():
     bad = subprocess.run([sys.executable, "-m", "distillery", "baseline", "random", "--dataset", "digits", "--ipc",
                           "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --ipc 0 is out of range"), bad.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`distillery presets | head`: a reader that has gone ends the command without a traceback."""
+    import os
+    import subprocess
+    import sys
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    proc = subprocess.run([sys.executable, "-m", "distillery", "presets"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

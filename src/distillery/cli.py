@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -473,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `distillery presets | head`: the reader has gone, so stop quietly as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's stop) through _on_sigterm
         terminated = isinstance(e, Terminated)
         print(f"{'terminated' if terminated else 'interrupted'}; {_way_on(args)}", file=sys.stderr)

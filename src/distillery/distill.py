@@ -292,5 +292,6 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
         from .report import write_report
 
-        print(f"report: {write_report(run_dir, dataset=ds, device=device, from_run=True)}")
+        page = write_report(run_dir, dataset=ds, device=device, from_run=True, progress=progress)
+        print(f"report: {page}")
     return result

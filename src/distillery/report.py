@@ -307,7 +307,8 @@ def peak_memory(device: Any = None) -> dict[str, float]:
     return out
 
 
-def measure_baseline(dataset, config: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
+def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
+                     progress: bool = True) -> dict[str, dict[str, Any]]:
     """Random real images, `ipc` per class (a fresh draw per run, as `random_real_baseline`), under every protocol
     and model the final test evaluation used, with its runs, epochs and seed: {protocol: {model: record}}."""
     import torch
@@ -333,7 +334,7 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path) -> dict[str
             return evaluate_synset(real, dataset, protocol=protocol, model=model, runs=1, epochs=epochs, lr=0.01,
                                    seed=run_seed, split="test", progress=False)
 
-        results = random_real_runs(dataset, int(config["ipc"]), runs, seed, score)
+        results = random_real_runs(dataset, int(config["ipc"]), runs, seed, score, progress)
         accs, res = [a for r in results for a in r.accs], results[-1]
         out.setdefault(protocol, {})[model] = {"test_mean": float(sum(accs) / len(accs)),
                                                "test_std": float(torch.tensor(accs).std(unbiased=False)),
@@ -343,7 +344,7 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path) -> dict[str
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, dataset=None, device: Any = None,
-                 baseline: bool = True, from_run: bool = False) -> Path:
+                 baseline: bool = True, from_run: bool = False, progress: bool = True) -> Path:
     """Write RUN_DIR/report.html (or `out`); with `dataset`, first measure the random-real baseline into report.json.
 
     `from_run`: called by the process that ran the distillation, so its peak memory and device are the run's.
@@ -353,7 +354,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset=Non
         extra = _read_json(run_dir / REPORT_JSON)
         config = _read_json(run_dir / "config.json")
         if dataset is not None and baseline and config.get("ipc"):
-            extra["random_baseline"] = measure_baseline(dataset, config, run_dir)
+            extra["random_baseline"] = measure_baseline(dataset, config, run_dir, progress)
         if from_run:
             extra.update(peak_memory(device))
             if device is not None:
