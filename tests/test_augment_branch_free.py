@@ -16,13 +16,7 @@ DIGITS_STRATEGY = "color_crop_cutout_scale_rotate"
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: no intra-op threads (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def draw_of(augment: Augment, token: str, batch: int, size: tuple[int, int], seed: int = 0) -> AugParams:

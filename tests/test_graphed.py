@@ -24,13 +24,7 @@ CLASSES, IPC, CHANNELS, SIZE = 3, 2, 3, (16, 16)
 N_IMAGES = CLASSES * IPC
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: no intra-op threads (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def model(dtype: torch.dtype, device: str) -> FunctionalModel:

@@ -29,13 +29,7 @@ N_IMAGES = CLASSES * IPC
 DSA_ALL_OPS = Augment(mode="M")  # every DSA op (color, crop, cutout, flip, scale+rotate warp) at every step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box they cost ~10-100x in spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(num_classes: int = CLASSES) -> FunctionalModel:
