@@ -267,16 +267,11 @@ class _Logger:
     def log(self, it: int, values: dict[str, float]) -> None:
         """Add `values` to iteration `it`'s row (a background evaluation reports after later iterations' rows)."""
         rows = self.rows
-        if rows and rows[-1]["it"] == it:
-            rows[-1].update(values)
-        elif not rows or rows[-1]["it"] < it:
-            rows.append({"it": it, **values})
+        i = bisect.bisect_left(rows, it, key=lambda r: r["it"])  # rows stay in iteration order
+        if i < len(rows) and rows[i]["it"] == it:
+            rows[i].update(values)
         else:
-            i = bisect.bisect_left([r["it"] for r in rows], it)
-            if rows[i]["it"] == it:
-                rows[i].update(values)
-            else:
-                rows.insert(i, {"it": it, **values})
+            rows.insert(i, {"it": it, **values})
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, it)
