@@ -7,7 +7,8 @@ DATA_DIR holds the CIFAR-10 JPEG copy as `distillery distill --data-dir` reads i
 row is skipped. Rows (published H100 figures beside ours): MTT unrolled IPC 1/10/50 with N 50/30/30 and IPC 10 with
 N 20 and 80; TESLA and checkpointed at IPC 50 N 30; RaT-BPTT at the README setting (IPC 10, W 60, T 200, real
 batch 5000); an expert epoch (45,000 images: the published loop's port, ours one at a time, ours K at once); a
-5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together); a short-schedule
+5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together, on CUDA both of ours
+also from captured CUDA graphs, `--eval-fast on`); a short-schedule
 CIFAR-10 IPC 10 MTT run end to end, experts included, with its test accuracy. "fast on" = distillery's default
 paths (closed-form instance norm, chunked RaT meta-loss, grouped training); "fast off" = nn.GroupNorm, unchunked,
 one network at a time. "CUDA graph on/off" rows time MTT IPC 10 N 30 (default paths) with the whole iteration
@@ -15,7 +16,8 @@ captured as one CUDA graph (`--fast on`, methods/graphed.py) against the plain u
 needs CUDA) and says so. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
 (3 for iterations, 2 for expert epochs, 1 for evaluations), min / median / max and
 peak memory (allocated / reserved). The table is printed and written to `--rows-out` for RESULTS.md. Rows are
-skipped (and say so) once `--budget` seconds have passed.
+skipped (and say so) once `--budget` seconds have passed. A row that raises is marked failed with its error and the
+suite goes on; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -143,18 +145,23 @@ def expert_epochs(n: int, width: int, ks: list[int], device: str) -> dict[str, C
 
 
 def evaluations(runs: int, epochs: int, model: str, device: str) -> dict[str, Callable[[], object]]:
-    """A runs x epochs evaluation of a 100-image set: published port, ours one by one, ours together."""
+    """A runs x epochs evaluation of a 100-image set: published port, ours one by one, ours together; on CUDA also
+    both from captured CUDA graphs (`--eval-fast on`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 3, 32, 32, generator=g).to(device)
     y = torch.arange(10).repeat_interleave(10).to(device)
 
-    def ours(together: bool) -> Callable[[], object]:
-        return lambda: train_runs(model, x, y, 3, 10, epochs, 0.01, 256, DSA, list(range(runs)), None, together)
+    def ours(together: bool, fast: bool = False) -> Callable[[], object]:
+        return lambda: train_runs(model, x, y, 3, 10, epochs, 0.01, 256, DSA, list(range(runs)), None, together, fast)
 
-    return {f"evaluation {runs} x {epochs} ep, published loop":
-            lambda: [published_evaluate(x, y, 3, 10, epochs, DSA, seed=s, model=model) for s in range(runs)],
-            f"evaluation {runs} x {epochs} ep, ours one by one": ours(False),
-            f"evaluation {runs} x {epochs} ep, ours together": ours(True)}
+    label = f"evaluation {runs} x {epochs} ep"
+    fns = {f"{label}, published loop":
+           lambda: [published_evaluate(x, y, 3, 10, epochs, DSA, seed=s, model=model) for s in range(runs)],
+           f"{label}, ours one by one": ours(False), f"{label}, ours together": ours(True)}
+    if device == "cuda":
+        fns[f"{label}, ours one by one, CUDA graphs"] = ours(False, True)
+        fns[f"{label}, ours together, CUDA graphs"] = ours(True, True)
+    return fns
 
 
 def end_to_end(data: str | None, smoke: bool, device: str) -> tuple[str, float, str]:
@@ -210,6 +217,8 @@ def main() -> None:
              "| what | s: min / median / max | peak MiB allocated / reserved | published (H100) |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
 
+    failed: dict[str, str] = {}  # label -> the error of a row that raised
+
     def emit(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
@@ -220,8 +229,20 @@ def main() -> None:
             for label in fns:
                 emit(f"| {label} | skipped: budget of {args.budget:.0f} s used | | |")
             return
-        for label, st in alternate(fns, rounds, device, warmup).items():
-            emit(row(label, st, published.get(label, "—")))
+
+        def guarded(label: str, fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:  # one broken path must not cost the rest of the table (and the GPU minutes)
+                if label not in failed:
+                    try:
+                        fn()
+                    except Exception as err:  # noqa: BLE001 - recorded in the table; the exit code is 1
+                        failed[label] = f"{type(err).__name__}: {err}".splitlines()[0][:160].replace("|", "/")
+            return run
+
+        stats = alternate({label: guarded(label, fn) for label, fn in fns.items()}, rounds, device, warmup)
+        for label, st in stats.items():
+            emit(f"| {label} | failed: {failed[label]} | | |" if label in failed
+                 else row(label, st, published.get(label, "—")))
 
     for mode, ipc, steps in s.mtt:
         fns = {f"{mode} IPC {ipc} N {steps}, fast {f}": mtt_iteration(mode, ipc, steps, s.width, f == "on", device)
@@ -243,6 +264,8 @@ def main() -> None:
     timed(expert_epochs(s.expert_n, s.width, s.ks, device), {"expert epoch, published loop": "2.6 s"},
           max(1, s.rounds - 1))
     timed(evaluations(s.eval_runs, s.eval_epochs, s.eval_model, device), {}, 1, warmup=False)  # long: no warm-up
+    if device != "cuda":
+        emit(f"| evaluation, CUDA graphs (--eval-fast on) | not run: capture needs CUDA (device {device}) | | |")
     if args.data is None and not args.smoke:
         emit("| end to end, CIFAR-10 IPC 10 MTT | skipped: no --data | | 65.3 ± 0.7 % (full schedule) |")
     elif time.perf_counter() - t0 > args.budget:
@@ -254,6 +277,8 @@ def main() -> None:
     emit(f"Suite wall time {time.perf_counter() - t0:.1f} s.")
     atomic_write_text(Path(args.rows_out), "\n".join(lines) + "\n")
     print(f"rows written to {args.rows_out}")
+    if failed:
+        sys.exit(f"{len(failed)} row(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's stream and graph API on the CPU: streams do nothing, `torch.cuda.graph` runs its block, or raises
+    as a capture of an op that cannot be captured would, after `fake_cuda_graphs(fail=True)`."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    failing = {"on": False}
+
+    @contextlib.contextmanager
+    def graph(g):
+        if failing["on"]:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return lambda fail: failing.update(on=fail)

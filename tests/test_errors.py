@@ -22,6 +22,7 @@ import torch
 from distillery.cli import build_parser, main
 from distillery.data import load_dataset
 from distillery.data.download import SOURCES
+from distillery.errors import UserError
 from distillery.experts import train_experts
 from distillery.synset import SyntheticSet, preprocess_record
 
@@ -694,6 +695,8 @@ FAST_ROWS = [
     ("opt-fast-grad", ["--method", "mtt", "--fast", "on", "--grad", "checkpointed"], "not --grad checkpointed"),
     ("device-fast-cpu", ["--method", "tesla", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
     ("device-fast-cpu", ["--method", "mtt", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
+    ("device-eval-fast-cpu", ["--method", "ratbptt", "--eval-fast", "on", "--device", "cpu"],
+     "--eval-fast on replays captured CUDA graphs but the device is cpu"),
 ]
 
 
@@ -701,6 +704,25 @@ FAST_ROWS = [
 def test_fast_rows(capsys, tmp_path, row, argv, needle):
     one_line(capsys, ["distill", *argv, "--dataset", "digits", "--out", "run", "--no-progress"], needle)
     assert tree(tmp_path) == {}  # refused before anything was read or written
+
+
+@pytest.mark.parametrize("argv", [["baseline", "random", "--ipc", "1"], ["baseline", "full"]])
+def test_eval_fast_on_cpu_is_refused_before_data(capsys, tmp_path, argv):
+    """device-eval-fast-cpu for the commands that only evaluate."""
+    one_line(capsys, [*argv, "--dataset", "digits", "--device", "cpu", "--eval-fast", "on"],
+             "--eval-fast on replays captured CUDA graphs but the device is cpu")
+    assert tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize("option", ["--fast", "--eval-fast"], ids=["capture-failed-mtt", "capture-failed-eval"])
+def test_a_failed_capture_names_the_flag_that_turns_it_off(fake_cuda_graphs, option):
+    """A capture that fails (faked on the CPU: conftest `fake_cuda_graphs`) is one UserError naming the flag."""
+    from distillery.capture import Captured
+
+    fake_cuda_graphs(True)
+    with pytest.raises(UserError, match=rf"failed \(operation not permitted when stream is capturing\); rerun with "
+                                        rf"{option} off"):
+        Captured(lambda x: x * 2, [torch.ones(2)], warmup=1, option=option)
 
 
 # --- --resume of a run written by an older version (config.json without the newer keys) -------------------------

@@ -55,6 +55,8 @@ TOKENS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 _IDENTITY_STRATEGIES = ("none", "None", "")
 _RESAMPLING = frozenset({"scale", "rotate"})
+# The tensor fields of AugParams in one fixed order: what a captured graph takes as its static DSA inputs.
+PARAM_FIELDS = ("brightness", "saturation", "contrast", "translate", "cutout", "flip", "scale", "rotate")
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,21 @@ class Augment:
                 matrix = matrix @ self._matrix(token, x, full)
             x = _warp(x, matrix, self.align_corners)
         return x
+
+    def branch_free_fields(self, draws: Sequence[AugParams]) -> tuple[Tensor, ...]:
+        """`full_params` of each per-image draw, each PARAM_FIELDS field concatenated over the draws (the fixed-shape
+        DSA inputs of a captured graph); () for the identity strategy."""
+        if not self.tokens:
+            return ()
+        full = [self.full_params(p) for p in draws]
+        return tuple(torch.cat([getattr(p, name) for p in full]) for name in PARAM_FIELDS)
+
+    def apply_fields(self, x: Tensor, aug: Sequence[Tensor]) -> Tensor:
+        """`apply_branch_free` of x with `branch_free_fields` output for exactly its images (x itself for ())."""
+        if not aug:
+            return x
+        params = AugParams(self.tokens, tuple(x.shape[-2:]), len(x), **dict(zip(PARAM_FIELDS, aug)))
+        return self.apply_branch_free(x, params)
 
     def _run_stage(self, x: Tensor, stage: tuple[str, ...], p: AugParams) -> Tensor:
         """Apply one stage: a single token, or ('warp', *tokens) composed into one resampling."""

@@ -46,6 +46,17 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, help="networks trained from scratch (default 5)")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EVAL_EPOCHS})")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the set's learned lr, else 0.01)")
+    p.add_argument("--eval-fast", default="off", choices=["off", "on"],
+                   help="on (CUDA): train the networks from captured CUDA graphs (models without BatchNorm)")
+
+
+def _fast(args: argparse.Namespace) -> bool:
+    """--eval-fast on, refused before any data is read where the device is not CUDA."""
+    from .device import resolve_device
+    from .validate import check_fast
+
+    check_fast({"eval_fast": args.eval_fast}, resolve_device(args.device))
+    return args.eval_fast == "on"
 
 
 def _load(args: argparse.Namespace, dataset: str | None = None, zca: str | None = None):
@@ -122,6 +133,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     """Random-real or full-data baseline with the shared evaluation protocol."""
     from .evaluate import full_data_baseline, random_real_baseline
 
+    fast = _fast(args)
     ds = _load(args, zca=args.zca)
     lr = args.lr if args.lr is not None else 0.01
     if args.kind == "random":
@@ -129,12 +141,12 @@ def cmd_baseline(args: argparse.Namespace) -> None:
             raise UserError("baseline random needs --ipc K (real images per class)")
         epochs = DEFAULT_EVAL_EPOCHS if args.epochs is None else args.epochs
         res = random_real_baseline(ds, args.ipc, runs=args.runs, model=args.model, epochs=epochs, lr=lr,
-                                   seed=args.seed, progress=_progress(args))
+                                   seed=args.seed, progress=_progress(args), fast=fast)
         what = f"random real, {args.ipc} images per class"
     else:
         epochs = 30 if args.epochs is None else args.epochs
         res = full_data_baseline(ds, runs=args.runs, model=args.model, epochs=epochs, lr=lr, seed=args.seed,
-                                 progress=_progress(args))
+                                 progress=_progress(args), fast=fast)
         what = f"full data ({len(ds.train.x)} training images)"
     print(f"{ds.spec.name} ({ds.preprocess.kind}) {what}, {res.model}, {epochs} epochs, lr {lr:g}: test accuracy {res}")
     return {"command": "baseline", "kind": args.kind, "dataset": ds.spec.name, "preprocessing": ds.preprocess.kind,
@@ -177,6 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
+    fast = _fast(args)
     s = SyntheticSet.load(args.set)
     if args.ipc is not None:
         s = s.prefix(args.ipc)
@@ -185,8 +198,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     models = parse_models(args.eval_models, ds.spec) or [args.model or s.meta.get("model") or ds.spec.default_model]
     epochs = DEFAULT_EVAL_EPOCHS if args.epochs is None else args.epochs
     results = {m: evaluate_synset(s, ds, protocol=protocol, model=m, runs=args.runs, epochs=epochs, lr=args.lr,
-                                  seed=args.seed, split=args.split, progress=_progress(args), distributed=True)
-               for m in models}
+                                  seed=args.seed, split=args.split, progress=_progress(args), distributed=True,
+                                  fast=fast) for m in models}
     if not is_main_process():
         return None
     res = results[models[0]]

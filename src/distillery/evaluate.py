@@ -23,7 +23,7 @@ from .augment import Augment
 from .background import check_cancelled
 from .distributed import all_reduce_sum_, rank_and_world
 from .errors import UserError
-from .grouped_training import train_together
+from .grouped_training import capturable, train_captured, train_together
 from .models import FunctionalModel, init_seeded
 from .models.grouped import groupable
 from .parallel import map_runs
@@ -110,23 +110,35 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
 
 def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
                lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
-               together: bool | None = None) -> list[nn.Module]:
+               together: bool | None = None, fast: bool = False) -> list[nn.Module]:
     """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
-    grouped ConvNet (`together`; None = TOGETHER)."""
+    grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
+    (`grouped_training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
     together = TOGETHER.get(x.device.type, False) if together is None else together
+    if fast and x.device.type != "cuda":
+        raise UserError(f"fast evaluation replays captured CUDA graphs but the device is {x.device}; "
+                        "use --device cuda or --eval-fast off")
     template = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), 0).to(device=x.device, dtype=x.dtype)
-    if not (together and len(seeds) > 1 and groupable(template)):  # on the CPU: several runs at once, 1 thread each
+    group = together and len(seeds) > 1 and groupable(template)
+    fast = fast and capturable(template, len(seeds) if group else 1)
+    if not (group or fast):  # on the CPU: several runs at once, 1 thread each
         return map_runs(lambda s: train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s,
                                               progress), seeds, x.device)
     fm = FunctionalModel(template)
-    inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
-             for s in seeds]
-    gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
-    tick = None if progress is None else lambda: progress.update(len(seeds))
-    try:
-        flats = train_together(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
-    except FloatingPointError as err:
-        raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; evaluate with a smaller --lr") from None
+    train = train_captured if fast else train_together
+
+    def run(members: list[int]) -> list[torch.Tensor]:
+        inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
+                 for s in members]
+        gens = [torch.Generator(device=x.device).manual_seed(s) for s in members]
+        tick = None if progress is None else lambda: progress.update(len(members))
+        try:
+            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
+        except FloatingPointError as err:
+            raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; "
+                            "evaluate with a smaller --lr") from None
+
+    flats = run(seeds) if group else [f for s in seeds for f in run([s])]
     return [fm.load_into(f, copy.deepcopy(template)) for f in flats]
 
 
@@ -134,7 +146,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
                  epochs: int = 300, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
                  distributed: bool = False, protocol: str = "dsa", rat=None, train_loss: bool = False,
-                 together: bool | None = None) -> EvalResult:
+                 together: bool | None = None, fast: bool = False) -> EvalResult:
     """Train `runs` fresh networks on (x, y) and test each on `dataset`'s `split` ("val" or "test").
 
     `protocol`: "dsa" = MTT/TESLA's evaluate_synset (SPEC §7; `epochs`, `lr`, `batch`, `strategy` apply) or "rat"
@@ -142,7 +154,8 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     the step count is chosen on the validation split; single process).
 
     `together`: train the runs at once as one grouped ConvNet (equal to one by one up to float rounding); None =
-    `TOGETHER` for the device. Select anything (checkpoints, hyperparameters) on "val"; report "test" once.
+    `TOGETHER` for the device. `fast` (CUDA only): train from captured CUDA graphs (`train_runs`), equal up to float
+    rounding. Select anything (checkpoints, hyperparameters) on "val"; report "test" once.
 
     `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
     runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
@@ -169,7 +182,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     bar = tqdm(total=len(mine) * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False,
                disable=not (progress and rank == 0))
     nets = train_runs(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
-                      [seed * 1000 + r for r in mine], bar, together)
+                      [seed * 1000 + r for r in mine], bar, together, fast)
     for r, net in zip(mine, nets):
         accs[r] = accuracy(net, target.x, target.y)
     bar.close()
@@ -198,15 +211,16 @@ def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable
 
 
 def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = 300,
-                         lr: float = 0.01, seed: int = 0, split: str = "test", progress: bool = True) -> EvalResult:
+                         lr: float = 0.01, seed: int = 0, split: str = "test", progress: bool = True,
+                         fast: bool = False) -> EvalResult:
     """Random real images (`ipc` per class, a fresh draw per run) evaluated with the same protocol."""
     results = random_real_runs(dataset, ipc, runs, seed, lambda x, y, s: evaluate_set(
-        x, y, dataset, model, runs=1, epochs=epochs, lr=lr, seed=s, split=split, progress=False), progress)
+        x, y, dataset, model, runs=1, epochs=epochs, lr=lr, seed=s, split=split, progress=False, fast=fast), progress)
     return EvalResult([a for res in results for a in res.accs], results[0].model, epochs, lr, split)
 
 
 def full_data_baseline(dataset, runs: int = 1, model: str | None = None, epochs: int = 50, lr: float = 0.01,
-                       seed: int = 0, split: str = "test", progress: bool = True) -> EvalResult:
+                       seed: int = 0, split: str = "test", progress: bool = True, fast: bool = False) -> EvalResult:
     """Train on the whole training split (minus the held-out validation part) with the same recipe."""
     return evaluate_set(dataset.train.x, dataset.train.y, dataset, model, runs=runs, epochs=epochs, lr=lr,
-                        seed=seed, split=split, progress=progress)
+                        seed=seed, split=split, progress=progress, fast=fast)

@@ -66,7 +66,7 @@ PENDING = "pending"  # the set of an evaluation still running in the background 
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
                                "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "epochs", "eval_models", "eval_overlap"})
+                               "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast"})
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _CHECKSUM = b"\ndistillery-sha256:"
 _LOCKS: dict[Path, int] = {}
@@ -101,6 +101,9 @@ class LoopConfig:
     eval_overlap: str = option("auto", choices=("auto", "off"),
                                help="auto: on the CPU with 2+ threads, validation evaluations run in the background "
                                     "while distillation goes on (the threads split in half); off: wait for each")
+    eval_fast: str = option("off", choices=("off", "on"),
+                            help="on (CUDA): train the evaluation networks from captured CUDA graphs (models without "
+                                 "BatchNorm; the others train as usual); same numbers up to float rounding")
     health: str = option("stop", choices=("stop", "warn", "off"),
                          help="a dead run (alpha pinned, student still, val below the initial set): stop | warn | off")
     seed: int = option(0, low=0, help="seed of every random draw")
@@ -343,6 +346,7 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
     stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau curriculum)
     wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
+    fast = loop.eval_fast == "on"
     background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
                                                     rank_and_world()[1], wants_loss) else None
     pending: int | None = None        # the iteration whose evaluation runs in the background
@@ -364,7 +368,8 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
         if not (has_val or wants_loss):
             return None
         return evaluate_synset(s, dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                               seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss)
+                               seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss,
+                               fast=fast)
 
     def evaluate(it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
@@ -474,6 +479,7 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
     if not has_val and main:
         print("no validation split (--val-fraction 0): there was nothing to select on, best = last")
     models = parse_models(loop.eval_models, dataset.spec)
+    fast = loop.eval_fast == "on"
     for name in ("best", "last") if has_val else ("best",):
         s = SyntheticSet.load(run_dir / f"{name}.safetensors")
         if name == "last" and s.meta.get("iteration") is not None and s.meta["iteration"] == out["best"]["iteration"]:
@@ -483,7 +489,7 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
                 print(f"last set = best set (iteration {s.meta.get('iteration')}): measured once, above")
             continue
         results = [evaluate_synset(s, dataset, protocol=p, model=loop.eval_model, runs=loop.final_eval_runs,
-                                   epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True)
+                                   epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True, fast=fast)
                    for p in report_protocols(s.meta)]  # torchrun: every rank trains its share of the dsa runs
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
@@ -494,7 +500,7 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
                 print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
         if models and name == "best":
             table = {m: evaluate_synset(s, dataset, model=m, runs=loop.final_eval_runs, epochs=loop.eval_epochs,
-                                        seed=loop.seed, split="test", distributed=True) for m in models}
+                                        seed=loop.seed, split="test", distributed=True, fast=fast) for m in models}
             out[name]["models"] = {m: record(r) for m, r in table.items()}
             if main:
                 print(f"cross-architecture table of the best set ({set_protocol(s.meta)} protocol):")

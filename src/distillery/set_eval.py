@@ -46,10 +46,11 @@ def parse_models(text: str | None, spec) -> list[str]:
 
 def evaluate_synset(s, dataset, *, protocol: str | None = None, model: str | None = None, runs: int = 5,
                     epochs: int = 300, lr: float | None = None, seed: int = 0, split: str = "test",
-                    progress: bool = False, distributed: bool = False, train_loss: bool = False) -> EvalResult:
+                    progress: bool = False, distributed: bool = False, train_loss: bool = False,
+                    fast: bool = False) -> EvalResult:
     """Evaluate SyntheticSet `s` under `protocol` (default: the set's) on `model` (default: its distillation model).
 
-    `epochs`/`lr` are the dsa protocol's; the rat protocol takes its settings from the set (`RatProtocol`)."""
+    `epochs`/`lr`/`fast` are the dsa protocol's; the rat protocol takes its settings from the set (`RatProtocol`)."""
     protocol = protocol or set_protocol(s.meta)
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown --protocol '{protocol}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
@@ -57,7 +58,7 @@ def evaluate_synset(s, dataset, *, protocol: str | None = None, model: str | Non
     rat = RatProtocol.from_meta(s.meta) if protocol == "rat" else None
     return evaluate_set(s.images, s.labels, dataset, model or s.meta.get("model"), runs=runs, epochs=epochs, lr=lr,
                         seed=seed, split=split, progress=progress, distributed=distributed and protocol == "dsa",
-                        protocol=protocol, rat=rat, train_loss=train_loss)
+                        protocol=protocol, rat=rat, train_loss=train_loss, fast=fast and protocol == "dsa")
 
 
 def record(res: EvalResult) -> dict[str, Any]:

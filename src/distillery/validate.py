@@ -80,13 +80,18 @@ def _check_mtt(config: dict[str, Any], n_syn: int) -> None:
 
 
 def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """--fast on: only for --grad unrolled or tesla and, once the device is known, only on CUDA (graph capture)."""
+    """--fast on: only for --grad unrolled or tesla; it and --eval-fast on, once the device is known, only on CUDA
+    (graph capture)."""
+    on_cuda = device is None or str(device).split(":")[0] == "cuda"
+    if config.get("eval_fast") == "on" and not on_cuda:
+        raise UserError(f"--eval-fast on replays captured CUDA graphs but the device is {device}; "
+                        "use --device cuda or --eval-fast off")
     if config.get("fast") != "on":
         return
     if config.get("grad") not in ("unrolled", "tesla"):
         raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
                         "use one of those or --fast off")
-    if device is not None and str(device).split(":")[0] != "cuda":
+    if not on_cuda:
         raise UserError(f"--fast on captures a CUDA graph but the device is {device}; use --device cuda or --fast off")
 
 

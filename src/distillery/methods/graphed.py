@@ -6,7 +6,7 @@ to the host, and the leaves X and α are made inside the function, so a capture 
 earlier (warm-up) call and no stream from outside the capture. It runs eagerly on any device, which is how the
 CPU tests check it against `unrolled_grad`.
 
-`GraphedUnroll` captures it once per input signature with `torch.cuda.graph` (warm-up on a side stream first, as
+`GraphedUnroll` captures it once per input signature (`capture.Captured`: warm-up on a side stream first, as
 the PyTorch CUDA-graph notes ask) and then replays: copy the iteration's tensors into the static buffers,
 `graph.replay()`, clone the three outputs. One graph serves every iteration because branch-free DSA runs the same
 ops whatever token a step drew (augment.py `apply_branch_free`). Only hard or fixed soft labels: labels that
@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..augment import Augment, AugParams
+from ..augment import Augment
+from ..capture import Captured
 from ..models import FunctionalModel
 from .tesla import tesla_pass1
 from .trajectory import GradResult, StepPlan, leaf_copies, match_loss
-
-AUG_FIELDS = ("brightness", "saturation", "contrast", "translate", "cutout", "flip", "scale", "rotate")
-
 
 def pack_plan(plan: StepPlan, augment: Augment | None) -> tuple[tuple[int, ...], Tensor, tuple[Tensor, ...]]:
     """(step sizes, indices of all steps concatenated, each full DSA field concatenated over steps); no DSA fields
@@ -37,12 +35,10 @@ def pack_plan(plan: StepPlan, augment: Augment | None) -> tuple[tuple[int, ...],
     indices = torch.cat(plan.indices)
     if augment is None or not augment.tokens:
         return sizes, indices, ()
-    full = []
     for idx, params in zip(plan.indices, plan.aug):
         if params is None or params.shared or params.batch != len(idx):
             raise ValueError("the graphed unroll replays per-image DSA draws, one per step, as make_plan draws them")
-        full.append(augment.full_params(params))
-    return sizes, indices, tuple(torch.cat([getattr(p, name) for p in full]) for name in AUG_FIELDS)
+    return sizes, indices, augment.branch_free_fields(plan.aug)
 
 
 def unrolled_static(fm: FunctionalModel, augment: Augment | None, sizes: tuple[int, ...], images: Tensor,
@@ -71,13 +67,8 @@ def unrolled_static(fm: FunctionalModel, augment: Augment | None, sizes: tuple[i
 
 def _step_batch(augment: Augment | None, x: Tensor, idx: Tensor, aug: tuple[Tensor, ...], offset: int) -> Tensor:
     """X[idx] augmented with the branch-free DSA fields of the step that starts at `offset` in the packed plan."""
-    size = len(idx)
     batch = x.index_select(0, idx)  # backward: index_add (no sort, no host sync), unlike x[idx]
-    if not aug:
-        return batch
-    params = AugParams(augment.tokens, tuple(x.shape[-2:]), size,
-                       **{name: t[offset:offset + size] for name, t in zip(AUG_FIELDS, aug)})
-    return augment.apply_branch_free(batch, params)
+    return augment.apply_fields(batch, [t[offset:offset + len(idx)] for t in aug]) if aug else batch
 
 
 def tesla_step_static(fm: FunctionalModel, augment: Augment | None, images: Tensor, labels: Tensor, theta: Tensor,
@@ -90,30 +81,6 @@ def tesla_step_static(fm: FunctionalModel, augment: Augment | None, images: Tens
     (grad,) = torch.autograd.grad(loss, point, create_graph=True)
     (grad_images,) = torch.autograd.grad(weight.detach() @ grad, x)
     return grad_images
-
-
-class _Captured:
-    """One function of fixed-shape tensors captured as a CUDA graph: copy inputs in, replay, read the outputs."""
-
-    def __init__(self, fn, inputs: list[Tensor], warmup: int) -> None:
-        """Warm up on a side stream (cuDNN/cuBLAS choices, allocator), then capture one call of fn(*buffers)."""
-        self.inputs = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
-
-    def __call__(self, inputs: list[Tensor]):
-        """Replay on `inputs`; the outputs are the static tensors, overwritten by the next replay."""
-        for buffer, value in zip(self.inputs, inputs):
-            buffer.copy_(value)
-        self.graph.replay()
-        return self.outputs
 
 
 def _check_inputs(images: Tensor, labels: Tensor) -> None:
@@ -130,7 +97,7 @@ class GraphedTesla:
         """Nothing is captured until the first call."""
         self.fm, self.augment, self.warmup = fm, augment, warmup
         self.captures = 0
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: dict[tuple, Captured] = {}
 
     def __call__(self, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor,
                  plan: StepPlan) -> GradResult:
@@ -148,7 +115,7 @@ class GraphedTesla:
             offset += size
             key = tuple((t.shape, t.dtype, t.device) for t in inputs)
             if key not in self._graphs:
-                self._graphs[key] = _Captured(self._step, inputs, self.warmup)
+                self._graphs[key] = Captured(self._step, inputs, warmup=self.warmup)
                 self.captures += 1
             total += self._graphs[key](inputs)
         return GradResult(float(first.loss), total, first.grad_alpha, None)
@@ -166,7 +133,7 @@ class GraphedUnroll:
         self.fm, self.augment, self.warmup = fm, augment, warmup
         self.captures = 0  # how many times a graph was captured (a new input signature recaptures)
         self._key: tuple | None = None
-        self._graph: _Captured | None = None
+        self._graph: Captured | None = None
 
     def __call__(self, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor,
                  plan: StepPlan) -> GradResult:
@@ -182,7 +149,7 @@ class GraphedUnroll:
                 return unrolled_static(self.fm, self.augment, sizes, images, labels, lr, theta_start, theta_target,
                                        indices, aug)
 
-            self._graph = _Captured(run, inputs, self.warmup)
+            self._graph = Captured(run, inputs, warmup=self.warmup)
             self._key = key
             self.captures += 1
         grad_images, grad_lr, loss = (t.clone() for t in self._graph(inputs))  # the next replay overwrites them

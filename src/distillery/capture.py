@@ -1,0 +1,54 @@
+"""A function of fixed-shape tensors as one CUDA graph: capture once, then copy new inputs in and replay.
+
+Why: the hot loops (MTT's unroll, evaluation training) are launch-bound on a GPU, thousands of small kernels per
+iteration; a replayed graph launches them all at once. The function must read nothing back to the host and take
+every changing value as a tensor, so the captured kernels stay right for every replay. `state` tensors (weights,
+momentum, step size) are the function's to update in place across replays; `inputs` are copied into static buffers
+before each replay. Warm-up runs on a side stream first, as the PyTorch CUDA-graph notes ask (cuDNN/cuBLAS choices,
+the allocator), and the state is restored after it, so the warm-up calls leave no trace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+
+class Captured:
+    """fn(*state, *inputs) captured as a CUDA graph; calling it copies `inputs` in, replays, returns the outputs."""
+
+    def __init__(self, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor] = (), warmup: int = 3,
+                 option: str = "--fast") -> None:
+        """Warm up `warmup` calls on a side stream (state restored afterwards), then capture one call; a capture
+        that fails is a UserError naming `option`, the flag that turns capture off."""
+        self.inputs = [t.clone() for t in inputs]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*state, *self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, value in zip(state, saved):
+            t.copy_(value)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = fn(*state, *self.inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # an op that this PyTorch build cannot capture (the warm-up ran it eagerly)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
+                            "(same numbers up to float rounding)") from err
+
+    def __call__(self, inputs: Sequence[Tensor]):
+        """Replay on `inputs`; the outputs are static tensors, overwritten by the next replay."""
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        self.graph.replay()
+        return self.outputs

@@ -1,0 +1,194 @@
+"""Evaluation training from captured CUDA graphs (`grouped_training.train_captured`, `evaluate_set(fast=True)`).
+
+CPU: the step that gets captured, run eagerly (`capture=False`), trains one network like `evaluate.train_model` and
+K networks like `train_together` (float64, with DSA, a short last batch and the lr decay). Meta device: the captured
+functions (this step, MTT's unroll, TESLA's second pass) run on tensors without data, so none of them reads a value
+back to the host or builds a shape from data (what capture forbids). CUDA (skipped without a GPU): the replayed
+graphs equal the eager step, and `evaluate_set(fast=True)` equals the plain evaluation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillery.augment import Augment
+from distillery.errors import UserError
+from distillery.evaluate import train_model, train_runs
+from distillery.grouped_training import (autograd_step, capturable, sgd_static, train_captured, train_together)
+from distillery.methods.graphed import pack_plan, tesla_step_static, unrolled_static
+from distillery.methods.trajectory import make_plan
+from distillery.models import FunctionalModel, init_seeded
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+MODEL, CHANNELS, CLASSES, SIZE = "ConvNetD2W8", 3, 3, (16, 16)
+DSA = "color_crop_cutout_flip_scale_rotate"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def data(dtype: torch.dtype, device: str = "cpu", n: int = 10):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, CHANNELS, *SIZE, generator=gen, dtype=dtype)
+    return x.to(device), (torch.arange(n) % CLASSES).to(device)
+
+
+def captured(x, y, seeds, strategy, epochs=3, batch=4, capture=False):
+    """Flat weights after `train_captured` of one network per seed, all at once."""
+    template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(x.device, x.dtype)
+    fm = FunctionalModel(template)
+    inits = [fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach().to(x.device) for s in seeds]
+    gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+    return train_captured(template, inits, x, y, epochs, 0.05, batch, Augment(strategy), gens, capture=capture)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= rtol * scale, ((a - b).abs().max().item(), scale)
+
+
+@pytest.mark.parametrize("strategy", [DSA, "none"])
+def test_eager_captured_step_trains_like_train_model(strategy):
+    """One network, 10 images in batches of 4, 4 and 2, 4 passes with the decay after the third: float64."""
+    x, y = data(torch.float64)
+    (got,) = captured(x, y, [7], strategy)
+    model = train_model(MODEL, x, y, CHANNELS, CLASSES, epochs=3, lr=0.05, batch=4, strategy=strategy, seed=7)
+    ref = FunctionalModel(model).flatten(model).detach()
+    assert not torch.equal(ref, FunctionalModel(model).flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 7)))
+    assert_close(got, ref, 1e-9)
+
+
+def test_eager_captured_step_trains_k_networks_like_train_together():
+    x, y = data(torch.float64)
+    seeds = [1, 2, 3]
+    got = captured(x, y, seeds, DSA)
+    template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)
+    fm = FunctionalModel(template)
+    inits = [fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach() for s in seeds]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    ref = train_together(template, inits, x, y, 3, 0.05, 4, Augment(DSA), gens)
+    for a, b in zip(got, ref):
+        assert_close(a, b, 1e-9)
+
+
+def test_soft_labels_and_divergence():
+    """Per-image probability vectors train like train_model; a diverging run raises FloatingPointError."""
+    x, _ = data(torch.float64)
+    y = torch.softmax(torch.randn(len(x), CLASSES, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 1)
+    (got,) = captured(x, y, [0], DSA, epochs=2)
+    model = train_model(MODEL, x, y, CHANNELS, CLASSES, epochs=2, lr=0.05, batch=4, strategy=DSA, seed=0)
+    assert_close(got, FunctionalModel(model).flatten(model).detach(), 1e-9)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        captured(x * 1e300, y, [0], "none", epochs=1)
+
+
+def test_what_can_be_captured_and_where():
+    """BatchNorm statistics live outside the flat state: not capturable; fast evaluation needs CUDA."""
+    plain = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0)
+    assert capturable(plain, 1) and capturable(plain, 5)
+    assert not capturable(init_seeded("ConvNetBN", CHANNELS, CLASSES, SIZE, 0), 1)
+    x, y = data(torch.float32)
+    with pytest.raises(UserError, match="--eval-fast off"):
+        train_runs(MODEL, x, y, CHANNELS, CLASSES, 1, 0.01, 4, DSA, [0], fast=True)
+    with pytest.raises(ValueError, match="mode-'S'"):
+        train_captured(plain, [FunctionalModel(plain).flatten(plain).detach()], x, y, 1, 0.01, 4,
+                       Augment(DSA, mode="M"), [torch.Generator()], capture=False)
+
+
+def meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_captured_evaluation_step_runs_on_meta_tensors(k):
+    """On the meta device .item(), nonzero and CPU tensors mixed in all fail: the step needs no host read."""
+    augment = Augment(DSA)
+    template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0)
+    step = autograd_step(FunctionalModel(template.to("meta")), k)
+    draws = [augment.sample(4, torch.Generator().manual_seed(s), SIZE) for s in range(k)]
+    flats = torch.zeros(k, FunctionalModel(template).num_params, device="meta")
+    x, y = data(torch.float32)
+    losses = sgd_static(step, augment, meta(x), meta(y), flats, torch.zeros_like(flats), meta(torch.tensor(0.1)),
+                        meta(torch.randint(10, (k, 4))), tuple(meta(t) for t in augment.branch_free_fields(draws)))
+    assert losses.device.type == "meta" and losses.shape == (k,)
+
+
+def test_mtt_captured_functions_run_on_meta_tensors():
+    augment = Augment(DSA)
+    fm = FunctionalModel(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to("meta"))
+    x, y = data(torch.float32, n=6)
+    plan = make_plan(6, 3, 4, augment, torch.Generator().manual_seed(0), SIZE, "cpu")
+    sizes, indices, aug = pack_plan(plan, augment)
+    theta = torch.zeros(fm.num_params, device="meta")
+    aug = tuple(meta(t) for t in aug)
+    out = unrolled_static(fm, augment, sizes, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta,
+                          meta(indices), aug)
+    assert [t.device.type for t in out] == ["meta"] * 3
+    grad = tesla_step_static(fm, augment, meta(x), meta(y), theta, theta, meta(indices[:sizes[0]]),
+                             tuple(t[:sizes[0]] for t in aug))
+    assert grad.device.type == "meta" and grad.shape == x.shape
+
+
+@CUDA
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
+def test_replayed_graphs_equal_the_eager_step(seeds):
+    x, y = data(torch.float32, "cuda")
+    for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
+        assert_close(a, b, 1e-4)
+
+
+@CUDA
+@pytest.mark.parametrize("together", [False, True])
+def test_fast_train_runs_equal_plain(together):
+    x, y = data(torch.float32, "cuda")
+    args = (MODEL, x, y, CHANNELS, CLASSES, 3, 0.05, 4, DSA, [0, 1])
+    for fast, plain in zip(train_runs(*args, together=together, fast=True), train_runs(*args, together=together)):
+        assert_close(FunctionalModel(fast).flatten(fast).detach(), FunctionalModel(plain).flatten(plain).detach(), 1e-4)
+
+
+def test_capture_warm_up_leaves_the_state_as_it_was(fake_cuda_graphs):
+    """Warm-up calls run the step for real; the state they moved is put back before the capture (conftest's fake
+    `torch.cuda.graph` runs the captured call too)."""
+    from distillery.capture import Captured
+
+    weights, calls = torch.zeros(3), []
+
+    def step(w, inc):
+        calls.append(1)
+        w.add_(inc)
+        return w.sum()
+
+    Captured(step, [torch.ones(3)], [weights], warmup=3)
+    assert len(calls) == 4 and torch.equal(weights, torch.ones(3))  # 3 warm-ups undone, then the captured call
+
+
+class _ReplayOnCpu:
+    """`capture.Captured` with CUDA's semantics emulated eagerly: the capture call changes no state (CUDA records
+    kernels without running them), every replay runs fn on the static input buffers and the state tensors given at
+    capture, and writes into the same output tensors."""
+
+    def __init__(self, fn, inputs, state=(), warmup=3, option="--fast") -> None:
+        self.fn, self.state, self.inputs = fn, list(state), [t.clone() for t in inputs]
+        saved = [t.clone() for t in self.state]
+        for _ in range(warmup + 1):  # the warm-ups and the capture call: none of them leaves a trace
+            self.outputs = fn(*self.state, *self.inputs)
+            for t, value in zip(self.state, saved):
+                t.copy_(value)
+
+    def __call__(self, inputs):
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        self.outputs.copy_(self.fn(*self.state, *self.inputs))
+        return self.outputs
+
+
+@pytest.mark.parametrize("seeds", [[4], [4, 5]])
+def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, seeds):
+    """The loop around the graphs (static buffers, state updated in place, the momentum restart) under emulated
+    replays: the same weights as the eager step, so capture adds nothing but the graph itself."""
+    import distillery.grouped_training as gt
+
+    monkeypatch.setattr(gt, "Captured", _ReplayOnCpu)
+    x, y = data(torch.float64)
+    for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
+        assert torch.equal(a, b)
