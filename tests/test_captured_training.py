@@ -192,3 +192,50 @@ def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, seed
     x, y = data(torch.float64)
     for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("group,momentum,weight_decay,decay", [([0], 0.0, 0.0, False), ([0, 1], 0.0, 0.0, True),
+                                                              ([0, 1], 0.9, 5e-4, True)])
+def test_experts_from_captured_steps_equal_plain(monkeypatch, tmp_path, group, momentum, weight_decay, decay):
+    """`--fast on` experts (`_train_group` with CapturedSGD under emulated replays): the same snapshots, momentum
+    buffers and final weights as the plain epoch loop, for one expert and a grouped pair, with the buffer.py recipes."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    import distillery.grouped_training as gt
+    from distillery import experts
+
+    monkeypatch.setattr(gt, "Captured", _ReplayOnCpu)
+    template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)
+    x, y = data(torch.float64)
+    fm = FunctionalModel(template)
+
+    def init(s: int) -> torch.Tensor:
+        return fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach().to(torch.float64)
+
+    finals = {}
+    for fast in (False, True):
+        out = tmp_path / str(fast)
+        finals[fast] = experts._train_group(fm, init, (x, y), Augment(DSA), group, 0, 3, 0.05, 4, decay, out,
+                                            tqdm(disable=True), momentum, weight_decay, fast)
+    assert_close(finals[True], finals[False], 1e-9)
+    plain = sorted(p.relative_to(tmp_path / "False") for p in (tmp_path / "False").rglob("*.safetensors"))
+    assert plain == sorted(p.relative_to(tmp_path / "True") for p in (tmp_path / "True").rglob("*.safetensors"))
+    for rel in plain:
+        a, b = load_file(tmp_path / "True" / rel), load_file(tmp_path / "False" / rel)
+        assert a.keys() == b.keys(), rel  # no momentum buffer saved where the recipe has none
+        for key in a:
+            if a[key].is_floating_point() and b[key].abs().max() > 0:
+                assert_close(a[key], b[key], 1e-9)
+            else:
+                assert torch.equal(a[key], b[key]), (rel, key)  # generator states: the same draws
+
+
+def test_fast_experts_need_cuda(tmp_path):
+    from distillery.data import load_dataset
+    from distillery.experts import train_experts
+
+    with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):
+        train_experts(load_dataset("digits"), MODEL, 1, epochs=1, out_dir=tmp_path / "e", device="cpu", fast=True,
+                      progress=False)
+    assert not (tmp_path / "e").exists()

@@ -693,8 +693,8 @@ def test_every_row_of_the_table_has_a_test():
 # --- --fast on (the CUDA-graph MTT iteration): grad mode and device ----------------------------------------------
 FAST_ROWS = [
     ("opt-fast-grad", ["--method", "mtt", "--fast", "on", "--grad", "checkpointed"], "not --grad checkpointed"),
-    ("device-fast-cpu", ["--method", "tesla", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
-    ("device-fast-cpu", ["--method", "mtt", "--fast", "on", "--device", "cpu"], "--fast on captures a CUDA graph"),
+    ("device-fast-cpu", ["--method", "tesla", "--fast", "on", "--device", "cpu"], "--fast on replays captured CUDA graphs"),
+    ("device-fast-cpu", ["--method", "mtt", "--fast", "on", "--device", "cpu"], "--fast on replays captured CUDA graphs"),
     ("device-eval-fast-cpu", ["--method", "ratbptt", "--eval-fast", "on", "--device", "cpu"],
      "--eval-fast on replays captured CUDA graphs but the device is cpu"),
 ]
@@ -706,11 +706,14 @@ def test_fast_rows(capsys, tmp_path, row, argv, needle):
     assert tree(tmp_path) == {}  # refused before anything was read or written
 
 
-@pytest.mark.parametrize("argv", [["baseline", "random", "--ipc", "1"], ["baseline", "full"]])
-def test_eval_fast_on_cpu_is_refused_before_data(capsys, tmp_path, argv):
-    """device-eval-fast-cpu for the commands that only evaluate."""
-    one_line(capsys, [*argv, "--dataset", "digits", "--device", "cpu", "--eval-fast", "on"],
-             "--eval-fast on replays captured CUDA graphs but the device is cpu")
+@pytest.mark.parametrize("argv,flag", [(["baseline", "random", "--ipc", "1", "--eval-fast", "on"], "--eval-fast"),
+                                       (["baseline", "full", "--eval-fast", "on"], "--eval-fast"),
+                                       (["experts", "--out", "e", "--fast", "on"], "--fast")],
+                         ids=["device-eval-fast-cpu-random", "device-eval-fast-cpu-full", "device-fast-cpu-experts"])
+def test_fast_on_cpu_is_refused_before_data(capsys, tmp_path, argv, flag):
+    """The commands that evaluate or train experts: refused before any data is read or anything is written."""
+    one_line(capsys, [*argv, "--dataset", "digits", "--device", "cpu"],
+             f"{flag} on replays captured CUDA graphs but the device is cpu")
     assert tree(tmp_path) == {}
 
 

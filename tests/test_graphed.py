@@ -188,7 +188,7 @@ def test_fast_is_off_by_default_and_refused_on_cpu():
     args = build_parser().parse_args(["distill", "--method", "mtt", "--dataset", "digits", "--out", "run"])
     assert MTTConfig().fast == "off" and resolve_config(args)["fast"] == "off"
     ds = load_dataset("digits")  # on the CPU: the library path refuses too, before experts are read
-    with pytest.raises(UserError, match="--fast on captures a CUDA graph but the device is cpu"):
+    with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):
         MTT(ds, None, MTTConfig(fast="on"))
     with pytest.raises(UserError, match="not --grad checkpointed"):
         MTT(ds, None, MTTConfig(fast="on", grad="checkpointed"))

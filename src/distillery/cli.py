@@ -53,9 +53,10 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def _fast(args: argparse.Namespace) -> bool:
     """--eval-fast on, refused before any data is read where the device is not CUDA."""
     from .device import resolve_device
-    from .validate import check_fast
+    from .validate import check_cuda
 
-    check_fast({"eval_fast": args.eval_fast}, resolve_device(args.device))
+    if args.eval_fast == "on":
+        check_cuda("--eval-fast", resolve_device(args.device))
     return args.eval_fast == "on"
 
 
@@ -275,15 +276,19 @@ def cmd_experts(args: argparse.Namespace) -> None:
     from .distributed import init_from_env, is_main_process
     from .experts import train_experts
     from .io import ensure_dir
+    from .validate import check_cuda
 
     _check_expert_recipe(args)
+    device = resolve_device(args.device)
+    if args.fast == "on":
+        check_cuda("--fast", device)
     ensure_dir(args.out)  # before the data are read
-    device = init_from_env(resolve_device(args.device))
+    device = init_from_env(device)
     ds = _load(args, zca=args.zca)
     model = args.model or ds.spec.default_model
     train_experts(ds, model, args.num_experts, epochs=args.epochs, lr=args.lr, batch=args.batch, out_dir=args.out,
                   device=device, seed=args.seed, progress=_progress(args), momentum=args.momentum,
-                  weight_decay=args.l2, decay=args.decay)
+                  weight_decay=args.l2, decay=args.decay, fast=args.fast == "on")
     if is_main_process():
         print(f"{args.num_experts} experts of {model} on {ds.spec.name} are in {args.out}")
 
@@ -452,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch", type=int, default=256)
     _add_expert_recipe(p)
+    p.add_argument("--fast", default="off", choices=["off", "on"],
+                   help="on (CUDA): every minibatch step replays a captured CUDA graph (same numbers up to rounding)")
     p.add_argument("--out", required=True, help="directory for the expert store")
     _add_common(p)
     p.set_defaults(func=cmd_experts)

@@ -212,7 +212,7 @@ def _experts_for(config: dict[str, Any], ds, device, progress: bool):
         train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"], lr=config["expert_lr"],
                       out_dir=path, device=device, seed=config["seed"], progress=progress,
                       momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
-                      decay=config["expert_decay"])
+                      decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
     store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
                              expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
     return limit_experts(store, config.get("max_files"), config.get("max_experts"))

@@ -27,6 +27,7 @@ from .grouped_training import capturable, train_captured, train_together
 from .models import FunctionalModel, init_seeded
 from .models.grouped import groupable
 from .parallel import map_runs
+from .validate import check_cuda
 
 _CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
 # Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
@@ -115,9 +116,8 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
     grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
     (`grouped_training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
     together = TOGETHER.get(x.device.type, False) if together is None else together
-    if fast and x.device.type != "cuda":
-        raise UserError(f"fast evaluation replays captured CUDA graphs but the device is {x.device}; "
-                        "use --device cuda or --eval-fast off")
+    if fast:
+        check_cuda("--eval-fast", x.device)
     template = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), 0).to(device=x.device, dtype=x.dtype)
     group = together and len(seeds) > 1 and groupable(template)
     fast = fast and capturable(template, len(seeds) if group else 1)

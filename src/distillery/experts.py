@@ -72,10 +72,11 @@ from .augment import Augment
 from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
-from .grouped_training import augment_each, autograd_step
+from .grouped_training import CapturedSGD, augment_each, autograd_step, capturable
 from .io import atomic_write_bytes, atomic_write_text
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 from .parallel import map_runs
+from .validate import check_cuda
 
 if TYPE_CHECKING:
     from .data import Dataset, Split
@@ -126,7 +127,7 @@ def epoch_lr(lr: float, epoch: int, epochs: int, decay: bool) -> float:
 def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
                   out_dir: str | Path, device: str | torch.device | None = None, seed: int = 0,
                   parallel: int | None = None, decay: bool = False, progress: bool = True, momentum: float = 0.0,
-                  weight_decay: float = 0.0) -> ExpertStore:
+                  weight_decay: float = 0.0, fast: bool = False) -> ExpertStore:
     """Train experts 0..num_experts-1 into `out_dir` (resuming whatever is already there) and open the store.
 
     `momentum`, `weight_decay`, `decay`: buffer.py's --mom, --l2 and --decay (torch.optim.SGD's update, dampening 0;
@@ -137,6 +138,8 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     same trajectories up to float rounding. None picks `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap
     measured 1.2-2x slower per expert (docs/EXPERTS.md), and 1 on CUDA until a GPU measurement says otherwise.
     Memory grows linearly with `parallel` (~1.1 GB per expert for ConvNet on 32x32 at batch 256).
+    `fast` (CUDA only): every minibatch step replays a captured CUDA graph (`grouped_training.CapturedSGD`), equal up
+    to float rounding; for a K > 1 group of a model that cannot be grouped it trains as usual.
     Device: `device`, or where `ds.train.x` lives when None. `progress` shows a bar and prints each expert's
     val/test accuracy. With torch.distributed initialised (torchrun) every rank must call this: rank r trains experts
     r, r + G, ... and all ranks return once the whole store is finished.
@@ -149,6 +152,8 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     if not (0 <= momentum < 1 and weight_decay >= 0):
         raise UserError(f"expert momentum must be in [0, 1) and weight decay >= 0, got {momentum} and {weight_decay}")
     device = ds.train.x.device if device is None else resolve_device(device)
+    if fast:
+        check_cuda("--fast", device)
     parallel = DEFAULT_PARALLEL.get(device.type, 1) if parallel is None else parallel
     if parallel < 1:
         raise UserError(f"parallel must be at least 1, got {parallel}")
@@ -184,7 +189,7 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     def run_group(group: list[int]) -> None:
         own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one per thread
         finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
-                              momentum, weight_decay)
+                              momentum, weight_decay, fast)
         for k, final in zip(group, finals):
             entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
             if progress:
@@ -245,8 +250,10 @@ def _record_expert(out: Path, entry: dict) -> None:
 
 def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
                  augment: Augment, group: list[int], seed: int, epochs: int, lr: float, batch: int, decay: bool,
-                 out: Path, bar: tqdm, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.Tensor:
-    """Train the experts in `group` side by side from their last saved epoch; return final parameters (K, P)."""
+                 out: Path, bar: tqdm, momentum: float = 0.0, weight_decay: float = 0.0,
+                 fast: bool = False) -> torch.Tensor:
+    """Train the experts in `group` side by side from their last saved epoch; return final parameters (K, P).
+    `fast`: from captured CUDA graphs where the model allows it (`CapturedSGD`)."""
     x, y = train
     device = x.device
     seeds = [expert_seed(seed, k) for k in group]
@@ -265,11 +272,19 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
             torch.zeros_like(flats)
     bar.update(start * len(group))
     step = _make_step(fm, len(group))
+    captured = None
+    if fast and capturable(fm.module, len(group)):  # the weights and buffers become the graphs' state
+        flats = flats.clone()
+        captured = CapturedSGD(step, augment, x, y, flats, torch.zeros_like(flats) if bufs is None else bufs,
+                               momentum, weight_decay, option="--fast")
     for epoch in range(start, epochs):
         lr_now = epoch_lr(lr, epoch, epochs, decay)
         if bufs is not None and epoch and lr_now != epoch_lr(lr, epoch - 1, epochs, decay):
             bufs.zero_()  # buffer.py builds a new SGD optimiser (fresh momentum) when the lr decays
-        flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, lr_now, bufs, momentum, weight_decay)
+        if captured is not None:
+            losses = captured.epoch(gens, batch, lr_now)
+        else:
+            flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, lr_now, bufs, momentum, weight_decay)
         losses = losses.tolist()
         for i, (k, flat, gen, loss) in enumerate(zip(group, flats, gens, losses)):
             if not math.isfinite(loss):

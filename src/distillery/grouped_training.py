@@ -5,8 +5,9 @@ double-differentiable backward; a plain `autograd.grad` uses the fused kernel (t
 published loop with the former). K networks at once use `models.grouped.GroupedConvNet` (one kernel per layer for
 all K) instead of `vmap(grad)`. Every network keeps its own generator and draws in the same order as when trained
 alone (order, then one DSA draw per minibatch), so the results equal separate training up to float rounding (tested).
-`train_captured` (evaluation `fast`) replays that training from one captured CUDA graph per batch size: the SGD step
-with branch-free DSA (`sgd_static`), the weights and momentum kept as the graph's state.
+`CapturedSGD` replays that training from one captured CUDA graph per batch size (`train_captured` for evaluation,
+`--eval-fast on`; experts, `--fast on`): the SGD step with branch-free DSA (`sgd_static`), the weights and momentum
+buffers kept as the graph's state.
 """
 
 from __future__ import annotations
@@ -122,71 +123,91 @@ def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
     return list(net.to_flats([p.detach() for p in params]))
 
 
-def sgd_static(step: Step, augment: Augment, x: Tensor, y: Tensor, flats: Tensor, momentum: Tensor, rate: Tensor,
-               idx: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
-    """One SGD step of K networks in place on `flats` and `momentum`, network k on x[idx[k]] with branch-free DSA
-    fields `aug`: fixed shapes and no host read, so it can be captured. The update of torch.optim.SGD (momentum,
-    weight decay; a zero momentum buffer is its first step). Returns the K losses."""
+def sgd_static(step: Step, augment: Augment, x: Tensor, y: Tensor, flats: Tensor, bufs: Tensor, rate: Tensor,
+               idx: Tensor, aug: tuple[Tensor, ...], momentum: float = MOMENTUM,
+               weight_decay: float = WEIGHT_DECAY) -> Tensor:
+    """One SGD step of K networks in place on `flats` and momentum buffers `bufs`, network k on x[idx[k]] with
+    branch-free DSA fields `aug`: fixed shapes and no host read, so it can be captured. torch.optim.SGD's update
+    (a zero buffer is its first step; momentum 0 is plain SGD). Returns the K losses."""
     k, b = idx.shape
     rows = idx.reshape(-1)
     xs = augment.apply_fields(x.index_select(0, rows), aug).view(k, b, *x.shape[1:])
     ys = y.index_select(0, rows).view(k, b, *y.shape[1:])
     grads, losses = step(flats, xs, ys)
     with torch.no_grad():
-        momentum.mul_(MOMENTUM).add_(grads.add(flats, alpha=WEIGHT_DECAY))
-        flats.sub_(momentum * rate)
+        bufs.mul_(momentum).add_(grads.add(flats, alpha=weight_decay))
+        flats.sub_(bufs * rate)
     return losses
 
 
 def capturable(template: nn.Module, k: int) -> bool:
-    """Whether `train_captured` can train k copies of `template`: no buffers (BatchNorm statistics would be updated
-    outside the flat state), and groupable when k > 1."""
+    """Whether K copies of `template` can train from captured steps: no buffers (BatchNorm statistics would be
+    updated outside the flat state), and groupable when k > 1."""
     return not any(True for _ in template.buffers()) and (k == 1 or groupable(template))
 
 
-def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
-                   batch: int, augment: Augment, gens: list[torch.Generator],
-                   on_epoch: Callable[[], None] | None = None, capture: bool = True) -> list[Tensor]:
-    """`train_together` (one network: `evaluate.train_model`) as replays of one captured SGD step per batch size.
+class CapturedSGD:
+    """SGD epochs of K networks from one captured `sgd_static` graph per batch size (`capture=False`: the same step
+    run eagerly, any device). The weights `flats` (K, P) and buffers `bufs` are updated in place: the graph's state.
 
-    The same draws in the same order (one order per epoch, one DSA draw per minibatch, per network), so the result
-    equals plain training up to float rounding; the momentum buffer is zeroed and the rate set to lr / 10 after pass
-    `epochs // 2 + 1`. `capture=False` runs the same step eagerly (any device: how the CPU tests check it).
-    """
-    if augment.tokens and augment.mode != "S":
-        raise ValueError("captured training replays branch-free mode-'S' DSA draws")
-    if not capturable(template, len(inits)):
-        raise ValueError(f"{type(template).__name__} cannot be trained from captured steps; check capturable() first")
-    step = autograd_step(FunctionalModel(template), len(inits))
-    flats = torch.stack(inits).to(x.device, x.dtype)
-    momentum = torch.zeros_like(flats)
-    rate = torch.tensor(lr, dtype=x.dtype, device=x.device)
-    state = [flats, momentum, rate]
+    Each network draws from its own generator in the order plain training does: one order per epoch, then one DSA
+    draw per minibatch. `option` is the flag a failed capture names."""
 
-    def sgd(flats: Tensor, momentum: Tensor, rate: Tensor, idx: Tensor, *aug: Tensor) -> Tensor:
-        return sgd_static(step, augment, x, y, flats, momentum, rate, idx, aug)
+    def __init__(self, step: Step, augment: Augment, x: Tensor, y: Tensor, flats: Tensor, bufs: Tensor,
+                 momentum: float, weight_decay: float, capture: bool = True, option: str = "--eval-fast") -> None:
+        if augment.tokens and augment.mode != "S":
+            raise ValueError("captured training replays branch-free mode-'S' DSA draws")
+        self.augment, self.x, self.option, self.capture = augment, x, option, capture
+        self.rate = torch.zeros((), dtype=flats.dtype, device=flats.device)
+        self.state = [flats, bufs, self.rate]
+        self._replays: dict[int, Callable[[list[Tensor]], Tensor]] = {}  # a short last batch: a second graph
 
-    replays: dict[int, Callable[[list[Tensor]], Tensor]] = {}  # one graph per batch size (a short last batch: two)
-    finite = torch.ones((), dtype=torch.bool, device=x.device)
-    for ep in range(epochs + 1):
-        check_cancelled()
+        def sgd(flats: Tensor, bufs: Tensor, rate: Tensor, idx: Tensor, *aug: Tensor) -> Tensor:
+            return sgd_static(step, augment, x, y, flats, bufs, rate, idx, aug, momentum, weight_decay)
+
+        self._sgd = sgd
+
+    def epoch(self, gens: list[torch.Generator], batch: int, lr: float) -> Tensor:
+        """One pass over x at step size `lr`; the K mean training losses (on the device)."""
+        x, augment = self.x, self.augment
+        self.rate.fill_(lr)
         orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
+        total = torch.zeros(len(gens), dtype=x.dtype, device=x.device)
         for i in range(0, len(x), batch):
             idx = torch.stack([order[i:i + batch] for order in orders])
             size = idx.shape[1]
             draws = [augment.sample(size, g, x.shape[-2:], device=x.device) for g in gens] if augment.tokens else []
             inputs = [idx, *augment.branch_free_fields(draws)]
-            if size not in replays and capture:
-                replays[size] = Captured(sgd, inputs, state, option="--eval-fast")
-            elif size not in replays:
-                replays[size] = lambda values: sgd(*state, *values)
-            losses = replays[size](inputs)
-        finite = finite & torch.isfinite(losses).all()
+            if size not in self._replays:
+                self._replays[size] = (Captured(self._sgd, inputs, self.state, option=self.option) if self.capture
+                                       else lambda values: self._sgd(*self.state, *values))
+            total += self._replays[size](inputs) * size  # the replay's output is overwritten by the next one
+        return total / len(x)
+
+
+def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
+                   batch: int, augment: Augment, gens: list[torch.Generator],
+                   on_epoch: Callable[[], None] | None = None, capture: bool = True) -> list[Tensor]:
+    """`train_together` (one network: `evaluate.train_model`) as replays of captured SGD steps (`CapturedSGD`).
+
+    The same draws in the same order, so the result equals plain training up to float rounding; after pass
+    `epochs // 2 + 1` the momentum buffers are zeroed and the rate is lr / 10, as when the reference code rebuilds its
+    optimiser. `capture=False` runs the same step eagerly (any device: how the CPU tests check it).
+    """
+    if not capturable(template, len(inits)):
+        raise ValueError(f"{type(template).__name__} cannot be trained from captured steps; check capturable() first")
+    flats = torch.stack(inits).to(x.device, x.dtype)
+    bufs = torch.zeros_like(flats)
+    sgd = CapturedSGD(autograd_step(FunctionalModel(template), len(inits)), augment, x, y, flats, bufs, MOMENTUM,
+                      WEIGHT_DECAY, capture)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    for ep in range(epochs + 1):
+        check_cancelled()
+        finite = finite & torch.isfinite(sgd.epoch(gens, batch, lr if ep <= epochs // 2 + 1 else lr * 0.1)).all()
         if (ep % 100 == 99 or ep == epochs) and not finite:
             raise FloatingPointError(f"non-finite training loss by epoch {ep}")
-        if ep == epochs // 2 + 1:  # the reference code rebuilds the optimiser: momentum restarts
-            momentum.zero_()
-            rate.fill_(lr * 0.1)
+        if ep == epochs // 2 + 1:
+            bufs.zero_()  # momentum restarts with the lr decay
         if on_epoch is not None:
             on_epoch()
     return list(flats.clone())

@@ -79,20 +79,21 @@ def _check_mtt(config: dict[str, Any], n_syn: int) -> None:
                         f"[{config['lr_min']:g}, {config['lr_max']:g}]; change one of them")
 
 
+def check_cuda(flag: str, device: torch.device | str) -> None:
+    """`flag on` (--fast, --eval-fast) replays captured CUDA graphs: refused on any other device."""
+    if str(device).split(":")[0] != "cuda":
+        raise UserError(f"{flag} on replays captured CUDA graphs but the device is {device}; "
+                        f"use --device cuda or {flag} off")
+
+
 def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """--fast on: only for --grad unrolled or tesla; it and --eval-fast on, once the device is known, only on CUDA
-    (graph capture)."""
-    on_cuda = device is None or str(device).split(":")[0] == "cuda"
-    if config.get("eval_fast") == "on" and not on_cuda:
-        raise UserError(f"--eval-fast on replays captured CUDA graphs but the device is {device}; "
-                        "use --device cuda or --eval-fast off")
-    if config.get("fast") != "on":
-        return
-    if config.get("grad") not in ("unrolled", "tesla"):
+    """--fast on: only for --grad unrolled or tesla; it and --eval-fast on, once the device is known, only on CUDA."""
+    if config.get("fast") == "on" and config.get("grad") not in ("unrolled", "tesla"):
         raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
                         "use one of those or --fast off")
-    if not on_cuda:
-        raise UserError(f"--fast on captures a CUDA graph but the device is {device}; use --device cuda or --fast off")
+    for flag, key in (("--eval-fast", "eval_fast"), ("--fast", "fast")):
+        if config.get(key) == "on" and device is not None:
+            check_cuda(flag, device)
 
 
 def _check_ratbptt(config: dict[str, Any], facts: DataFacts) -> None:

@@ -76,8 +76,9 @@ class MTTConfig:
     grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
                        help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
     fast: str = option("off", choices=FAST, help="on: capture the whole iteration as one CUDA graph (CUDA only, grad "
-                                                 "unrolled; tesla: its second pass per step); off until "
-                                                 "benchmarks/gpu_suite.py has measured it")
+                                                 "unrolled; tesla: its second pass per step), and the minibatch "
+                                                 "steps of experts it trains; off until benchmarks/gpu_suite.py has "
+                                                 "measured it")
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "
