@@ -2,7 +2,7 @@
 
 CPU: the step that gets captured, run eagerly (`capture=False`), trains one network like `evaluate.train_model` and
 K networks like `train_together` (float64, with DSA, a short last batch and the lr decay). Meta device: the captured
-functions (this step, MTT's unroll, TESLA's second pass) run on tensors without data, so none of them reads a value
+functions (this step, MTT's unroll, TESLA's two passes) run on tensors without data, so none of them reads a value
 back to the host or builds a shape from data (what capture forbids). CUDA (skipped without a GPU): the replayed
 graphs equal the eager step, and `evaluate_set(fast=True)` equals the plain evaluation.
 """
@@ -16,7 +16,7 @@ from distillery.augment import Augment
 from distillery.errors import UserError
 from distillery.evaluate import train_model, train_runs
 from distillery.grouped_training import (autograd_step, capturable, sgd_static, train_captured, train_together)
-from distillery.methods.graphed import pack_plan, tesla_step_static, unrolled_static
+from distillery.methods.graphed import pack_plan, tesla_pass1_static, tesla_step_static, unrolled_static
 from distillery.methods.trajectory import make_plan
 from distillery.models import FunctionalModel, init_seeded
 
@@ -124,6 +124,9 @@ def test_mtt_captured_functions_run_on_meta_tensors():
     out = unrolled_static(fm, augment, sizes, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta,
                           meta(indices), aug)
     assert [t.device.type for t in out] == ["meta"] * 3
+    first = tesla_pass1_static(fm, augment, sizes, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta,
+                               meta(indices), aug)
+    assert [t.device.type for t in first] == ["meta"] * 5 and first[0].shape == (len(sizes), fm.num_params)
     grad = tesla_step_static(fm, augment, meta(x), meta(y), theta, theta, meta(indices[:sizes[0]]),
                              tuple(t[:sizes[0]] for t in aug))
     assert grad.device.type == "meta" and grad.shape == x.shape

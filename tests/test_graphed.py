@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from distillery.augment import Augment
-from distillery.methods.graphed import GraphedTesla, GraphedUnroll, pack_plan, tesla_step_static, unrolled_static
+from distillery.methods.graphed import (GraphedTesla, GraphedUnroll, pack_plan, tesla_pass1_static,
+                                         tesla_step_static, unrolled_static)
 from distillery.methods.tesla import tesla_grad, tesla_pass1
 from distillery.methods.trajectory import leaf_copies, make_plan, unrolled_grad
 from distillery.models import FunctionalModel, init_seeded
@@ -93,16 +94,33 @@ def test_eager_static_float32_matches_to_float_rounding():
 
 
 def eager_tesla(fm, augment, images, labels, lr, theta0, target, plan):
-    """TESLA with its second pass as the per-step function that gets captured, run without capture."""
-    x, y, alpha = leaf_copies(images, labels, lr)
-    first = tesla_pass1(fm, x, y, alpha, theta0, target, plan, augment)
+    """TESLA as the two functions that get captured (pass 1 whole, pass 2 per step), run without capture."""
     sizes, indices, aug = pack_plan(plan, augment)
-    total, offset = torch.zeros_like(x), 0
-    for size, theta in zip(sizes, first.thetas):
-        total += tesla_step_static(fm, augment, x, y, theta, 2.0 / first.denom * first.c,
+    thetas, c, denom, loss, grad_alpha = tesla_pass1_static(fm, augment, sizes, images, labels, lr, theta0, target,
+                                                            indices, aug)
+    total, offset = torch.zeros_like(images), 0
+    for size, theta in zip(sizes, thetas):
+        total += tesla_step_static(fm, augment, images, labels, theta, 2.0 / denom * c,
                                    indices[offset:offset + size], tuple(t[offset:offset + size] for t in aug))
         offset += size
-    return type("R", (), {"grad_images": total, "grad_lr": first.grad_alpha, "loss": float(first.loss)})
+    return type("R", (), {"grad_images": total, "grad_lr": grad_alpha, "loss": float(loss)})
+
+
+def test_eager_tesla_pass1_equals_tesla_pass1():
+    """The captured first pass keeps what `tesla_pass1` keeps: θ_i, c, D, L and ∂L/∂α (float64)."""
+    fm = model(torch.float64, "cpu")
+    augment = Augment()
+    images, labels, lr, theta0, target = problem(fm, 2, torch.float64, "cpu")
+    plan = plan_for(augment, 2, 5, 4, "cpu")
+    x, y, alpha = leaf_copies(images, labels, lr)
+    ref = tesla_pass1(fm, x, y, alpha, theta0, target, plan, augment)
+    sizes, indices, aug = pack_plan(plan, augment)
+    thetas, c, denom, loss, grad_alpha = tesla_pass1_static(fm, augment, sizes, images, labels, lr, theta0, target,
+                                                            indices, aug)
+    pairs = ((thetas, torch.stack(ref.thetas)), (c, ref.c), (denom, ref.denom), (loss, ref.loss),
+             (grad_alpha, ref.grad_alpha))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ["color_crop_cutout_flip_scale_rotate", "none"])
@@ -134,30 +152,20 @@ def test_graphed_unroll_refuses_cpu_tensors():
 
 @CUDA
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-def test_one_captured_graph_replays_different_iterations(dtype, rtol):
+@pytest.mark.parametrize("graphed_cls,reference,captures", [(GraphedUnroll, unrolled_grad, 1),
+                                                            (GraphedTesla, tesla_grad, 3)])
+def test_captured_graphs_replay_different_iterations(dtype, rtol, graphed_cls, reference, captures):
+    """Different plans (tokens), θ_start, θ* and labels through the same captures: MTT's one graph; TESLA's pass 1
+    and one pass-2 graph per step size (steps of 4 and 2 images)."""
     fm = model(dtype, "cuda")
     augment = Augment()
-    graphed = GraphedUnroll(fm, augment)
-    for seed in range(3):  # different plans (tokens), θ_start, θ* and labels through ONE capture
-        images, labels, lr, theta0, target = problem(fm, seed, dtype, "cuda", soft=True)
-        plan = plan_for(augment, seed, 5, 4, "cuda")
-        ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
-        assert_close(graphed(images, labels, lr, theta0, target, plan), ref, rtol)
-    assert graphed.captures == 1
-
-
-@CUDA
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-def test_tesla_step_graphs_replay_different_iterations(dtype, rtol):
-    fm = model(dtype, "cuda")
-    augment = Augment()
-    graphed = GraphedTesla(fm, augment)
+    graphed = graphed_cls(fm, augment)
     for seed in range(3):
         images, labels, lr, theta0, target = problem(fm, seed, dtype, "cuda", soft=True)
-        plan = plan_for(augment, seed, 5, 4, "cuda")  # steps of 4 and 2 images: one graph per size
-        ref = tesla_grad(fm, images, labels, lr, theta0, target, plan, augment)
+        plan = plan_for(augment, seed, 5, 4, "cuda")
+        ref = reference(fm, images, labels, lr, theta0, target, plan, augment)
         assert_close(graphed(images, labels, lr, theta0, target, plan), ref, rtol)
-    assert graphed.captures == 2
+    assert graphed.captures == captures
 
 
 @CUDA
@@ -175,7 +183,7 @@ def test_mtt_fast_on_equals_off(tmp_path, grad):
     for it in range(2):
         a, b = off.gradient(it)[0], on.gradient(it)[0]
         assert_close(b, a, 1e-3)
-    assert on.graphed.captures == 1  # one graph (unrolled) or one per step size (tesla: whole-set steps)
+    assert on.graphed.captures == (1 if grad == "unrolled" else 2)  # tesla: pass 1 + one pass-2 (whole-set steps)
 
 
 def test_fast_is_off_by_default_and_refused_on_cpu():

@@ -12,8 +12,9 @@ the PyTorch CUDA-graph notes ask) and then replays: copy the iteration's tensors
 ops whatever token a step drew (augment.py `apply_branch_free`). Only hard or fixed soft labels: labels that
 require grad are not captured.
 
-`GraphedTesla` does the same for TESLA's second pass (`tesla_step_static`: one step's ∂[(2/D)·cᵀg_i]/∂X), one graph
-per step size replayed N times; the first pass (no double backward) runs as in `tesla_grad`.
+`GraphedTesla` does the same for TESLA: the first pass (`tesla_pass1_static`: N first-order steps, θ_i stacked, c, D,
+L, ∂L/∂α) as one graph, the second (`tesla_step_static`: one step's ∂[(2/D)·cᵀg_i]/∂X) as one graph per step size
+replayed N times.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from torch import Tensor
 from ..augment import Augment
 from ..capture import Captured
 from ..models import FunctionalModel
-from .tesla import tesla_pass1
-from .trajectory import GradResult, StepPlan, leaf_copies, match_loss
+from .trajectory import GradResult, StepPlan, match_loss
 
 def pack_plan(plan: StepPlan, augment: Augment | None) -> tuple[tuple[int, ...], Tensor, tuple[Tensor, ...]]:
     """(step sizes, indices of all steps concatenated, each full DSA field concatenated over steps); no DSA fields
@@ -71,6 +71,29 @@ def _step_batch(augment: Augment | None, x: Tensor, idx: Tensor, aug: tuple[Tens
     return augment.apply_fields(batch, [t[offset:offset + len(idx)] for t in aug]) if aug else batch
 
 
+def tesla_pass1_static(fm: FunctionalModel, augment: Augment | None, sizes: tuple[int, ...], images: Tensor,
+                       labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor, indices: Tensor,
+                       aug: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`tesla.tesla_pass1` from `pack_plan`'s tensors: (θ_0..θ_{N-1} stacked (N, P), c, D, L, ∂L/∂α); static
+    shapes, no host sync, first-order (no graph between steps)."""
+    x, y, a = images.detach(), labels.detach(), lr.detach()
+    theta_start, theta_target = theta_start.detach(), theta_target.detach()
+    thetas, grad_sum, theta, offset = [], torch.zeros_like(theta_start), theta_start, 0
+    for size in sizes:
+        thetas.append(theta)
+        idx = indices[offset:offset + size]
+        batch = _step_batch(augment, x, idx, aug, offset)
+        offset += size
+        point = theta.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, batch), y.index_select(0, idx)), point)
+        grad_sum = grad_sum + grad
+        theta = theta - a * grad
+    residual = theta - theta_target
+    denom = (theta_start - theta_target).pow(2).sum()
+    c = a * (theta_target - theta_start) + a * a * grad_sum
+    return torch.stack(thetas), c, denom, residual.pow(2).sum() / denom, -2.0 / denom * (residual @ grad_sum)
+
+
 def tesla_step_static(fm: FunctionalModel, augment: Augment | None, images: Tensor, labels: Tensor, theta: Tensor,
                       weight: Tensor, indices: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
     """∂(weightᵀ g)/∂X with g = ∇_θ CE at θ on one step's batch (TESLA pass 2, weight = 2c/D): static shapes."""
@@ -91,7 +114,7 @@ def _check_inputs(images: Tensor, labels: Tensor) -> None:
 
 
 class GraphedTesla:
-    """`tesla_grad` with the second pass replayed from one captured graph per step size (N replays)."""
+    """`tesla_grad` with both passes replayed: pass 1 as one graph, pass 2 from one graph per step size (N replays)."""
 
     def __init__(self, fm: FunctionalModel, augment: Augment | None, warmup: int = 3) -> None:
         """Nothing is captured until the first call."""
@@ -103,22 +126,32 @@ class GraphedTesla:
                  plan: StepPlan) -> GradResult:
         """Same result as `tesla_grad(fm, images, labels, lr, theta_start, theta_target, plan, augment)`."""
         _check_inputs(images, labels)
-        x, y, alpha = leaf_copies(images, labels, lr)
-        first = tesla_pass1(self.fm, x, y, alpha, theta_start, theta_target, plan, self.augment)
-        weight = 2.0 / first.denom * first.c
         sizes, indices, aug = pack_plan(plan, self.augment)
+        x, y = images.detach(), labels.detach()
+        inputs = [x, y, lr.detach(), theta_start.detach(), theta_target.detach(), indices, *aug]
+
+        def pass1(images, labels, lr, theta_start, theta_target, indices, *aug):
+            return tesla_pass1_static(self.fm, self.augment, sizes, images, labels, lr, theta_start, theta_target,
+                                      indices, aug)
+
+        thetas, c, denom, loss, grad_alpha = self._replay(("pass1", sizes), pass1, inputs)
+        weight = 2.0 / denom * c  # computed now: the next replay of pass 1 overwrites its outputs
         total = torch.zeros_like(x)
         offset = 0
-        for size, theta in zip(sizes, first.thetas):
+        for size, theta in zip(sizes, thetas):
             step_aug = [t[offset:offset + size] for t in aug]
-            inputs = [x.detach(), y.detach(), theta.detach(), weight, indices[offset:offset + size], *step_aug]
+            inputs = [x, y, theta, weight, indices[offset:offset + size], *step_aug]
             offset += size
-            key = tuple((t.shape, t.dtype, t.device) for t in inputs)
-            if key not in self._graphs:
-                self._graphs[key] = Captured(self._step, inputs, warmup=self.warmup)
-                self.captures += 1
-            total += self._graphs[key](inputs)
-        return GradResult(float(first.loss), total, first.grad_alpha, None)
+            total += self._replay(("pass2",), self._step, inputs)
+        return GradResult(float(loss), total, grad_alpha.clone(), None)
+
+    def _replay(self, name: tuple, fn, inputs: list[Tensor]):
+        """Replay the graph of `fn` for this input signature, capturing it first if there is none yet."""
+        key = (*name, tuple((t.shape, t.dtype, t.device) for t in inputs))
+        if key not in self._graphs:
+            self._graphs[key] = Captured(fn, inputs, warmup=self.warmup)
+            self.captures += 1
+        return self._graphs[key](inputs)
 
     def _step(self, images: Tensor, labels: Tensor, theta: Tensor, weight: Tensor, indices: Tensor,
               *aug: Tensor) -> Tensor:
