@@ -274,7 +274,6 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
     step = _make_step(fm, len(group))
     captured = None
     if fast and capturable(fm.module, len(group)):  # the weights and buffers become the graphs' state
-        flats = flats.clone()
         captured = CapturedSGD(step, augment, x, y, flats, torch.zeros_like(flats) if bufs is None else bufs,
                                momentum, weight_decay, option="--fast")
     for epoch in range(start, epochs):

@@ -26,7 +26,9 @@ from torch import Tensor
 from ..augment import Augment
 from ..capture import Captured
 from ..models import FunctionalModel
+from .tesla import pass1_summary
 from .trajectory import GradResult, StepPlan, match_loss
+
 
 def pack_plan(plan: StepPlan, augment: Augment | None) -> tuple[tuple[int, ...], Tensor, tuple[Tensor, ...]]:
     """(step sizes, indices of all steps concatenated, each full DSA field concatenated over steps); no DSA fields
@@ -88,10 +90,7 @@ def tesla_pass1_static(fm: FunctionalModel, augment: Augment | None, sizes: tupl
         (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, batch), y.index_select(0, idx)), point)
         grad_sum = grad_sum + grad
         theta = theta - a * grad
-    residual = theta - theta_target
-    denom = (theta_start - theta_target).pow(2).sum()
-    c = a * (theta_target - theta_start) + a * a * grad_sum
-    return torch.stack(thetas), c, denom, residual.pow(2).sum() / denom, -2.0 / denom * (residual @ grad_sum)
+    return (torch.stack(thetas), *pass1_summary(theta, theta_start, theta_target, grad_sum, a))
 
 
 def tesla_step_static(fm: FunctionalModel, augment: Augment | None, images: Tensor, labels: Tensor, theta: Tensor,

@@ -68,11 +68,17 @@ def tesla_pass1(fm: FunctionalModel, x: Tensor, y: Tensor, alpha: Tensor, theta_
         grad = step_gradient(fm, theta, x.detach(), y.detach(), plan, i, augment, create_graph=False)
         grad_sum += grad
         theta = theta - a * grad
-    residual = theta - theta_target
+    return PassOne(thetas, *pass1_summary(theta, theta_start, theta_target, grad_sum, a))
+
+
+def pass1_summary(theta_end: Tensor, theta_start: Tensor, theta_target: Tensor, grad_sum: Tensor,
+                  a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c, D, L, ∂L/∂α) from θ_N, θ_0, θ*, G = Σ g_i and α: what pass 1 leaves besides the θ_i."""
+    residual = theta_end - theta_target
     denom = (theta_start - theta_target).pow(2).sum()
     c = a * (theta_target - theta_start) + a * a * grad_sum
     grad_alpha = -2.0 / denom * (residual @ grad_sum)  # step 5: G held fixed
-    return PassOne(thetas, c, denom, residual.pow(2).sum() / denom, grad_alpha)
+    return c, denom, residual.pow(2).sum() / denom, grad_alpha
 
 
 @torch.no_grad()
