@@ -6,7 +6,7 @@
 DATA_DIR holds the CIFAR-10 JPEG copy as `distillery distill --data-dir` reads it; without --data the end-to-end
 row is skipped. Rows (published H100 figures beside ours): MTT unrolled IPC 1/10/50 with N 50/30/30 and IPC 10 with
 N 20 and 80; TESLA and checkpointed at IPC 50 N 30; RaT-BPTT at the README setting (IPC 10, W 60, T 200, real
-batch 5000); an expert epoch (45,000 images: the published loop's port, ours one at a time, ours K at once, on CUDA
+batch 5000; on CUDA also from captured CUDA graphs, `--fast on`); an expert epoch (45,000 images: the published loop's port, ours one at a time, ours K at once, on CUDA
 also from captured CUDA graphs, `experts --fast on`); a
 5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together, on CUDA both of ours
 also from captured CUDA graphs, `--eval-fast on`); a short-schedule
@@ -44,7 +44,7 @@ from distillery.experts import _make_step, _sgd_epoch
 from distillery.grouped_training import CapturedSGD
 from distillery.io import atomic_write_text
 from distillery.methods.graphed import GraphedUnroll
-from distillery.methods.ratbptt import InnerOptimizer, meta_gradient
+from distillery.methods.ratbptt import GraphedRat, InnerOptimizer, meta_gradient
 from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
 from distillery.models import FunctionalModel
@@ -110,8 +110,9 @@ def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, devic
 
 
 def rat_step(width: int, ipc: int, window: int, horizon: int, real: int, fast: bool,
-             device: str) -> Callable[[], object]:
-    """One RaT-BPTT meta-gradient (window start fixed mid-way, start = (T - W) // 2) on random tensors."""
+             device: str, graphed: bool = False) -> Callable[[], object]:
+    """One RaT-BPTT meta-gradient (window start fixed mid-way, start = (T - W) // 2) on random tensors; `graphed`:
+    from captured CUDA graphs (`GraphedRat`, `--fast on`)."""
     g = torch.Generator(device=device).manual_seed(0)
     fm = FunctionalModel(convnet(width, fast, device))
     theta0 = fm.flatten(fm.module).detach()
@@ -121,6 +122,10 @@ def rat_step(width: int, ipc: int, window: int, horizon: int, real: int, fast: b
     real_y = torch.randint(0, 10, (real,), generator=g, device=device)
     augment = Augment.rat()
     chunk = 1000 if fast else None
+    if graphed:
+        opt = InnerOptimizer("adam", 1e-3)
+        rat = GraphedRat(fm, opt, opt, augment, augment, chunk)
+        return lambda: rat(images, labels, theta0, (horizon - window) // 2, window, real_x, real_y, g, num_classes=10)
     return lambda: meta_gradient(fm, images, labels, theta0, InnerOptimizer("adam", 1e-3), (horizon - window) // 2,
                                  window, real_x, real_y, augment, augment, g, num_classes=10, real_chunk=chunk)
 
@@ -270,9 +275,14 @@ def main() -> None:
     if device != "cuda":
         emit(f"| unrolled IPC {ipc} N {steps}, CUDA graph on | not run: capture needs CUDA (device {device}) | | |")
     r = s.rat
-    timed({f"RaT-BPTT IPC {r['ipc']} W {r['window']} T {r['horizon']} real {r['real']}, fast {f}":
-           rat_step(s.width, r["ipc"], r["window"], r["horizon"], r["real"], f == "on", device) for f in ("off", "on")},
-          {}, s.rounds)
+    rat = f"RaT-BPTT IPC {r['ipc']} W {r['window']} T {r['horizon']} real {r['real']}"
+    rat_rows = {f"{rat}, fast {f}": (f == "on", False) for f in ("off", "on")}
+    if device == "cuda":
+        rat_rows[f"{rat}, CUDA graphs (--fast on)"] = (True, True)
+    timed({label: rat_step(s.width, r["ipc"], r["window"], r["horizon"], r["real"], fast, device, graphed)
+           for label, (fast, graphed) in rat_rows.items()}, {}, s.rounds)
+    if device != "cuda":
+        emit(f"| {rat}, CUDA graphs (--fast on) | not run: capture needs CUDA (device {device}) | | |")
     timed(expert_epochs(s.expert_n, s.width, s.ks, device), {"expert epoch, published loop": "2.6 s"},
           max(1, s.rounds - 1))
     timed(evaluations(s.eval_runs, s.eval_epochs, s.eval_model, device), {}, 1, warmup=False)  # long: no warm-up

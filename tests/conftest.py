@@ -61,3 +61,34 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     return lambda fail: failing.update(on=fail)
+
+
+class _ReplayOnCpu:
+    """`capture.Captured` with CUDA's semantics emulated eagerly: the capture call changes no state (CUDA records
+    kernels without running them), every replay runs fn on the static input buffers and the state tensors given at
+    capture, and writes into the same output tensors (one tensor, a tuple of them, or None)."""
+
+    def __init__(self, fn, inputs, state=(), warmup=3, option="--fast") -> None:
+        self.fn, self.state, self.inputs = fn, list(state), [t.clone() for t in inputs]
+        saved = [t.clone() for t in self.state]
+        for _ in range(warmup + 1):  # the warm-ups and the capture call: none of them leaves a trace
+            self.outputs = fn(*self.state, *self.inputs)
+            for t, value in zip(self.state, saved):
+                t.copy_(value)
+
+    def __call__(self, inputs):
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        new = self.fn(*self.state, *self.inputs)
+        if isinstance(new, torch.Tensor):
+            self.outputs.copy_(new)
+        elif new is not None:
+            for out, value in zip(self.outputs, new):
+                out.copy_(value)
+        return self.outputs
+
+
+@pytest.fixture
+def replay_on_cpu():
+    """`capture.Captured`'s stand-in on the CPU (monkeypatch it where a module imported Captured)."""
+    return _ReplayOnCpu

@@ -165,33 +165,13 @@ def test_capture_warm_up_leaves_the_state_as_it_was(fake_cuda_graphs):
     assert len(calls) == 4 and torch.equal(weights, torch.ones(3))  # 3 warm-ups undone, then the captured call
 
 
-class _ReplayOnCpu:
-    """`capture.Captured` with CUDA's semantics emulated eagerly: the capture call changes no state (CUDA records
-    kernels without running them), every replay runs fn on the static input buffers and the state tensors given at
-    capture, and writes into the same output tensors."""
-
-    def __init__(self, fn, inputs, state=(), warmup=3, option="--fast") -> None:
-        self.fn, self.state, self.inputs = fn, list(state), [t.clone() for t in inputs]
-        saved = [t.clone() for t in self.state]
-        for _ in range(warmup + 1):  # the warm-ups and the capture call: none of them leaves a trace
-            self.outputs = fn(*self.state, *self.inputs)
-            for t, value in zip(self.state, saved):
-                t.copy_(value)
-
-    def __call__(self, inputs):
-        for buffer, value in zip(self.inputs, inputs):
-            buffer.copy_(value)
-        self.outputs.copy_(self.fn(*self.state, *self.inputs))
-        return self.outputs
-
-
 @pytest.mark.parametrize("seeds", [[4], [4, 5]])
-def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, seeds):
+def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, replay_on_cpu, seeds):
     """The loop around the graphs (static buffers, state updated in place, the momentum restart) under emulated
     replays: the same weights as the eager step, so capture adds nothing but the graph itself."""
     import distillery.grouped_training as gt
 
-    monkeypatch.setattr(gt, "Captured", _ReplayOnCpu)
+    monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     x, y = data(torch.float64)
     for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
         assert torch.equal(a, b)
@@ -199,7 +179,8 @@ def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, seed
 
 @pytest.mark.parametrize("group,momentum,weight_decay,decay", [([0], 0.0, 0.0, False), ([0, 1], 0.0, 0.0, True),
                                                               ([0, 1], 0.9, 5e-4, True)])
-def test_experts_from_captured_steps_equal_plain(monkeypatch, tmp_path, group, momentum, weight_decay, decay):
+def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp_path, group, momentum, weight_decay,
+                                                 decay):
     """`--fast on` experts (`_train_group` with CapturedSGD under emulated replays): the same snapshots, momentum
     buffers and final weights as the plain epoch loop, for one expert and a grouped pair, with the buffer.py recipes."""
     from safetensors.torch import load_file
@@ -208,7 +189,7 @@ def test_experts_from_captured_steps_equal_plain(monkeypatch, tmp_path, group, m
     import distillery.grouped_training as gt
     from distillery import experts
 
-    monkeypatch.setattr(gt, "Captured", _ReplayOnCpu)
+    monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)
     x, y = data(torch.float64)
     fm = FunctionalModel(template)

@@ -103,3 +103,15 @@ def test_output_into_a_closed_pipe_ends_quietly():
     os.close(write)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 141
+
+
+def test_distill_help_says_which_methods_an_option_is_for():
+    """An option of one method is prefixed by it; one declared by several with different texts shows each text."""
+    from distillery.cli import build_parser
+
+    distill = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "distill")[1]
+    helps = {a.option_strings[0]: a.help for a in distill._actions if a.option_strings}
+    assert helps["--real-chunk"].startswith("ratbptt: ")
+    assert helps["--syn-steps"].startswith("mtt, tesla: ")
+    assert helps["--fast"].startswith("mtt, tesla: on: replay captured CUDA graphs")
+    assert " | ratbptt: on: " in helps["--fast"]

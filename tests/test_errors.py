@@ -690,11 +690,13 @@ def test_every_row_of_the_table_has_a_test():
     assert len(ids) > 50 and not [i for i in ids if f'"{i}' not in here], ids
 
 
-# --- --fast on (the CUDA-graph MTT iteration): grad mode and device ----------------------------------------------
+# --- --fast on (the CUDA-graph iterations): grad mode and device ----------------------------------------------
 FAST_ROWS = [
     ("opt-fast-grad", ["--method", "mtt", "--fast", "on", "--grad", "checkpointed"], "not --grad checkpointed"),
     ("device-fast-cpu", ["--method", "tesla", "--fast", "on", "--device", "cpu"], "--fast on replays captured CUDA graphs"),
     ("device-fast-cpu", ["--method", "mtt", "--fast", "on", "--device", "cpu"], "--fast on replays captured CUDA graphs"),
+    ("device-fast-cpu", ["--method", "ratbptt", "--fast", "on", "--device", "cpu"],
+     "--fast on replays captured CUDA graphs"),
     ("device-eval-fast-cpu", ["--method", "ratbptt", "--eval-fast", "on", "--device", "cpu"],
      "--eval-fast on replays captured CUDA graphs but the device is cpu"),
 ]

@@ -94,6 +94,19 @@ def _option_help(prefix: str, f: dataclasses.Field) -> str:
     return text.replace("%", "%%")
 
 
+def _method_help(name: str, methods: dict[str, type]) -> str:
+    """--help text of a method option: each method's own text, prefixed by the methods it applies to; one text
+    without a prefix when every method declares the same."""
+    texts: dict[str, list[str]] = {}
+    for method, cls in methods.items():
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                texts.setdefault(_option_help("", f), []).append(method)
+    if len(texts) == 1 and len(next(iter(texts.values()))) == len(methods):
+        return next(iter(texts))
+    return " | ".join(f"{', '.join(users)}: {text}" for text, users in texts.items())
+
+
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     """Options of `distillery distill`; every default is None so we can tell what the user set."""
     p.add_argument("--method", required=True, choices=["mtt", "tesla", "ratbptt"])
@@ -111,16 +124,17 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="start from a saved set (.safetensors of the same dataset and ipc; RaT-BPTT's --ckptname): "
                         "its images, and its learned labels when the run learns labels")
     seen = {"seed"}
-    groups = [("run loop", LoopConfig, ""), ("experts (MTT/TESLA, when no --experts is given)", ExpertConfig, ""),
-              ("data", DataConfig, ""), *((f"{m} options", c, f"{m}: ") for m, c in _method_configs().items())]
-    for title, cls, prefix in groups:
+    methods = _method_configs()
+    groups = [("run loop", LoopConfig), ("experts (MTT/TESLA, when no --experts is given)", ExpertConfig),
+              ("data", DataConfig), *((f"{m} options", c) for m, c in methods.items())]
+    for title, cls in groups:
         group = p.add_argument_group(title)
         for f in dataclasses.fields(cls):
             if f.name in seen:
                 continue
             seen.add(f.name)
             group.add_argument("--" + f.name.replace("_", "-"), default=None, type=_arg_type(str(f.type)),
-                               help=_option_help(prefix, f))
+                               help=_method_help(f.name, methods) if cls in methods.values() else _option_help("", f))
 
 
 def config_classes(method: str) -> list[type]:

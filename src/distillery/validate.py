@@ -4,7 +4,7 @@ Two kinds of checks: every value against the range its option declares (`options
 config, the loop's and the experts'), then the constraints between options and the data's cheap facts
 (`defaults.DataFacts`): expert epochs vs max_start_epoch + expert_epochs (also against an existing --experts store's
 manifest), window vs horizon, IPC vs class sizes, batch vs set size, Boost-DD blocks vs IPC, --fast on vs --grad (and,
-once `distill` knows the device, vs a non-CUDA device: `check_fast`).
+once `distill` knows the device, vs a non-CUDA device: `check_fast`, every method).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def check_cuda(flag: str, device: torch.device | str) -> None:
 
 
 def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """--fast on: only for --grad unrolled or tesla; it and --eval-fast on, once the device is known, only on CUDA."""
-    if config.get("fast") == "on" and config.get("grad") not in ("unrolled", "tesla"):
+    """--fast on: MTT/TESLA only with --grad unrolled or tesla; it and --eval-fast on, once the device is known, only
+    on CUDA."""
+    if config.get("fast") == "on" and "grad" in config and config["grad"] not in ("unrolled", "tesla"):
         raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
                         "use one of those or --fast off")
     for flag, key in (("--eval-fast", "eval_fast"), ("--fast", "fast")):

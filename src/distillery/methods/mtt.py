@@ -75,10 +75,10 @@ class MTTConfig:
     pix_init: str = option("real", choices=("real", "noise"), help="initial images: real train images or noise")
     grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
                        help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
-    fast: str = option("off", choices=FAST, help="on: capture the whole iteration as one CUDA graph (CUDA only, grad "
-                                                 "unrolled; tesla: its second pass per step), and the minibatch "
-                                                 "steps of experts it trains; off until benchmarks/gpu_suite.py has "
-                                                 "measured it")
+    fast: str = option("off", choices=FAST, help="on: replay captured CUDA graphs (CUDA only): the whole iteration "
+                                                 "(grad unrolled) or TESLA's two passes (grad tesla), and the "
+                                                 "minibatch steps of experts it trains; off until "
+                                                 "benchmarks/gpu_suite.py has measured it")
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "

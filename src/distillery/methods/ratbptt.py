@@ -40,6 +40,9 @@ rank draws its own inner networks and synthetic batches and real_batch / world_s
 and losses are averaged with all-reduce, the window start and the initial set come from rank 0. Only rank 0 should
 write files (`is_main_process()`).
 
+`--fast on` (CUDA, `GraphedRat`): the same meta-gradient with each warm-up step and the window (with the meta-loss
+and its backward) replayed from captured CUDA graphs; every draw is made first, in the plain path's order.
+
 Randomness: every draw comes from a `torch.Generator` seeded from (seed, purpose, rank, step) (`stream_generator`),
 so a resumed run, and every rank of a resumed multi-process run, continues exactly as an uninterrupted one without
 saving generator states.
@@ -57,12 +60,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
+from ..capture import Captured
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
 from ..options import check_options, option
 from ..streams import stream_generator
 from ..synset import SyntheticSet
+from ..validate import check_cuda
 
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 BatchDraw = Callable[[torch.Generator], Tensor]
@@ -280,6 +285,141 @@ def real_loss_grad(fm: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor,
     return total, grad
 
 
+# --- the same meta-gradient from captured CUDA graphs (--fast on) ------------------------------------------------
+def draw_steps(steps: int, draw: BatchDraw, augment: Augment | None, images: Tensor,
+               generator: torch.Generator) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+    """Batch indices and branch-free DSA fields (each field over all the steps' images) of `steps` inner steps,
+    drawn in the plain steps' order (indices, then augmentation, step after step), so the generator ends alike."""
+    indices, draws = [], []
+    for _ in range(steps):
+        indices.append(draw(generator))
+        if augment is not None:
+            draws.append(augment.sample(len(indices[-1]), generator, images.shape[-2:], device=images.device))
+    return indices, augment.branch_free_fields(draws) if draws else ()
+
+
+def warm_up_step_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment: Augment | None, images: Tensor,
+                        labels: Tensor, theta: Tensor, state: dict[str, Tensor], idx: Tensor,
+                        aug: tuple[Tensor, ...]) -> None:
+    """One warm-up step updating `theta` and `state` in place (`optimizer`'s formula, bias corrections in the
+    dtype of state['step']): static shapes, no host sync, no graph to the images."""
+    point = theta.detach().requires_grad_(True)
+    batch = _augmented(augment, images.index_select(0, idx), aug)
+    (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, batch), labels.index_select(0, idx)), point)
+    new_theta, new_state = optimizer.step(theta, grad, state)
+    theta.copy_(new_theta)
+    for key, value in new_state.items():
+        state[key].copy_(value)
+
+
+def window_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment_syn: Augment | None,
+                  augment_real: Augment | None, real_chunk: int | None, learn_labels: bool, images: Tensor,
+                  labels: Tensor, theta: Tensor, state: dict[str, Tensor], indices: Tensor, aug: tuple[Tensor, ...],
+                  real_x: Tensor, real_y: Tensor, real_aug: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """`meta_gradient` after the warm-up, from fixed-shape tensors (`indices` (W, b), the fields of `draw_steps`):
+    (meta-loss, ∂/∂images[, ∂/∂labels]). The leaves are made here, so a capture holds no outside autograd node."""
+    x = images.detach().requires_grad_(True)
+    y = labels.detach().requires_grad_(learn_labels)
+    theta = theta.detach().requires_grad_(True)
+    state = {key: value.detach().to(theta.dtype) for key, value in state.items()}
+    b = indices.shape[1]
+    for s, idx in enumerate(indices):
+        batch = _augmented(augment_syn, x.index_select(0, idx), tuple(t[s * b:(s + 1) * b] for t in aug))
+        loss = F.cross_entropy(fm(theta, batch), y.index_select(0, idx))
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta, state = optimizer.step(theta, grad, state)
+    meta_loss, grad_theta = real_loss_grad(fm, theta, _augmented(augment_real, real_x, real_aug), real_y, real_chunk)
+    return (meta_loss, *torch.autograd.grad(theta, [x, y] if learn_labels else [x], grad_outputs=grad_theta))
+
+
+def _augmented(augment: Augment | None, x: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
+    """x with branch-free DSA fields applied (x itself when there are none)."""
+    return augment.apply_fields(x, aug) if aug else x
+
+
+class GraphedRat:
+    """`meta_gradient` replayed from captured CUDA graphs (`--fast on`): one graph for a warm-up step, replayed
+    `start` times, and one for the window with the meta-loss and the backward through the window.
+
+    The draws are made first, eagerly and in the plain path's order; the set, θ and the optimizer moments live in
+    static buffers (copied in once per call, not per replay). A new shape (a Boost-DD block, other labels) recaptures.
+    """
+
+    def __init__(self, fm: FunctionalModel, optimizer: InnerOptimizer, window_optimizer: InnerOptimizer,
+                 augment_syn: Augment | None, augment_real: Augment | None, real_chunk: int | None,
+                 warmup: int = 3) -> None:
+        """Nothing is captured until the first call."""
+        self.fm, self.optimizer, self.window_optimizer = fm, optimizer, window_optimizer
+        self.augment_syn, self.augment_real, self.real_chunk, self.warmup = augment_syn, augment_real, real_chunk, warmup
+        self.captures = 0
+        self._key: tuple | None = None
+        self._static: tuple | None = None
+        self._graphs: dict[tuple, Captured] = {}
+
+    def __call__(self, images: Tensor, labels: Tensor, theta0: Tensor, start: int, window: int, real_x: Tensor,
+                 real_y: Tensor, generator: torch.Generator, *, num_classes: int, task_sampler_nc: int | None = None,
+                 batch_per_class: int | None = None) -> tuple[float, Tensor, Tensor | None]:
+        """Same result and draws as `meta_gradient` with this object's optimizers, augmentations and real_chunk."""
+        ipc = len(images) // num_classes
+        draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
+        warm_idx, warm_aug = draw_steps(start, draw, self.augment_syn, images, generator)
+        win_idx, win_aug = draw_steps(window, draw, self.augment_syn, images, generator)
+        real_aug = () if self.augment_real is None else self.augment_real.branch_free_fields(
+            [self.augment_real.sample(len(real_x), generator, real_x.shape[-2:], device=real_x.device)])
+        learn = labels.requires_grad
+        images_buf, labels_buf, theta_buf, moments = self._buffers(images, labels, theta0, learn, window, real_x,
+                                                                   real_y)
+        keys = list(moments)
+        buffers = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
+        b = len(win_idx[0])
+        for s, idx in enumerate(warm_idx):
+            self._replay("warm-up", partial(self._warm_up, keys), buffers,
+                         [idx, *(t[s * b:(s + 1) * b] for t in warm_aug)])
+        outputs = self._replay("window", partial(self._window, keys, learn, len(win_aug)), buffers,
+                               [torch.stack(win_idx), *win_aug, real_x.detach(), real_y, *real_aug])
+        loss, grad_x, *grad_y = (t.clone() for t in outputs)  # the next replay overwrites the outputs
+        return float(loss), grad_x, grad_y[0] if learn else None
+
+    def _buffers(self, images: Tensor, labels: Tensor, theta0: Tensor, learn: bool, window: int, real_x: Tensor,
+                 real_y: Tensor) -> tuple:
+        """(images, labels, θ, optimizer state) static buffers holding this call's set, θ_0 and zero moments; a new
+        signature drops the old graphs first (their memory pools with them)."""
+        key = (learn, window, *((t.shape, t.dtype, t.device) for t in (images, labels, theta0, real_x, real_y)))
+        if key != self._key:
+            self._graphs.clear()
+            state = self.optimizer.init_state(theta0)
+            if "step" in state:  # the warm-up's bias corrections in float64, as torch's foreach Adam (Python floats)
+                state["step"] = state["step"].double()
+            self._static = (torch.empty_like(images), torch.empty_like(labels), torch.empty_like(theta0), state)
+            self._key = key
+        images_buf, labels_buf, theta_buf, state = self._static
+        images_buf.copy_(images.detach())
+        labels_buf.copy_(labels.detach())
+        theta_buf.copy_(theta0.detach())
+        for value in state.values():
+            value.zero_()
+        return self._static
+
+    def _replay(self, name: str, fn: Callable, state: list[Tensor], inputs: list[Tensor]):
+        """Replay graph `name` on `inputs`, capturing it first if these shapes have none yet."""
+        key = (name, *(t.shape for t in inputs))
+        if key not in self._graphs:
+            self._graphs[key] = Captured(fn, inputs, state, warmup=self.warmup)
+            self.captures += 1
+        return self._graphs[key](inputs)
+
+    def _warm_up(self, keys: list[str], images: Tensor, labels: Tensor, theta: Tensor, *rest: Tensor) -> None:
+        state, (idx, *aug) = dict(zip(keys, rest)), rest[len(keys):]
+        warm_up_step_static(self.fm, self.optimizer, self.augment_syn, images, labels, theta, state, idx, tuple(aug))
+
+    def _window(self, keys: list[str], learn: bool, n_aug: int, images: Tensor, labels: Tensor, theta: Tensor,
+                *rest: Tensor) -> tuple[Tensor, ...]:
+        state, (indices, *rest) = dict(zip(keys, rest)), rest[len(keys):]
+        aug, (real_x, real_y, *real_aug) = tuple(rest[:n_aug]), rest[n_aug:]
+        return window_static(self.fm, self.window_optimizer, self.augment_syn, self.augment_real, self.real_chunk,
+                             learn, images, labels, theta, state, indices, aug, real_x, real_y, tuple(real_aug))
+
+
 # --- outer optimisation pieces ----------------------------------------------------------------------------------------
 class EmaClipper:
     """SPEC §6.5: e <- e - (1 - coef)(e - ||g||) (the first norm initialises e), then clip ||g|| to 2e."""
@@ -425,6 +565,9 @@ class RaTBPTTConfig:
                                                    "evaluation loss before the window start moves by W")
     real_chunk: int | None = option(1000, low=1, none_ok=True,
                                     help="real images per chunk of the meta-loss gradient (memory; none: all at once)")
+    fast: str = option("off", choices=("off", "on"),
+                       help="on: each warm-up step and the window with its meta-loss replay captured CUDA graphs "
+                            "(CUDA only); off until benchmarks/gpu_suite.py has measured it")
     seed: int = option(0, low=0, help="seed of every random draw")
 
 
@@ -473,6 +616,10 @@ class RaTBPTT:
         self.augment_syn = _augmentation(cfg.syn_strategy)
         self.augment_real = _augmentation(cfg.real_strategy)
         self.clipper = EmaClipper(cfg.clip_coef)
+        if cfg.fast == "on":  # --fast on: the same meta-gradient from captured CUDA graphs
+            check_cuda("--fast", self.device)
+        self.graphed = GraphedRat(self.fm, self.inner_opt, self.window_opt, self.augment_syn, self.augment_real,
+                                  cfg.real_chunk) if cfg.fast == "on" else None
         self.stage = 0
         k = boost.blocks[0] if boost else cfg.ipc
         self.images = broadcast_(self._init_images(k, stage=0)).requires_grad_(True)
@@ -543,11 +690,17 @@ class RaTBPTT:
         net = init_seeded(self.model_name, spec.channels, spec.num_classes, spec.im_size, net_seed)
         theta0 = self.fm.flatten(net).detach().to(self.device)
         idx = torch.randperm(len(self.ds.train.y), generator=gen, device=self.device)[:setup.real_batch]
-        loss, grad_x, grad_y = meta_gradient(
-            self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window,
-            self.ds.train.x[idx], self.ds.train.y[idx], self.augment_syn, self.augment_real, gen,
-            num_classes=setup.num_classes, task_sampler_nc=cfg.task_sampler_nc, batch_per_class=cfg.batch_per_class,
-            window_optimizer=self.window_opt, real_chunk=cfg.real_chunk)
+        real_x, real_y = self.ds.train.x[idx], self.ds.train.y[idx]
+        sampling = {"num_classes": setup.num_classes, "task_sampler_nc": cfg.task_sampler_nc,
+                    "batch_per_class": cfg.batch_per_class}
+        if self.graphed is not None:
+            loss, grad_x, grad_y = self.graphed(self.images, self.labels, theta0, start, cfg.window, real_x, real_y,
+                                                gen, **sampling)
+        else:
+            loss, grad_x, grad_y = meta_gradient(
+                self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window, real_x, real_y,
+                self.augment_syn, self.augment_real, gen, window_optimizer=self.window_opt,
+                real_chunk=cfg.real_chunk, **sampling)
         loss = float(all_reduce_mean_(torch.tensor(loss, device=self.device)))
         grad_x, norm = self.clipper(all_reduce_mean_(grad_x))
         self.images.grad = grad_x
