@@ -90,8 +90,9 @@ def estimate_run(method, ds, config: dict[str, Any], device: torch.device, itera
     print(f"estimate from {iterations} iterations on {device}: {per_it:.3f} s/iteration (first {times[0]:.3f} s), "
           f"peak memory {result['peak_memory']}")
     print(f"  distillation: {config['iterations']} iterations -> {_duration(distill_s)}")
+    plain = " of the plain path; --eval-fast on is not timed here" if config.get("eval_fast") == "on" else ""
     print(f"  evaluations: {evals} x {config['eval_runs']} + final {config['final_eval_runs']} networks x {passes} "
-          f"epochs at {1000 * epoch_s:.1f} ms/epoch ({model}) -> {_duration(eval_s)}")
+          f"epochs at {1000 * epoch_s:.1f} ms/epoch{plain} ({model}) -> {_duration(eval_s)}")
     print(f"  projected wall time of the run: {_duration(distill_s + eval_s)} (experts: trained or cached before "
           "this estimate; nothing was written to the run directory)")
     return result
