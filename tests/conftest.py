@@ -28,6 +28,16 @@ def server(tmp_path):
     httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def full_float32_on_cuda():
+    """CUDA comparisons at float32 tolerances: no TF32 convolutions or matmuls (PyTorch's cuDNN default is TF32,
+    which moves an MTT gradient by ~5e-2 on its own, whatever the path). Nothing changes on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box they cost ~10-100x in spinning."""
@@ -51,13 +61,17 @@ def fake_cuda_graphs(monkeypatch):
 
     @contextlib.contextmanager
     def graph(g):
-        if failing["on"]:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        if failing["on"]:  # as on CUDA: the op fails, then ending the capture fails too, with the first as context
+            try:
+                raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+            except RuntimeError:
+                raise RuntimeError("The CUDA graph capture was invalidated")
         yield
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     return lambda fail: failing.update(on=fail)

@@ -23,8 +23,15 @@ class Captured:
 
     def __init__(self, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor] = (), warmup: int = 3,
                  option: str = "--fast") -> None:
-        """Warm up `warmup` calls on a side stream (state restored afterwards), then capture one call; a capture
-        that fails is a UserError naming `option`, the flag that turns capture off."""
+        """Warm up `warmup` calls on a side stream (state restored afterwards), then capture one call, all on the
+        tensors' device (streams and graphs act on the current device: cuda:1 would otherwise capture nothing); a
+        capture that fails is a UserError naming `option`, the flag that turns capture off."""
+        self.device = next(t.device for t in (*state, *inputs))
+        with torch.cuda.device(self.device):
+            self._capture(fn, inputs, state, warmup, option)
+
+    def _capture(self, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor], warmup: int,
+                 option: str) -> None:
         self.inputs = [t.clone() for t in inputs]
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
@@ -42,6 +49,8 @@ class Captured:
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as err:  # an op that this PyTorch build cannot capture (the warm-up ran it eagerly)
+            while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the first cause
+                err = err.__context__
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
                             "(same numbers up to float rounding)") from err
@@ -50,5 +59,6 @@ class Captured:
         """Replay on `inputs`; the outputs are static tensors, overwritten by the next replay."""
         for buffer, value in zip(self.inputs, inputs):
             buffer.copy_(value)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
