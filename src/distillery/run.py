@@ -340,110 +340,35 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
         print(f"resuming {run_dir} from iteration {start}")
     main = is_main_process()  # with torchrun, only rank 0 writes; every rank takes a share of the evaluation runs
     env = _record_environment(run_dir, getattr(dataset, "location", None)) if main else {}
-    logger = _Logger(run_dir, rows, tensorboard=main)
-    (run_dir / "grids").mkdir(parents=True, exist_ok=True)
-
-    has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
-    stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau curriculum)
-    wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
-    fast = loop.eval_fast == "on"
-    background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
-                                                    rank_and_world()[1], wants_loss) else None
-    pending: int | None = None        # the iteration whose evaluation runs in the background
-    pending_dir = run_dir / PENDING
-
-    def save_checkpoint(it: int) -> None:
-        if not main:
-            return
-        _check_finite(it, run_dir, images=method.synset().images)  # never persist NaN images
-        write_checkpoint({"it": it, "best_val": best_val, "rows": logger.rows, "method": method.state_dict(),
-                          "pending_eval": pending}, ckpt_path)
-        logger.flush()
-        for old in pending_dir.glob("it_*.safetensors"):  # a resume re-runs only the evaluation named above
-            if pending is None or old.name != _pending_name(pending):
-                old.unlink(missing_ok=True)
-
-    def validate(it: int, s: SyntheticSet):
-        """The validation evaluation of the set of iteration `it` (None without a validation split)."""
-        if not (has_val or wants_loss):
-            return None
-        return evaluate_synset(s, dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                               seed=loop.seed * 100003 + it, split="val", distributed=True, train_loss=wants_loss,
-                               fast=fast)
-
-    def evaluate(it: int, s: SyntheticSet | None = None) -> None:
-        """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
-        nonlocal pending
-        s = method.synset() if s is None else s
-        _check_finite(it, run_dir, images=s.images)
-        if background is None:
-            record_eval(it, s, validate(it, s))
-            return
-        ensure_dir(pending_dir)
-        s.save(pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
-        background.start(lambda: (it, s, validate(it, s)))
-        pending = it
-
-    def collect() -> None:
-        """Wait for the background evaluation, if one runs, and record it."""
-        nonlocal pending
-        if background is not None and background.busy:
-            record_eval(*background.result())
-            pending = None
-
-    def record_eval(it: int, s: SyntheticSet, res) -> None:
-        """Log a validation result; keep the last and the best-on-validation sets; watch the run's health."""
-        nonlocal best_val, stop_at, val
-        if res is not None and hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
-            stop_at = it
-        val = res.mean if has_val else math.nan
-        if main:
-            if has_val:
-                logger.log(it, {"val_acc": res.mean, "val_std": res.std,
-                                **({"val_steps": float(res.steps)} if res.steps else {})})
-            if res is not None and res.train_loss is not None:
-                logger.log(it, {"eval_train_loss": res.train_loss})
-            s.meta = {**s.meta, "iteration": it, "val_acc": res.mean if has_val else None}
-            s.save(run_dir / "last.safetensors")
-            s.save_grid(run_dir / "grids" / f"it_{it:06d}.png")
-            if not has_val or res.mean > best_val:
-                best_val = res.mean if has_val else best_val
-                s.save(run_dir / "best.safetensors")
-        if it < loop.iterations:  # the last evaluation ends the run anyway
-            health.after_eval(it, val)
-
+    run = _Run(method, dataset, run_dir, loop, rows, best_val)
     bar = tqdm(total=loop.iterations, initial=start, desc="distill", unit="it", disable=not (progress and main))
-    val = best_val
-    health = HealthMonitor(loop.health, getattr(method, "health_fix", DEFAULT_FIX), run_dir, logger.rows)
     t0 = time.time()
     try:
         if resumed_pending is not None:  # killed while that evaluation ran: run it again, same set and seed
-            evaluate(resumed_pending, SyntheticSet.load(pending_dir / _pending_name(resumed_pending)))
+            run.evaluate(resumed_pending, SyntheticSet.load(run.pending_dir / _pending_name(resumed_pending)))
         for it in range(start, loop.iterations + 1):
             if it % loop.eval_every == 0 or it == loop.iterations:
-                collect()  # one evaluation at a time, recorded in iteration order
-                if it == loop.iterations and background is not None:  # nothing left to overlap: all threads
-                    background.close()
-                    background = None
-                evaluate(it)
-            if it == loop.iterations or stop_at is not None:
+                run.collect()  # one evaluation at a time, recorded in iteration order
+                if it == loop.iterations:  # nothing left to overlap: the last evaluation gets all threads
+                    run.stop_background()
+                run.evaluate(it)
+            if it == loop.iterations or run.stop_at is not None:
                 break
             logs = method.step(it)
             _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
-            logger.log(it, logs)
-            health.after_step(it, logs)
-            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * val:.1f}"}, refresh=False)
+            run.logger.log(it, logs)
+            run.health.after_step(it, logs)
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * run.val:.1f}"}, refresh=False)
             bar.update(1)
             if (it + 1) % loop.checkpoint_every == 0:
-                save_checkpoint(it + 1)
-        collect()
+                run.save_checkpoint(it + 1)
+        run.collect()
     finally:
-        if background is not None:
-            background.close()
+        run.stop_background()
     bar.close()
-    if stop_at is not None and main:
-        print(f"the plateau curriculum ended the run at iteration {stop_at} (window start at its cap, no progress)")
-    save_checkpoint(loop.iterations if stop_at is None else stop_at)
+    if run.stop_at is not None and main:
+        print(f"the plateau curriculum ended the run at iteration {run.stop_at} (window start at its cap, no progress)")
+    run.save_checkpoint(loop.iterations if run.stop_at is None else run.stop_at)
     barrier()  # rank 0 has written best and last; every rank reads them for its share of the final runs
     result = final_report(dataset, run_dir, loop)
     if not main:
@@ -452,6 +377,95 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     result["environment"] = env
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     return result
+
+
+class _Run:
+    """What the loop keeps between iterations (logger, best validation accuracy, the background evaluation) and its
+    evaluation and checkpoint steps."""
+
+    def __init__(self, method: Method, dataset, run_dir: Path, loop: LoopConfig, rows: list[dict[str, Any]],
+                 best_val: float) -> None:
+        self.method, self.dataset, self.run_dir, self.loop = method, dataset, run_dir, loop
+        self.main = is_main_process()
+        self.logger = _Logger(run_dir, rows, tensorboard=self.main)
+        (run_dir / "grids").mkdir(parents=True, exist_ok=True)
+        self.best_val = self.val = best_val
+        self.has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
+        self.stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau)
+        self.wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
+        self.background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
+                                                             rank_and_world()[1], self.wants_loss) else None
+        self.pending: int | None = None        # the iteration whose evaluation runs in the background
+        self.pending_dir = run_dir / PENDING
+        self.health = HealthMonitor(loop.health, getattr(method, "health_fix", DEFAULT_FIX), run_dir,
+                                    self.logger.rows)
+
+    def save_checkpoint(self, it: int) -> None:
+        """Write the method and loop state at iteration `it` (rank 0), and drop pending sets no resume needs."""
+        if not self.main:
+            return
+        _check_finite(it, self.run_dir, images=self.method.synset().images)  # never persist NaN images
+        write_checkpoint({"it": it, "best_val": self.best_val, "rows": self.logger.rows,
+                          "method": self.method.state_dict(), "pending_eval": self.pending},
+                         self.run_dir / CHECKPOINT)
+        self.logger.flush()
+        for old in self.pending_dir.glob("it_*.safetensors"):  # a resume re-runs only the evaluation named above
+            if self.pending is None or old.name != _pending_name(self.pending):
+                old.unlink(missing_ok=True)
+
+    def validate(self, it: int, s: SyntheticSet):
+        """The validation evaluation of the set of iteration `it` (None without a validation split)."""
+        if not (self.has_val or self.wants_loss):
+            return None
+        loop = self.loop
+        return evaluate_synset(s, self.dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
+                               seed=loop.seed * 100003 + it, split="val", distributed=True,
+                               train_loss=self.wants_loss, fast=loop.eval_fast == "on")
+
+    def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
+        """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
+        s = self.method.synset() if s is None else s
+        _check_finite(it, self.run_dir, images=s.images)
+        if self.background is None:
+            self.record_eval(it, s, self.validate(it, s))
+            return
+        ensure_dir(self.pending_dir)
+        s.save(self.pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
+        self.background.start(lambda: (it, s, self.validate(it, s)))
+        self.pending = it
+
+    def collect(self) -> None:
+        """Wait for the background evaluation, if one runs, and record it."""
+        if self.background is not None and self.background.busy:
+            self.record_eval(*self.background.result())
+            self.pending = None
+
+    def stop_background(self) -> None:
+        """Close the background evaluation thread, if any; later evaluations run in place."""
+        if self.background is not None:
+            self.background.close()
+            self.background = None
+
+    def record_eval(self, it: int, s: SyntheticSet, res) -> None:
+        """Log a validation result; keep the last and the best-on-validation sets; watch the run's health."""
+        method, has_val = self.method, self.has_val
+        if res is not None and hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
+            self.stop_at = it
+        self.val = res.mean if has_val else math.nan
+        if self.main:
+            if has_val:
+                self.logger.log(it, {"val_acc": res.mean, "val_std": res.std,
+                                     **({"val_steps": float(res.steps)} if res.steps else {})})
+            if res is not None and res.train_loss is not None:
+                self.logger.log(it, {"eval_train_loss": res.train_loss})
+            s.meta = {**s.meta, "iteration": it, "val_acc": res.mean if has_val else None}
+            s.save(self.run_dir / "last.safetensors")
+            s.save_grid(self.run_dir / "grids" / f"it_{it:06d}.png")
+            if not has_val or res.mean > self.best_val:
+                self.best_val = res.mean if has_val else self.best_val
+                s.save(self.run_dir / "best.safetensors")
+        if it < self.loop.iterations:  # the last evaluation ends the run anyway
+            self.health.after_eval(it, self.val)
 
 
 def _pending_name(it: int) -> str:
