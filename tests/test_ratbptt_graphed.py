@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import distillery.capture as capture
 import distillery.methods.ratbptt as rat
 from distillery.augment import Augment
 from distillery.errors import UserError
@@ -70,7 +71,7 @@ def test_graphed_meta_gradient_equals_plain(monkeypatch, replay_on_cpu, kind, ad
                                             sampling):
     """Three calls on one GraphedRat (window starts 3, 0 and 2: graphs captured once, then replayed) equal the plain
     meta-gradient each time, and the generator ends where the plain path leaves it."""
-    monkeypatch.setattr(rat, "Captured", replay_on_cpu)
+    monkeypatch.setattr(capture, "Captured", replay_on_cpu)
     fm, theta0, x, y, real_x, real_y = problem(torch.float64, "cpu", learned)
     opt = InnerOptimizer(kind, 0.01)
     window_opt = opt.with_adam(adam)
@@ -91,7 +92,7 @@ def test_graphed_meta_gradient_equals_plain(monkeypatch, replay_on_cpu, kind, ad
 
 def test_a_new_set_shape_recaptures(monkeypatch, replay_on_cpu):
     """Boost-DD grows the set: the graphs of the old shape are dropped and the new shape is captured."""
-    monkeypatch.setattr(rat, "Captured", replay_on_cpu)
+    monkeypatch.setattr(capture, "Captured", replay_on_cpu)
     fm, theta0, x, y, real_x, real_y = problem(torch.float64, "cpu", False)
     opt = InnerOptimizer("adam", 0.01)
     graphed = GraphedRat(fm, opt, opt, None, None, None)
@@ -149,7 +150,7 @@ def config(**kw) -> RaTBPTTConfig:
 
 def test_method_with_fast_on_trains_like_fast_off(monkeypatch, replay_on_cpu):
     """Three outer steps of RaTBPTT (learned labels, random window starts): the same images, labels and logs."""
-    monkeypatch.setattr(rat, "Captured", replay_on_cpu)
+    monkeypatch.setattr(capture, "Captured", replay_on_cpu)
     monkeypatch.setattr(rat, "check_cuda", lambda flag, device: None)  # the stand-in replays on the CPU
     off, on = RaTBPTT(fake_dataset(), config()), RaTBPTT(fake_dataset(), config(fast="on"))
     assert off.graphed is None and on.graphed is not None

@@ -62,3 +62,29 @@ class Captured:
         with torch.cuda.device(self.device):
             self.graph.replay()
         return self.outputs
+
+
+class GraphCache:
+    """Captured graphs by name and input signature: the first call with a new signature captures, later ones
+    replay. `captures` counts the captures; `clear()` drops every graph (and its memory pool)."""
+
+    def __init__(self, warmup: int = 3, option: str = "--fast") -> None:
+        self.warmup, self.option = warmup, option
+        self.captures = 0
+        self._graphs: dict[tuple, Captured] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph; the next calls capture again."""
+        self._graphs.clear()
+
+    def replay(self, name: str, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor] = ()):
+        """`Captured(fn, inputs, state)` for this name and these inputs' shapes, dtypes and devices, replayed on
+        `inputs` (captured first if there is none yet)."""
+        key = (name, *((t.shape, t.dtype, t.device) for t in inputs))
+        if key not in self._graphs:
+            self._graphs[key] = Captured(fn, inputs, state, warmup=self.warmup, option=self.option)
+            self.captures += 1
+        return self._graphs[key](inputs)

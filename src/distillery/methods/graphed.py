@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
-from ..capture import Captured
+from ..capture import Captured, GraphCache
 from ..models import FunctionalModel
 from .tesla import pass1_summary
 from .trajectory import GradResult, StepPlan, match_loss
@@ -117,9 +117,8 @@ class GraphedTesla:
 
     def __init__(self, fm: FunctionalModel, augment: Augment | None, warmup: int = 3) -> None:
         """Nothing is captured until the first call."""
-        self.fm, self.augment, self.warmup = fm, augment, warmup
-        self.captures = 0
-        self._graphs: dict[tuple, Captured] = {}
+        self.fm, self.augment = fm, augment
+        self._graphs = GraphCache(warmup)
 
     def __call__(self, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor, theta_target: Tensor,
                  plan: StepPlan) -> GradResult:
@@ -133,7 +132,7 @@ class GraphedTesla:
             return tesla_pass1_static(self.fm, self.augment, sizes, images, labels, lr, theta_start, theta_target,
                                       indices, aug)
 
-        thetas, c, denom, loss, grad_alpha = self._replay(("pass1", sizes), pass1, inputs)
+        thetas, c, denom, loss, grad_alpha = self._graphs.replay(f"pass 1 {sizes}", pass1, inputs)
         weight = 2.0 / denom * c  # computed now: the next replay of pass 1 overwrites its outputs
         total = torch.zeros_like(x)
         offset = 0
@@ -141,16 +140,13 @@ class GraphedTesla:
             step_aug = [t[offset:offset + size] for t in aug]
             inputs = [x, y, theta, weight, indices[offset:offset + size], *step_aug]
             offset += size
-            total += self._replay(("pass2",), self._step, inputs)
+            total += self._graphs.replay("pass 2", self._step, inputs)
         return GradResult(float(loss), total, grad_alpha.clone(), None)
 
-    def _replay(self, name: tuple, fn, inputs: list[Tensor]):
-        """Replay the graph of `fn` for this input signature, capturing it first if there is none yet."""
-        key = (*name, tuple((t.shape, t.dtype, t.device) for t in inputs))
-        if key not in self._graphs:
-            self._graphs[key] = Captured(fn, inputs, warmup=self.warmup)
-            self.captures += 1
-        return self._graphs[key](inputs)
+    @property
+    def captures(self) -> int:
+        """How many graphs were captured (pass 1 per step pattern, pass 2 per step size)."""
+        return self._graphs.captures
 
     def _step(self, images: Tensor, labels: Tensor, theta: Tensor, weight: Tensor, indices: Tensor,
               *aug: Tensor) -> Tensor:

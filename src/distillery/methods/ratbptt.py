@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
-from ..capture import Captured
+from ..capture import GraphCache
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
@@ -350,11 +350,10 @@ class GraphedRat:
                  warmup: int = 3) -> None:
         """Nothing is captured until the first call."""
         self.fm, self.optimizer, self.window_optimizer = fm, optimizer, window_optimizer
-        self.augment_syn, self.augment_real, self.real_chunk, self.warmup = augment_syn, augment_real, real_chunk, warmup
-        self.captures = 0
+        self.augment_syn, self.augment_real, self.real_chunk = augment_syn, augment_real, real_chunk
         self._key: tuple | None = None
         self._static: tuple | None = None
-        self._graphs: dict[tuple, Captured] = {}
+        self._graphs = GraphCache(warmup)
 
     def __call__(self, images: Tensor, labels: Tensor, theta0: Tensor, start: int, window: int, real_x: Tensor,
                  real_y: Tensor, generator: torch.Generator, *, num_classes: int, task_sampler_nc: int | None = None,
@@ -373,10 +372,10 @@ class GraphedRat:
         buffers = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
         b = len(win_idx[0])
         for s, idx in enumerate(warm_idx):
-            self._replay("warm-up", partial(self._warm_up, keys), buffers,
-                         [idx, *(t[s * b:(s + 1) * b] for t in warm_aug)])
-        outputs = self._replay("window", partial(self._window, keys, learn, len(win_aug)), buffers,
-                               [torch.stack(win_idx), *win_aug, real_x.detach(), real_y, *real_aug])
+            self._graphs.replay("warm-up", partial(self._warm_up, keys),
+                                [idx, *(t[s * b:(s + 1) * b] for t in warm_aug)], buffers)
+        outputs = self._graphs.replay("window", partial(self._window, keys, learn, len(win_aug)),
+                                      [torch.stack(win_idx), *win_aug, real_x.detach(), real_y, *real_aug], buffers)
         loss, grad_x, *grad_y = (t.clone() for t in outputs)  # the next replay overwrites the outputs
         return float(loss), grad_x, grad_y[0] if learn else None
 
@@ -400,13 +399,10 @@ class GraphedRat:
             value.zero_()
         return self._static
 
-    def _replay(self, name: str, fn: Callable, state: list[Tensor], inputs: list[Tensor]):
-        """Replay graph `name` on `inputs`, capturing it first if these shapes have none yet."""
-        key = (name, *(t.shape for t in inputs))
-        if key not in self._graphs:
-            self._graphs[key] = Captured(fn, inputs, state, warmup=self.warmup)
-            self.captures += 1
-        return self._graphs[key](inputs)
+    @property
+    def captures(self) -> int:
+        """How many graphs were captured (a warm-up step and a window per set shape)."""
+        return self._graphs.captures
 
     def _warm_up(self, keys: list[str], images: Tensor, labels: Tensor, theta: Tensor, *rest: Tensor) -> None:
         state, (idx, *aug) = dict(zip(keys, rest)), rest[len(keys):]
