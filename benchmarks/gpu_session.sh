@@ -16,8 +16,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git rev-parse HEAD 2>/dev/null || true; date -u; } | tee "$OUT/device.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphed.py tests/test_captured_training.py \
-    tests/test_ratbptt_graphed.py tests/test_augment_branch_free.py tests/test_instancenorm.py tests/test_hostsync.py \
-    tests/test_models.py tests/test_preprocess.py 2>&1 | tail -60 | tee "$OUT/cuda_tests.txt"
+    tests/test_ratbptt_graphed.py tests/test_augment_branch_free.py tests/test_instancenorm.py \
+    tests/test_instancenorm_triton.py tests/test_hostsync.py tests/test_models.py tests/test_preprocess.py 2>&1 | tail -60 | tee "$OUT/cuda_tests.txt"
 if [ -f data/cifar10-jpeg.tar.xz ] && [ ! -d data/cifar10-jpeg ]; then
     tar -xJf data/cifar10-jpeg.tar.xz -C data || echo "could not unpack data/cifar10-jpeg.tar.xz" >&2
 fi

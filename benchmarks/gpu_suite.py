@@ -13,8 +13,8 @@ also from captured CUDA graphs, `--eval-fast on`); a short-schedule
 CIFAR-10 IPC 10 MTT run end to end, experts included, with its test accuracy. "fast on" = distillery's default
 paths (closed-form instance norm, chunked RaT meta-loss, grouped training); "fast off" = nn.GroupNorm, unchunked,
 one network at a time. "CUDA graph on/off" rows time MTT IPC 10 N 30 (default paths) with the whole iteration
-captured as one CUDA graph (`--fast on`, methods/graphed.py) against the plain unroll; --smoke skips them (capture
-needs CUDA) and says so. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
+captured as one CUDA graph (`--fast on`, methods/graphed.py) against the plain unroll, each also with instance
+norm's double backward as one Triton kernel (`--norm-kernel triton`); --smoke skips the CUDA-only rows and says so. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
 (3 for iterations, 2 for expert epochs, 1 for evaluations), min / median / max and
 peak memory (allocated / reserved). The table is printed and written to `--rows-out` for RESULTS.md. Rows are
 skipped (and say so) once `--budget` seconds have passed. A row that raises is marked failed with its error and the
@@ -49,6 +49,7 @@ from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
 from distillery.models import FunctionalModel
 from distillery.models.convnet import ConvNet
+from distillery.models.instancenorm import norm_kernel, triton_missing
 
 GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": tesla_grad}
 PUBLISHED_MTT = {(1, 50): "0.75 s, 1.6 GB", (10, 30): "0.53 s, 8.7 GB", (50, 30): "0.98 s, 42.5 GB",
@@ -83,9 +84,9 @@ def convnet(width: int, fast: bool, device: str) -> torch.nn.Module:
 
 
 def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, device: str,
-                  graphed: bool = False) -> Callable[[], object]:
+                  graphed: bool = False, kernel: str = "torch") -> Callable[[], object]:
     """One MTT/TESLA outer iteration on random CIFAR-sized tensors (speed does not depend on their values); with
-    `graphed`, the unrolled gradient replays one captured CUDA graph (`--fast on`)."""
+    `graphed`, the unrolled gradient replays one captured CUDA graph (`--fast on`); `kernel`: `--norm-kernel`."""
     g = torch.Generator(device=device).manual_seed(0)
     fm = FunctionalModel(convnet(width, fast, device))
     theta0 = fm.flatten(fm.module).detach()
@@ -99,10 +100,11 @@ def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, devic
 
     def run() -> None:
         plan = make_plan(len(images), steps, None, augment, g, (32, 32), device)
-        if graph is not None:
-            res = graph(images, labels, lr, theta0, target, plan)
-        else:
-            res = GRADS[mode](fm, images, labels, lr, theta0, target, plan, augment)
+        with norm_kernel(kernel):
+            if graph is not None:
+                res = graph(images, labels, lr, theta0, target, plan)
+            else:
+                res = GRADS[mode](fm, images, labels, lr, theta0, target, plan, augment)
         images.grad, lr.grad = res.grad_images, res.grad_lr
         opt.step()
 
@@ -267,13 +269,17 @@ def main() -> None:
         pub = PUBLISHED_MTT.get((ipc, steps), "—") if mode == "unrolled" else "—"
         timed(fns, {label: pub for label in fns if label.endswith("off")}, s.rounds)
     ipc, steps = s.graph  # the first call captures: the warm-up round keeps capture out of the timings
-    graph_rows = {f"unrolled IPC {ipc} N {steps}, CUDA graph {f}": f == "on" for f in ("off", "on")
-                  if f == "off" or device == "cuda"}
-    timed({label: mtt_iteration("unrolled", ipc, steps, s.width, True, device, graphed)
-           for label, graphed in graph_rows.items()},
+    kernels = ("torch", "triton") if device == "cuda" and triton_missing() is None else ("torch",)
+    graph_rows = {f"unrolled IPC {ipc} N {steps}, CUDA graph {f}" + (", norm kernel triton" if k == "triton" else ""):
+                  (f == "on", k) for f in ("off", "on") for k in kernels if f == "off" or device == "cuda"}
+    timed({label: mtt_iteration("unrolled", ipc, steps, s.width, True, device, graphed, kernel)
+           for label, (graphed, kernel) in graph_rows.items()},
           {label: PUBLISHED_MTT.get((ipc, steps), "—") for label in graph_rows if label.endswith("off")}, s.rounds)
     if device != "cuda":
         emit(f"| unrolled IPC {ipc} N {steps}, CUDA graph on | not run: capture needs CUDA (device {device}) | | |")
+    if len(kernels) == 1:
+        why = triton_missing() if device == "cuda" else f"the kernel needs CUDA (device {device})"
+        emit(f"| unrolled IPC {ipc} N {steps}, norm kernel triton | not run: {why} | | |")
     r = s.rat
     rat = f"RaT-BPTT IPC {r['ipc']} W {r['window']} T {r['horizon']} real {r['real']}"
     rat_rows = {f"{rat}, fast {f}": (f == "on", False) for f in ("off", "on")}

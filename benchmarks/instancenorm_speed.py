@@ -2,7 +2,8 @@
 
 Two workloads on ConvNet-128 (3x32x32, 10 classes): an MTT-style unroll (N student SGD steps with create_graph,
 then the double backward to the images), and a first-order training step (forward + backward, as experts and
-evaluation run). Prints min / median / max per workload and the ratio of medians (InstanceNorm / GroupNorm).
+evaluation run). Prints min / median / max per workload and the ratio of medians (InstanceNorm / GroupNorm). On
+CUDA with Triton the unroll also runs with the double backward as one Triton kernel (`--norm-kernel triton`).
 
     python benchmarks/instancenorm_speed.py --threads 1
     python benchmarks/instancenorm_speed.py --device cuda --images 100 --steps 30
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from reference_loops import HEADER, alternate, row
 
 from distillery.models import FunctionalModel, create_model
-from distillery.models.instancenorm import InstanceNorm
+from distillery.models.instancenorm import InstanceNorm, norm_kernel, triton_missing
 
 
 def with_norm(fast: bool, device: str) -> FunctionalModel:
@@ -67,20 +68,29 @@ def main() -> None:
     x_big = torch.randn(args.batch, 3, 32, 32, generator=gen).to(args.device)
     y_big = torch.randint(0, 10, (args.batch,), generator=gen).to(args.device)
     fms = {False: with_norm(False, args.device), True: with_norm(True, args.device)}
-    work = {f"unroll N={args.steps}, {args.images} images (double backward)":
-            lambda fm: unroll(fm, x_small, y_small, args.steps),
+    unroll_name = f"unroll N={args.steps}, {args.images} images (double backward)"
+    work = {unroll_name: lambda fm: unroll(fm, x_small, y_small, args.steps),
             f"train step x3, batch {args.batch} (first order)": lambda fm: train_step(fm, x_big, y_big, 3)}
+    triton = args.device.startswith("cuda") and triton_missing() is None
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; seconds per call")
     print(HEADER)
     for name, fn in work.items():
-        stats = alternate({f"{name}, {label}": (lambda fm=fms[fast], fn=fn: fn(fm))
-                           for label, fast in (("nn.GroupNorm", False), ("InstanceNorm", True))}, args.rounds,
-                          args.device)
+        variants = [("nn.GroupNorm", False, "torch"), ("InstanceNorm", True, "torch")]
+        if triton and name == unroll_name:
+            variants.append(("InstanceNorm, Triton double backward", True, "triton"))
+
+        def call(fm: FunctionalModel, kernel: str, fn=fn) -> None:
+            with norm_kernel(kernel):
+                fn(fm)
+
+        stats = alternate({f"{name}, {label}": (lambda fm=fms[fast], kernel=kernel: call(fm, kernel))
+                           for label, fast, kernel in variants}, args.rounds, args.device)
         for label, st in stats.items():
             print(row(label, st))
-        ref, new = stats.values()
+        ref, *news = stats.values()
         key = "median" if args.device == "cuda" else "cpu_median"
-        print(f"{name}: InstanceNorm / nn.GroupNorm = {new[key] / ref[key]:.3f} ({key.replace('_', ' ')}s)")
+        for (label, _, _), new in zip(variants[1:], news):
+            print(f"{name}: {label} / nn.GroupNorm = {new[key] / ref[key]:.3f} ({key.replace('_', ' ')}s)")
 
 
 if __name__ == "__main__":

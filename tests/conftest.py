@@ -2,12 +2,15 @@
 
 import functools
 import http.server
+import os
 import threading
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():  # Triton kernels (--norm-kernel triton) run in Triton's CPU interpreter; it is
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when triton is imported, so before any test imports it
 
 
 @pytest.fixture

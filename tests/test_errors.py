@@ -509,6 +509,21 @@ def test_resume_with_other_thread_count_warns(capsys, finished_run):
     assert json.loads((finished_run / "config.json").read_text())["history"][-1]["environment"]["threads"] == 2
 
 
+def test_resume_may_turn_the_fast_paths_off(finished_run):
+    """capture-failed: its fix, `--fast off` (or `--norm-kernel torch`) with `--resume`, is accepted and recorded."""
+    from distillery.run import prepare_run_dir, unlock_run_dir
+
+    config = json.loads((finished_run / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("environment", "history")}
+    assert config["fast"] == "off" and config["norm_kernel"] == "torch"
+    try:
+        prepare_run_dir(finished_run, {**config, "fast": "on", "norm_kernel": "triton"}, resume=True)
+    finally:
+        unlock_run_dir(finished_run)
+    history = json.loads((finished_run / "config.json").read_text())["history"]
+    assert history[-1]["changed"] == {"fast": ["off", "on"], "norm_kernel": ["torch", "triton"]}, history[-1]
+
+
 def test_files_respect_the_umask(tmp_path):
     """io-umask: files are created with the mode the umask allows, not 0600."""
     from distillery.io import atomic_write_text
@@ -699,6 +714,10 @@ FAST_ROWS = [
      "--fast on replays captured CUDA graphs"),
     ("device-eval-fast-cpu", ["--method", "ratbptt", "--eval-fast", "on", "--device", "cpu"],
      "--eval-fast on replays captured CUDA graphs but the device is cpu"),
+    ("norm-kernel-cpu", ["--method", "mtt", "--norm-kernel", "triton", "--device", "cpu"],
+     "--norm-kernel triton runs a CUDA kernel but the device is cpu"),
+    ("norm-kernel-cpu", ["--method", "ratbptt", "--norm-kernel", "triton", "--device", "cpu"],
+     "--norm-kernel triton runs a CUDA kernel but the device is cpu"),
 ]
 
 
@@ -706,6 +725,18 @@ FAST_ROWS = [
 def test_fast_rows(capsys, tmp_path, row, argv, needle):
     one_line(capsys, ["distill", *argv, "--dataset", "digits", "--out", "run", "--no-progress"], needle)
     assert tree(tmp_path) == {}  # refused before anything was read or written
+
+
+def test_norm_kernel_without_triton(monkeypatch):
+    """norm-kernel-no-triton: on CUDA, a Triton that does not import is one line naming both ways out."""
+    from distillery.models import instancenorm
+    from distillery.validate import check_fast
+
+    monkeypatch.setattr(instancenorm, "triton_missing", lambda: "the triton package does not import (No module)")
+    with pytest.raises(UserError, match=r"--norm-kernel triton needs Triton, but the triton package does not import "
+                                        r"\(No module\); pip install triton or use --norm-kernel torch"):
+        check_fast({"norm_kernel": "triton"}, "cuda")
+    check_fast({"norm_kernel": "torch"}, "cuda")
 
 
 @pytest.mark.parametrize("argv,flag", [(["baseline", "random", "--ipc", "1", "--eval-fast", "on"], "--eval-fast"),

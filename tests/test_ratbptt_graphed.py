@@ -151,7 +151,7 @@ def config(**kw) -> RaTBPTTConfig:
 def test_method_with_fast_on_trains_like_fast_off(monkeypatch, replay_on_cpu):
     """Three outer steps of RaTBPTT (learned labels, random window starts): the same images, labels and logs."""
     monkeypatch.setattr(capture, "Captured", replay_on_cpu)
-    monkeypatch.setattr(rat, "check_cuda", lambda flag, device: None)  # the stand-in replays on the CPU
+    monkeypatch.setattr(rat, "check_fast", lambda config, device=None: None)  # the stand-in replays on the CPU
     off, on = RaTBPTT(fake_dataset(), config()), RaTBPTT(fake_dataset(), config(fast="on"))
     assert off.graphed is None and on.graphed is not None
     for it in range(3):

@@ -66,7 +66,8 @@ PENDING = "pending"  # the set of an evaluation still running in the background 
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
                                "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast"})
+                               "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast",
+                               "fast", "norm_kernel"})  # the last three: same numbers up to float rounding
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _CHECKSUM = b"\ndistillery-sha256:"
 _LOCKS: dict[Path, int] = {}

@@ -87,14 +87,23 @@ def check_cuda(flag: str, device: torch.device | str) -> None:
 
 
 def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """--fast on: MTT/TESLA only with --grad unrolled or tesla; it and --eval-fast on, once the device is known, only
-    on CUDA."""
+    """--fast on: MTT/TESLA only with --grad unrolled or tesla; it, --eval-fast on and --norm-kernel triton, once the
+    device is known, only on CUDA (and the last only where Triton imports)."""
     if config.get("fast") == "on" and "grad" in config and config["grad"] not in ("unrolled", "tesla"):
         raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
                         "use one of those or --fast off")
     for flag, key in (("--eval-fast", "eval_fast"), ("--fast", "fast")):
         if config.get(key) == "on" and device is not None:
             check_cuda(flag, device)
+    if config.get("norm_kernel") == "triton" and device is not None:
+        from .models.instancenorm import triton_missing
+        if str(device).split(":")[0] != "cuda":
+            raise UserError(f"--norm-kernel triton runs a CUDA kernel but the device is {device}; "
+                            "use --device cuda or --norm-kernel torch")
+        missing = triton_missing()
+        if missing:
+            raise UserError(f"--norm-kernel triton needs Triton, but {missing}; pip install triton or use "
+                            "--norm-kernel torch")
 
 
 def _check_ratbptt(config: dict[str, Any], facts: DataFacts) -> None:

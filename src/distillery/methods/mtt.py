@@ -40,6 +40,7 @@ from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..experts import ExpertStore
 from ..models import FunctionalModel, create_model, has_batchnorm
+from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
 from ..run import Diverged
 from ..streams import stream_generator
@@ -53,6 +54,8 @@ GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": 
 LABELS = ("hard", "expert", "frozen")
 LR_GUARDS = ("clamp", "log", "none")
 FAST = ("off", "on")
+NORM_KERNEL_HELP = ("instance norm's double backward: torch (closed form, torch ops) or triton (one fused kernel; "
+                    "CUDA with the triton package); torch until benchmarks/gpu_suite.py has measured it")
 LOG_STEP_MAX = 0.6931471805599453   # --lr-guard log: |Δ log α| <= ln 2 per iteration
 STILL_TOL = 1e-3                    # |L - 1| below this: the student ended where it started (it did not move)
 # Purposes of the random streams (first key after the seed in `stream_generator`).
@@ -79,6 +82,7 @@ class MTTConfig:
                                                  "(grad unrolled) or TESLA's two passes (grad tesla), and the "
                                                  "minibatch steps of experts it trains; off until "
                                                  "benchmarks/gpu_suite.py has measured it")
+    norm_kernel: str = option("torch", choices=KERNELS, help=NORM_KERNEL_HELP)
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "
@@ -192,11 +196,12 @@ class MTT:
                     self.labels = labels
             plan = make_plan(len(self.images), cfg.syn_steps, cfg.batch_syn, self.augment,
                              stream_generator(cfg.seed, _PLAN, it, j, device=device), self.ds.spec.im_size, device)
-            if self.graphed is not None:  # the same per-segment result, replayed from one captured graph
-                res = self.graphed(self.images, labels, self.lr, theta_start, theta_target, plan)
-            else:
-                res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
-                                      self.augment, **kwargs)
+            with norm_kernel(cfg.norm_kernel):
+                if self.graphed is not None:  # the same per-segment result, replayed from one captured graph
+                    res = self.graphed(self.images, labels, self.lr, theta_start, theta_target, plan)
+                else:
+                    res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
+                                          self.augment, **kwargs)
             parts = [res.grad_images, res.grad_lr, torch.tensor(res.loss, device=device)]
             total = parts if i == 0 else [a + b for a, b in zip(total, parts)]
         grad_images, grad_lr, loss = (all_reduce_mean_(part / cfg.trajectories) for part in total)

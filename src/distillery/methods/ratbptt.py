@@ -64,10 +64,11 @@ from ..capture import GraphCache
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
+from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
 from ..streams import stream_generator
 from ..synset import SyntheticSet
-from ..validate import check_cuda
+from ..validate import check_fast
 
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 BatchDraw = Callable[[torch.Generator], Tensor]
@@ -564,6 +565,10 @@ class RaTBPTTConfig:
     fast: str = option("off", choices=("off", "on"),
                        help="on: each warm-up step and the window with its meta-loss replay captured CUDA graphs "
                             "(CUDA only); off until benchmarks/gpu_suite.py has measured it")
+    norm_kernel: str = option("torch", choices=KERNELS,
+                              help="instance norm's double backward in the window: torch (closed form) or triton "
+                                   "(one fused kernel; CUDA with the triton package); torch until "
+                                   "benchmarks/gpu_suite.py has measured it")
     seed: int = option(0, low=0, help="seed of every random draw")
 
 
@@ -612,8 +617,7 @@ class RaTBPTT:
         self.augment_syn = _augmentation(cfg.syn_strategy)
         self.augment_real = _augmentation(cfg.real_strategy)
         self.clipper = EmaClipper(cfg.clip_coef)
-        if cfg.fast == "on":  # --fast on: the same meta-gradient from captured CUDA graphs
-            check_cuda("--fast", self.device)
+        check_fast(asdict(cfg), self.device)  # --fast on and --norm-kernel triton: CUDA only
         self.graphed = GraphedRat(self.fm, self.inner_opt, self.window_opt, self.augment_syn, self.augment_real,
                                   cfg.real_chunk) if cfg.fast == "on" else None
         self.stage = 0
@@ -689,14 +693,15 @@ class RaTBPTT:
         real_x, real_y = self.ds.train.x[idx], self.ds.train.y[idx]
         sampling = {"num_classes": setup.num_classes, "task_sampler_nc": cfg.task_sampler_nc,
                     "batch_per_class": cfg.batch_per_class}
-        if self.graphed is not None:
-            loss, grad_x, grad_y = self.graphed(self.images, self.labels, theta0, start, cfg.window, real_x, real_y,
-                                                gen, **sampling)
-        else:
-            loss, grad_x, grad_y = meta_gradient(
-                self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window, real_x, real_y,
-                self.augment_syn, self.augment_real, gen, window_optimizer=self.window_opt,
-                real_chunk=cfg.real_chunk, **sampling)
+        with norm_kernel(cfg.norm_kernel):
+            if self.graphed is not None:
+                loss, grad_x, grad_y = self.graphed(self.images, self.labels, theta0, start, cfg.window, real_x,
+                                                    real_y, gen, **sampling)
+            else:
+                loss, grad_x, grad_y = meta_gradient(
+                    self.fm, self.images, self.labels, theta0, self.inner_opt, start, cfg.window, real_x, real_y,
+                    self.augment_syn, self.augment_real, gen, window_optimizer=self.window_opt,
+                    real_chunk=cfg.real_chunk, **sampling)
         loss = float(all_reduce_mean_(torch.tensor(loss, device=self.device)))
         grad_x, norm = self.clipper(all_reduce_mean_(grad_x))
         self.images.grad = grad_x

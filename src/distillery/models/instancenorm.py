@@ -11,15 +11,47 @@ a long chain of reshapes and reductions; here the backward is instead the closed
 written with differentiable torch ops, recomputing μ and r from x so the second derivative flows through them.
 The module subclasses `nn.GroupNorm`: same parameters (`weight`, `bias`, shape (C,), that order), same state_dict,
 same repr; expert stores and layout hashes do not change.
+
+`norm_kernel("triton")` (`--norm-kernel triton`) runs that double backward as one fused Triton kernel
+(`instancenorm_triton.py`) on CUDA tensors; the choice is read at the forward, in the calling thread, and carried
+to the backward (which CUDA autograd runs on its own thread).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+
+KERNELS = ("torch", "triton")
+_kernel = "torch"  # the double backward's kernel for instance norms run from now on (norm_kernel)
+
+
+@contextmanager
+def norm_kernel(name: str) -> Iterator[None]:
+    """Instance norms whose forward runs inside use `name` ("torch": closed form, "triton": one fused kernel)."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"norm kernel {name!r} is not one of {KERNELS}")
+    previous, _kernel = _kernel, name
+    try:
+        yield
+    finally:
+        _kernel = previous
+
+
+def triton_missing() -> str | None:
+    """Why `--norm-kernel triton` cannot run here (Triton not importable), or None."""
+    try:
+        from . import instancenorm_triton  # noqa: F401
+    except ImportError as e:
+        return f"the triton package does not import ({e})"
+    return None
 
 
 class InstanceNormFunction(torch.autograd.Function):
@@ -42,6 +74,7 @@ class InstanceNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.eps = eps
+        ctx.kernel = _kernel
 
     @staticmethod
     def backward(ctx, grad: Tensor, _mean_grad: Tensor, _rstd_grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -53,7 +86,7 @@ class InstanceNormFunction(torch.autograd.Function):
                                                                    weight, n, c, math.prod(x.shape[2:]), c,
                                                                    [need_x, need_w, need_b])
             return dx, dw, db, None
-        dx, dw, db = _InstanceNormBackward.apply(grad, x, weight, mean, rstd)  # create_graph: differentiable
+        dx, dw, db = _InstanceNormBackward.apply(grad, x, weight, mean, rstd, ctx.kernel)  # create_graph
         return dx, dw, db, None
 
 
@@ -68,14 +101,16 @@ class _InstanceNormBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                kernel: str) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[:2]
         return torch.ops.aten.native_group_norm_backward(
             grad.contiguous(), x.contiguous(), mean, rstd, weight, n, c, math.prod(x.shape[2:]), c, [True, True, True])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:5])
+        ctx.kernel = inputs[5]
 
     @staticmethod
     @once_differentiable  # a third derivative is refused rather than silently wrong
@@ -83,6 +118,11 @@ class _InstanceNormBackward(torch.autograd.Function):
         # Every result is c1·u + c2·g + c3·x̂ + c4 with per-(image, channel) coefficients built from five means
         # ⟨u⟩, ⟨g⟩, ⟨u·x̂⟩, ⟨g·x̂⟩, ⟨u·g⟩: about 11 passes over the activations (memory traffic is the cost).
         g, x, weight, mean, rstd = ctx.saved_tensors
+        if ctx.kernel == "triton":
+            from . import instancenorm_triton
+            if instancenorm_triton.usable(x):
+                grad_g, dx, grad_w = instancenorm_triton.double_backward(g, x, weight, mean, rstd, u, a, beta)
+                return grad_g, dx, grad_w, None, None, None
         shape, m = x.shape, math.prod(x.shape[2:])
         x, g, u = x.flatten(2), g.flatten(2), u.flatten(2)
         r = rstd
@@ -100,7 +140,7 @@ class _InstanceNormBackward(torch.autograd.Function):
         cx = -r * qx - r * wr * cov
         dx = torch.addcmul(torch.addcmul(torch.addcmul((-r * q_m)[..., None], cx[..., None], xhat),
                                          (r * k2)[..., None], u), (r * k1)[..., None], g)
-        return grad_g.view(shape), dx.view(shape), grad_w, None, None
+        return grad_g.view(shape), dx.view(shape), grad_w, None, None, None
 
 
 class InstanceNorm(nn.GroupNorm):
