@@ -44,7 +44,8 @@ from distillery.experts import _make_step, _sgd_epoch
 from distillery.grouped_training import CapturedSGD
 from distillery.io import atomic_write_text
 from distillery.methods.graphed import GraphedUnroll
-from distillery.methods.ratbptt import GraphedRat, InnerOptimizer, meta_gradient
+from distillery.methods.bptt import InnerOptimizer, meta_gradient
+from distillery.methods.graphed import GraphedRat
 from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
 from distillery.models import FunctionalModel

@@ -27,7 +27,7 @@ import torch
 
 from distillery.augment import Augment
 from distillery.data.registry import get_spec
-from distillery.methods.ratbptt import InnerOptimizer, meta_gradient
+from distillery.methods.bptt import InnerOptimizer, meta_gradient
 from distillery.methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
 from distillery.models import FunctionalModel, create_model
 from distillery.presets import PRESETS

@@ -17,7 +17,8 @@ import time
 import torch
 
 from distillery.augment import Augment
-from distillery.methods.ratbptt import EmaClipper, InnerOptimizer, meta_gradient, window_start
+from distillery.methods.bptt import InnerOptimizer, meta_gradient, window_start
+from distillery.methods.ratbptt import EmaClipper
 from distillery.models import FunctionalModel, init_seeded
 
 

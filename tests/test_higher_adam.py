@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from distillery.augment import Augment
-from distillery.methods.ratbptt import InnerOptimizer, meta_gradient, sample_batch
+from distillery.methods.bptt import InnerOptimizer, meta_gradient, sample_batch
 from distillery.models import FunctionalModel
 from distillery.models.convnet import ConvNet
 

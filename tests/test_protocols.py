@@ -17,7 +17,8 @@ from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.init_from import apply_init_set, load_init_set
-from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig, sample_batch
+from distillery.methods.bptt import sample_batch
+from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
 from distillery.rat_eval import RatProtocol, train_rat
 from distillery.run import LoopConfig, run_distillation

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from distillery.augment import Augment
 from distillery.errors import UserError
+from distillery.methods.bptt import (
+    InnerOptimizer, check_window, meta_gradient, sample_batch, warm_up, window_period, window_start,
+)
 from distillery.methods.ratbptt import (
-    BoostSchedule, EmaClipper, InnerOptimizer, RaTBPTT, RaTBPTTConfig, append_block, check_window, meta_gradient,
-    sample_batch, stream_generator, warm_up, window_period, window_start,
+    BoostSchedule, EmaClipper, RaTBPTT, RaTBPTTConfig, append_block, stream_generator,
 )
 from distillery.models import FunctionalModel
 from distillery.models.convnet import ConvNet

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distillery.methods.ratbptt import InnerOptimizer, meta_gradient, real_loss_grad
+from distillery.methods.bptt import InnerOptimizer, meta_gradient, real_loss_grad
 from distillery.models import FunctionalModel, create_model
 
 
@@ -47,7 +47,7 @@ def test_in_place_warm_up_equals_the_formula() -> None:
     """The torch.optim (foreach) warm-up equals InnerOptimizer.step's formula: parameters and state, float64."""
     from functools import partial
 
-    from distillery.methods.ratbptt import _inner_step, sample_batch, warm_up
+    from distillery.methods.bptt import _inner_step, sample_batch, warm_up
 
     fm, theta0, images, labels, _, _ = setup()
     draw = partial(sample_batch, 3, 2, 3, 2)

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 from distillery.augment import Augment
 from distillery.distributed import all_reduce_mean_, is_main_process, rank_and_world
-from distillery.methods.ratbptt import InnerOptimizer, RaTBPTT, meta_gradient
+from distillery.methods.bptt import InnerOptimizer, meta_gradient
+from distillery.methods.ratbptt import RaTBPTT
 from test_ratbptt import C, fake_dataset, real, small_config, synthetic, tiny
 
 WORLD = 2

@@ -19,8 +19,9 @@ import distillery.capture as capture
 import distillery.methods.ratbptt as rat
 from distillery.augment import Augment
 from distillery.errors import UserError
-from distillery.methods.ratbptt import (GraphedRat, InnerOptimizer, RaTBPTT, RaTBPTTConfig, meta_gradient,
-                                        warm_up_step_static, window_static)
+from distillery.methods.bptt import InnerOptimizer, meta_gradient
+from distillery.methods.graphed import GraphedRat, warm_up_step_static, window_static
+from distillery.methods.ratbptt import RaTBPTT, RaTBPTTConfig
 from distillery.models import FunctionalModel, init_seeded
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .background import check_cancelled
 from .errors import UserError
 from .evaluate import EvalResult, accuracy
-from .methods.ratbptt import _augmentation, sample_batch
+from .methods.bptt import sample_batch
+from .methods.ratbptt import _augmentation
 from .models import init_seeded
 from .parallel import map_runs
 

@@ -15,9 +15,15 @@ require grad are not captured.
 `GraphedTesla` does the same for TESLA: the first pass (`tesla_pass1_static`: N first-order steps, θ_i stacked, c, D,
 L, ∂L/∂α) as one graph, the second (`tesla_step_static`: one step's ∂[(2/D)·cᵀg_i]/∂X) as one graph per step size
 replayed N times.
+
+`GraphedRat` is RaT-BPTT's `bptt.meta_gradient` the same way: one graph for a warm-up step
+(`warm_up_step_static`), replayed `start` times, and one for the window with the meta-loss and its backward
+(`window_static`); every draw is made first, eagerly, in the plain path's order (`draw_steps`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ from torch import Tensor
 from ..augment import Augment
 from ..capture import Captured, GraphCache
 from ..models import FunctionalModel
+from .bptt import BatchDraw, InnerOptimizer, real_loss_grad, sample_batch
 from .tesla import pass1_summary
 from .trajectory import GradResult, StepPlan, match_loss
 
@@ -182,3 +189,134 @@ class GraphedUnroll:
             self.captures += 1
         grad_images, grad_lr, loss = (t.clone() for t in self._graph(inputs))  # the next replay overwrites them
         return GradResult(float(loss), grad_images, grad_lr, None)
+
+
+# --- RaT-BPTT: bptt.meta_gradient from captured CUDA graphs (--fast on) -----------------------------------------
+def draw_steps(steps: int, draw: BatchDraw, augment: Augment | None, images: Tensor,
+               generator: torch.Generator) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+    """Batch indices and branch-free DSA fields (each field over all the steps' images) of `steps` inner steps,
+    drawn in the plain steps' order (indices, then augmentation, step after step), so the generator ends alike."""
+    indices, draws = [], []
+    for _ in range(steps):
+        indices.append(draw(generator))
+        if augment is not None:
+            draws.append(augment.sample(len(indices[-1]), generator, images.shape[-2:], device=images.device))
+    return indices, augment.branch_free_fields(draws) if draws else ()
+
+
+def warm_up_step_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment: Augment | None, images: Tensor,
+                        labels: Tensor, theta: Tensor, state: dict[str, Tensor], idx: Tensor,
+                        aug: tuple[Tensor, ...]) -> None:
+    """One warm-up step updating `theta` and `state` in place (`optimizer`'s formula, bias corrections in the
+    dtype of state['step']): static shapes, no host sync, no graph to the images."""
+    point = theta.detach().requires_grad_(True)
+    batch = _augmented(augment, images.index_select(0, idx), aug)
+    (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, batch), labels.index_select(0, idx)), point)
+    new_theta, new_state = optimizer.step(theta, grad, state)
+    theta.copy_(new_theta)
+    for key, value in new_state.items():
+        state[key].copy_(value)
+
+
+def window_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment_syn: Augment | None,
+                  augment_real: Augment | None, real_chunk: int | None, learn_labels: bool, images: Tensor,
+                  labels: Tensor, theta: Tensor, state: dict[str, Tensor], indices: Tensor, aug: tuple[Tensor, ...],
+                  real_x: Tensor, real_y: Tensor, real_aug: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """`meta_gradient` after the warm-up, from fixed-shape tensors (`indices` (W, b), the fields of `draw_steps`):
+    (meta-loss, ∂/∂images[, ∂/∂labels]). The leaves are made here, so a capture holds no outside autograd node."""
+    x = images.detach().requires_grad_(True)
+    y = labels.detach().requires_grad_(learn_labels)
+    theta = theta.detach().requires_grad_(True)
+    state = {key: value.detach().to(theta.dtype) for key, value in state.items()}
+    b = indices.shape[1]
+    for s, idx in enumerate(indices):
+        batch = _augmented(augment_syn, x.index_select(0, idx), tuple(t[s * b:(s + 1) * b] for t in aug))
+        loss = F.cross_entropy(fm(theta, batch), y.index_select(0, idx))
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta, state = optimizer.step(theta, grad, state)
+    meta_loss, grad_theta = real_loss_grad(fm, theta, _augmented(augment_real, real_x, real_aug), real_y, real_chunk)
+    return (meta_loss, *torch.autograd.grad(theta, [x, y] if learn_labels else [x], grad_outputs=grad_theta))
+
+
+def _augmented(augment: Augment | None, x: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
+    """x with branch-free DSA fields applied (x itself when there are none)."""
+    return augment.apply_fields(x, aug) if aug else x
+
+
+class GraphedRat:
+    """`meta_gradient` replayed from captured CUDA graphs (`--fast on`): one graph for a warm-up step, replayed
+    `start` times, and one for the window with the meta-loss and the backward through the window.
+
+    The draws are made first, eagerly and in the plain path's order; the set, θ and the optimizer moments live in
+    static buffers (copied in once per call, not per replay). A new shape (a Boost-DD block, other labels) recaptures.
+    """
+
+    def __init__(self, fm: FunctionalModel, optimizer: InnerOptimizer, window_optimizer: InnerOptimizer,
+                 augment_syn: Augment | None, augment_real: Augment | None, real_chunk: int | None,
+                 warmup: int = 3) -> None:
+        """Nothing is captured until the first call."""
+        self.fm, self.optimizer, self.window_optimizer = fm, optimizer, window_optimizer
+        self.augment_syn, self.augment_real, self.real_chunk = augment_syn, augment_real, real_chunk
+        self._key: tuple | None = None
+        self._static: tuple | None = None
+        self._graphs = GraphCache(warmup)
+
+    def __call__(self, images: Tensor, labels: Tensor, theta0: Tensor, start: int, window: int, real_x: Tensor,
+                 real_y: Tensor, generator: torch.Generator, *, num_classes: int, task_sampler_nc: int | None = None,
+                 batch_per_class: int | None = None) -> tuple[float, Tensor, Tensor | None]:
+        """Same result and draws as `meta_gradient` with this object's optimizers, augmentations and real_chunk."""
+        ipc = len(images) // num_classes
+        draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
+        warm_idx, warm_aug = draw_steps(start, draw, self.augment_syn, images, generator)
+        win_idx, win_aug = draw_steps(window, draw, self.augment_syn, images, generator)
+        real_aug = () if self.augment_real is None else self.augment_real.branch_free_fields(
+            [self.augment_real.sample(len(real_x), generator, real_x.shape[-2:], device=real_x.device)])
+        learn = labels.requires_grad
+        images_buf, labels_buf, theta_buf, moments = self._buffers(images, labels, theta0, learn, window, real_x,
+                                                                   real_y)
+        keys = list(moments)
+        buffers = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
+        b = len(win_idx[0])
+        for s, idx in enumerate(warm_idx):
+            self._graphs.replay("warm-up", partial(self._warm_up, keys),
+                                [idx, *(t[s * b:(s + 1) * b] for t in warm_aug)], buffers)
+        outputs = self._graphs.replay("window", partial(self._window, keys, learn, len(win_aug)),
+                                      [torch.stack(win_idx), *win_aug, real_x.detach(), real_y, *real_aug], buffers)
+        loss, grad_x, *grad_y = (t.clone() for t in outputs)  # the next replay overwrites the outputs
+        return float(loss), grad_x, grad_y[0] if learn else None
+
+    def _buffers(self, images: Tensor, labels: Tensor, theta0: Tensor, learn: bool, window: int, real_x: Tensor,
+                 real_y: Tensor) -> tuple:
+        """(images, labels, θ, optimizer state) static buffers holding this call's set, θ_0 and zero moments; a new
+        signature drops the old graphs first (their memory pools with them)."""
+        key = (learn, window, *((t.shape, t.dtype, t.device) for t in (images, labels, theta0, real_x, real_y)))
+        if key != self._key:
+            self._graphs.clear()
+            state = self.optimizer.init_state(theta0)
+            if "step" in state:  # the warm-up's bias corrections in float64, as torch's foreach Adam (Python floats)
+                state["step"] = state["step"].double()
+            self._static = (torch.empty_like(images), torch.empty_like(labels), torch.empty_like(theta0), state)
+            self._key = key
+        images_buf, labels_buf, theta_buf, state = self._static
+        images_buf.copy_(images.detach())
+        labels_buf.copy_(labels.detach())
+        theta_buf.copy_(theta0.detach())
+        for value in state.values():
+            value.zero_()
+        return self._static
+
+    @property
+    def captures(self) -> int:
+        """How many graphs were captured (a warm-up step and a window per set shape)."""
+        return self._graphs.captures
+
+    def _warm_up(self, keys: list[str], images: Tensor, labels: Tensor, theta: Tensor, *rest: Tensor) -> None:
+        state, (idx, *aug) = dict(zip(keys, rest)), rest[len(keys):]
+        warm_up_step_static(self.fm, self.optimizer, self.augment_syn, images, labels, theta, state, idx, tuple(aug))
+
+    def _window(self, keys: list[str], learn: bool, n_aug: int, images: Tensor, labels: Tensor, theta: Tensor,
+                *rest: Tensor) -> tuple[Tensor, ...]:
+        state, (indices, *rest) = dict(zip(keys, rest)), rest[len(keys):]
+        aug, (real_x, real_y, *real_aug) = tuple(rest[:n_aug]), rest[n_aug:]
+        return window_static(self.fm, self.window_optimizer, self.augment_syn, self.augment_real, self.real_chunk,
+                             learn, images, labels, theta, state, indices, aug, real_x, real_y, tuple(real_aug))

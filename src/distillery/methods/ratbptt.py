@@ -1,19 +1,9 @@
 """RaT-BPTT, Random Truncated Backpropagation Through Time (Feng, Vedantam, Kempe, ICLR 2024; SPEC §6).
 
 One outer step trains a freshly initialised network on the synthetic set and differentiates its loss on a real
-batch with respect to the synthetic images (and learned labels):
-
-    warm-up   `start` inner steps on DETACHED images/labels, no graph (SPEC P13)
-    window    `window` inner steps that keep the graph, starting from detached warm-up weights and detached optimizer
-              moments (the semantics of higher's copy_initial_weights=True, SPEC P16)
-    meta-loss cross-entropy of the final weights on the augmented real batch (hard labels), right after the window
-
-The inner gradient is `torch.autograd.grad(..., create_graph=True)` on a flat parameter vector run through
-`FunctionalModel` (torch.func.functional_call), and the inner optimizer (`InnerOptimizer`) is Adam or SGD written
-with plain tensor ops, so the window is differentiable end to end. Memory grows with the window W, not with the
-horizon T; compute grows with start + W. As published, the warm-up runs torch's Adam and the window higher 0.2.1's
-DifferentiableAdam, whose eps sits outside the bias correction (`--inner-adam higher`, SPEC P16; `torch`: both
-torch's).
+batch with respect to the synthetic images (and learned labels): the warm-up, the differentiable window and the
+meta-loss of `bptt.meta_gradient`. This module holds the method object around it: the budget, the window schedule,
+the outer optimiser, Boost-DD and several processes.
 
 Budget (`--epochs`): passes over the real data, ceil(train size / this process's real batch) outer steps each, as
 the published `--epochs`. Sets record the `rat` evaluation protocol (the published test(), `distillery.rat_eval`).
@@ -40,7 +30,7 @@ rank draws its own inner networks and synthetic batches and real_batch / world_s
 and losses are averaged with all-reduce, the window start and the initial set come from rank 0. Only rank 0 should
 write files (`is_main_process()`).
 
-`--fast on` (CUDA, `GraphedRat`): the same meta-gradient with each warm-up step and the window (with the meta-loss
+`--fast on` (CUDA, `graphed.GraphedRat`): the same meta-gradient with each warm-up step and the window (with the meta-loss
 and its backward) replayed from captured CUDA graphs; every draw is made first, in the plain path's order.
 
 Randomness: every draw comes from a `torch.Generator` seeded from (seed, purpose, rank, step) (`stream_generator`),
@@ -52,15 +42,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
-from ..capture import GraphCache
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
@@ -69,352 +57,11 @@ from ..options import check_options, option
 from ..streams import stream_generator
 from ..synset import SyntheticSet
 from ..validate import check_fast
-
-Augmentation = Callable[[Tensor, torch.Generator], Tensor]
-BatchDraw = Callable[[torch.Generator], Tensor]
+from .bptt import Augmentation, InnerOptimizer, check_window, meta_gradient, window_period, window_start
+from .graphed import GraphedRat
 
 # Purposes of the random streams (first key after the seed in `stream_generator`).
 _INNER, _WINDOW, _INIT = 0, 1, 2
-
-
-# --- inner optimizer -------------------------------------------------------------------------------------------------
-class InnerOptimizer:
-    """Adam or SGD on a flat parameter vector, written with plain tensor ops so unrolled steps stay differentiable.
-
-    Same update as torch.optim.Adam (PyTorch bias correction, weight decay 0 by default) and torch.optim.SGD
-    (momentum 0.9, dampening 0, weight decay 5e-4 by default, as the RaT-BPTT code). The state is a dict of tensors.
-    `adam="higher"` is higher 0.2.1's DifferentiableAdam instead (SPEC P16), the optimiser the published code
-    differentiates: denom = sqrt(v) + eps and step lr * sqrt(bc2) / bc1, i.e. eps / sqrt(bc2) in torch's terms
-    (31.6x torch's eps at step 1, converging to it as the step count grows).
-    """
-
-    def __init__(self, kind: str = "adam", lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, momentum: float = 0.9, weight_decay: float | None = None, adam: str = "torch"):
-        if kind not in ("adam", "sgd"):
-            raise UserError(f"unknown inner optimizer '{kind}'; use adam or sgd")
-        if adam not in ("torch", "higher"):
-            raise UserError(f"unknown --inner-adam '{adam}'; use higher or torch")
-        self.kind, self.lr, self.betas, self.eps, self.momentum, self.adam = kind, lr, betas, eps, momentum, adam
-        self.weight_decay = (0.0 if kind == "adam" else 5e-4) if weight_decay is None else weight_decay
-
-    def __repr__(self) -> str:
-        """Constructor-style description for logs."""
-        adam = f", adam={self.adam!r}" if self.kind == "adam" else ""
-        return f"InnerOptimizer(kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay}{adam})"
-
-    def with_adam(self, adam: str) -> "InnerOptimizer":
-        """The same optimiser with the other Adam formula (torch or higher)."""
-        return InnerOptimizer(self.kind, self.lr, self.betas, self.eps, self.momentum, self.weight_decay, adam)
-
-    def init_state(self, theta: Tensor) -> dict[str, Tensor]:
-        """Zero moments (and step count) for parameters shaped like `theta`."""
-        if self.kind == "sgd":
-            return {"momentum_buffer": torch.zeros_like(theta)}
-        return {"step": torch.zeros((), dtype=theta.dtype, device=theta.device),
-                "exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta)}
-
-    def step(self, theta: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """New parameters and state after one update; differentiable when `grad` carries a graph."""
-        if self.weight_decay:
-            grad = grad + self.weight_decay * theta
-        if self.kind == "sgd":  # torch sets the buffer to grad on the first step: the same as momentum * 0 + grad
-            buf = self.momentum * state["momentum_buffer"] + grad
-            return theta - self.lr * buf, {"momentum_buffer": buf}
-        beta1, beta2 = self.betas
-        step = state["step"] + 1
-        exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * grad
-        exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
-        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-        if self.adam == "higher":  # higher 0.2.1 optim.py DifferentiableAdam._update
-            theta = theta - self.lr * torch.sqrt(bc2) / bc1 * exp_avg / (_sqrt_zero_grad(exp_avg_sq) + self.eps)
-        else:
-            theta = theta - self.lr / bc1 * exp_avg / (_sqrt_zero_grad(exp_avg_sq) / torch.sqrt(bc2) + self.eps)
-        return theta, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-
-
-def _sqrt_zero_grad(v: Tensor) -> Tensor:
-    """sqrt(v) whose derivative is 0 where v == 0 (plain sqrt gives inf * 0 = NaN for parameters with zero grad)."""
-    positive = v > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
-
-
-# --- sampling ---------------------------------------------------------------------------------------------------------
-def sample_batch(num_classes: int, ipc: int, task_sampler_nc: int, batch_per_class: int,
-                 generator: torch.Generator) -> Tensor:
-    """Indices of one inner mini-batch of a class-blocked set (SPEC §6.3), on the generator's device.
-
-    All classes, or `task_sampler_nc` random classes (sorted) when fewer; from each, min(ipc, batch_per_class)
-    distinct random images, in increasing index order like the reference `subsample`.
-    """
-    device = generator.device
-    if task_sampler_nc >= num_classes:
-        classes = torch.arange(num_classes, device=device)
-    else:
-        classes = torch.randperm(num_classes, generator=generator, device=device)[:task_sampler_nc].sort().values
-    k = min(ipc, batch_per_class)
-    picks = torch.rand(len(classes), ipc, generator=generator, device=device).argsort(dim=1)[:, :k]
-    return (picks.sort(dim=1).values + classes[:, None] * ipc).reshape(-1)
-
-
-def check_window(horizon: int, window: int, min_start: int) -> None:
-    """UserError unless 1 <= W <= T and 0 <= m <= T - W."""
-    if not 1 <= window <= horizon:
-        raise UserError(f"--window {window} must be between 1 and --horizon {horizon}; "
-                        "lower --window or raise --horizon")
-    if not 0 <= min_start <= horizon - window:
-        raise UserError(f"--min-start {min_start} must be between 0 and horizon - window = {horizon - window}; "
-                        "lower --min-start or raise --horizon")
-
-
-def window_start(min_start: int, horizon: int, window: int, generator: torch.Generator) -> int:
-    """Start of the differentiable window, uniform on {m, ..., T-W} inclusive (SPEC §6.4, cctype 2)."""
-    check_window(horizon, window, min_start)
-    return int(torch.randint(min_start, horizon - window + 1, (1,), generator=generator, device=generator.device))
-
-
-def window_period(it: int, resample: str, steps_per_epoch: int) -> int:
-    """Which draw of the window start outer step `it` uses: one per step, or one per epoch of real data (P14)."""
-    if resample == "step":
-        return it
-    if resample == "epoch":
-        return it // steps_per_epoch
-    raise UserError(f"unknown --window-resample '{resample}'; use step or epoch")
-
-
-# --- the meta-gradient ------------------------------------------------------------------------------------------------
-def _inner_step(fm: FunctionalModel, optimizer: InnerOptimizer, theta: Tensor, state: dict[str, Tensor],
-                images: Tensor, labels: Tensor, draw: BatchDraw, augment: Augmentation | None,
-                generator: torch.Generator, create_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    """One inner training step on a sampled, augmented synthetic mini-batch."""
-    idx = draw(generator)
-    x = images[idx]
-    if augment is not None:
-        x = augment(x, generator)
-    if not create_graph:  # a fresh leaf: the gradient w.r.t. theta and nothing else
-        theta = theta.detach().requires_grad_(True)
-    # Learned labels are (n, C) floats: cross_entropy uses them directly as probability targets (SPEC §6.5).
-    loss = F.cross_entropy(fm(theta, x), labels[idx])
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-    if not create_graph:
-        theta = theta.detach()
-    return optimizer.step(theta, grad, state)
-
-
-def warm_up(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
-            steps: int, draw: BatchDraw, augment: Augmentation | None,
-            generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Train `steps` inner steps on detached images and labels: no graph reaches the synthetic data (SPEC P13).
-
-    torch's Adam and SGD run as torch.optim's in-place foreach (CUDA: fused) step; the formula is the same as
-    `InnerOptimizer.step` up to float rounding (tested), and the state continues into the window unchanged."""
-    images, labels, theta = images.detach(), labels.detach(), theta.detach()
-    if steps and (optimizer.kind == "sgd" or getattr(optimizer, "adam", "torch") == "torch"):
-        return _warm_up_in_place(fm, images, labels, theta, optimizer, steps, draw, augment, generator)
-    state = optimizer.init_state(theta)
-    for _ in range(steps):
-        theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment, generator, False)
-    return theta, state
-
-
-def _warm_up_in_place(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
-                      steps: int, draw: BatchDraw, augment: Augmentation | None,
-                      generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """`warm_up` with torch.optim's in-place step; same draws in the same order; returns InnerOptimizer's state."""
-    theta = theta.clone().requires_grad_(True)
-    fast = {"fused": True} if theta.device.type == "cuda" else {"foreach": True}
-    if optimizer.kind == "sgd":
-        opt = torch.optim.SGD([theta], lr=optimizer.lr, momentum=optimizer.momentum,
-                              weight_decay=optimizer.weight_decay, **fast)
-    else:
-        opt = torch.optim.Adam([theta], lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
-                               weight_decay=optimizer.weight_decay, **fast)
-    for _ in range(steps):
-        idx = draw(generator)
-        x = images[idx] if augment is None else augment(images[idx], generator)
-        (theta.grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), labels[idx]), theta)
-        opt.step()
-    state = {k: torch.as_tensor(v, dtype=theta.dtype, device=theta.device).detach() for k, v in opt.state[theta].items()}
-    return theta.detach(), state
-
-
-def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: Tensor, optimizer: InnerOptimizer,
-                  start: int, window: int, real_x: Tensor, real_y: Tensor, augment_syn: Augmentation | None,
-                  augment_real: Augmentation | None, generator: torch.Generator, *, num_classes: int,
-                  task_sampler_nc: int | None = None, batch_per_class: int | None = None,
-                  window_optimizer: InnerOptimizer | None = None,
-                  real_chunk: int | None = None) -> tuple[float, Tensor, Tensor | None]:
-    """RaT-BPTT meta-loss and its gradient w.r.t. the images (and the labels if they require grad), SPEC §6.2.
-
-    `images`/`labels` are the whole class-blocked synthetic set; `theta0` the initial flat parameters. Draws from
-    `generator`, in order: for each of the start + window inner steps the batch indices then its augmentation,
-    finally the real batch's augmentation. `.grad` of the inputs is not touched. The warm-up uses `optimizer`, the
-    window `window_optimizer` (default: the same), as the published code runs torch's Adam, then higher's.
-    The real-batch meta-loss is differentiated `real_chunk` images at a time (`real_loss_grad`).
-    """
-    ipc = len(images) // num_classes
-    draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
-    theta, state = warm_up(fm, images, labels, theta0, optimizer, start, draw, augment_syn, generator)
-    # The window starts from constants: gradients reach neither the warm-up nor the initialisation (SPEC P16).
-    theta = theta.detach().requires_grad_(True)
-    state = {k: v.detach() for k, v in state.items()}
-    window_optimizer = window_optimizer or optimizer
-    for _ in range(window):
-        theta, state = _inner_step(fm, window_optimizer, theta, state, images, labels, draw, augment_syn, generator,
-                                   True)
-    if augment_real is not None:
-        real_x = augment_real(real_x, generator)
-    meta_loss, grad_theta = real_loss_grad(fm, theta, real_x, real_y, real_chunk)
-    wrt = [images, labels] if labels.requires_grad else [images]
-    grads = torch.autograd.grad(theta, wrt, grad_outputs=grad_theta)  # one backward through the window
-    return float(meta_loss), grads[0], grads[1] if labels.requires_grad else None
-
-
-def real_loss_grad(fm: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor,
-                   chunk: int | None = None) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of θ on (x, y) and its gradient w.r.t. θ, `chunk` images at a time, so that only one
-    chunk's activations live at once (the 5000-image meta-loss otherwise holds them all). One chunk (chunk None or
-    >= len(x)) is bit-identical to differentiating the unchunked loss."""
-    leaf = theta.detach().requires_grad_(True)
-    if chunk is None or chunk >= len(x):
-        loss = F.cross_entropy(fm(leaf, x), y)
-        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
-    total, grad = leaf.new_zeros(()), torch.zeros_like(leaf)
-    for i in range(0, len(x), chunk):
-        loss = F.cross_entropy(fm(leaf, x[i:i + chunk]), y[i:i + chunk], reduction="sum") / len(x)
-        grad += torch.autograd.grad(loss, leaf)[0]
-        total += loss.detach()
-    return total, grad
-
-
-# --- the same meta-gradient from captured CUDA graphs (--fast on) ------------------------------------------------
-def draw_steps(steps: int, draw: BatchDraw, augment: Augment | None, images: Tensor,
-               generator: torch.Generator) -> tuple[list[Tensor], tuple[Tensor, ...]]:
-    """Batch indices and branch-free DSA fields (each field over all the steps' images) of `steps` inner steps,
-    drawn in the plain steps' order (indices, then augmentation, step after step), so the generator ends alike."""
-    indices, draws = [], []
-    for _ in range(steps):
-        indices.append(draw(generator))
-        if augment is not None:
-            draws.append(augment.sample(len(indices[-1]), generator, images.shape[-2:], device=images.device))
-    return indices, augment.branch_free_fields(draws) if draws else ()
-
-
-def warm_up_step_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment: Augment | None, images: Tensor,
-                        labels: Tensor, theta: Tensor, state: dict[str, Tensor], idx: Tensor,
-                        aug: tuple[Tensor, ...]) -> None:
-    """One warm-up step updating `theta` and `state` in place (`optimizer`'s formula, bias corrections in the
-    dtype of state['step']): static shapes, no host sync, no graph to the images."""
-    point = theta.detach().requires_grad_(True)
-    batch = _augmented(augment, images.index_select(0, idx), aug)
-    (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, batch), labels.index_select(0, idx)), point)
-    new_theta, new_state = optimizer.step(theta, grad, state)
-    theta.copy_(new_theta)
-    for key, value in new_state.items():
-        state[key].copy_(value)
-
-
-def window_static(fm: FunctionalModel, optimizer: InnerOptimizer, augment_syn: Augment | None,
-                  augment_real: Augment | None, real_chunk: int | None, learn_labels: bool, images: Tensor,
-                  labels: Tensor, theta: Tensor, state: dict[str, Tensor], indices: Tensor, aug: tuple[Tensor, ...],
-                  real_x: Tensor, real_y: Tensor, real_aug: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """`meta_gradient` after the warm-up, from fixed-shape tensors (`indices` (W, b), the fields of `draw_steps`):
-    (meta-loss, ∂/∂images[, ∂/∂labels]). The leaves are made here, so a capture holds no outside autograd node."""
-    x = images.detach().requires_grad_(True)
-    y = labels.detach().requires_grad_(learn_labels)
-    theta = theta.detach().requires_grad_(True)
-    state = {key: value.detach().to(theta.dtype) for key, value in state.items()}
-    b = indices.shape[1]
-    for s, idx in enumerate(indices):
-        batch = _augmented(augment_syn, x.index_select(0, idx), tuple(t[s * b:(s + 1) * b] for t in aug))
-        loss = F.cross_entropy(fm(theta, batch), y.index_select(0, idx))
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        theta, state = optimizer.step(theta, grad, state)
-    meta_loss, grad_theta = real_loss_grad(fm, theta, _augmented(augment_real, real_x, real_aug), real_y, real_chunk)
-    return (meta_loss, *torch.autograd.grad(theta, [x, y] if learn_labels else [x], grad_outputs=grad_theta))
-
-
-def _augmented(augment: Augment | None, x: Tensor, aug: tuple[Tensor, ...]) -> Tensor:
-    """x with branch-free DSA fields applied (x itself when there are none)."""
-    return augment.apply_fields(x, aug) if aug else x
-
-
-class GraphedRat:
-    """`meta_gradient` replayed from captured CUDA graphs (`--fast on`): one graph for a warm-up step, replayed
-    `start` times, and one for the window with the meta-loss and the backward through the window.
-
-    The draws are made first, eagerly and in the plain path's order; the set, θ and the optimizer moments live in
-    static buffers (copied in once per call, not per replay). A new shape (a Boost-DD block, other labels) recaptures.
-    """
-
-    def __init__(self, fm: FunctionalModel, optimizer: InnerOptimizer, window_optimizer: InnerOptimizer,
-                 augment_syn: Augment | None, augment_real: Augment | None, real_chunk: int | None,
-                 warmup: int = 3) -> None:
-        """Nothing is captured until the first call."""
-        self.fm, self.optimizer, self.window_optimizer = fm, optimizer, window_optimizer
-        self.augment_syn, self.augment_real, self.real_chunk = augment_syn, augment_real, real_chunk
-        self._key: tuple | None = None
-        self._static: tuple | None = None
-        self._graphs = GraphCache(warmup)
-
-    def __call__(self, images: Tensor, labels: Tensor, theta0: Tensor, start: int, window: int, real_x: Tensor,
-                 real_y: Tensor, generator: torch.Generator, *, num_classes: int, task_sampler_nc: int | None = None,
-                 batch_per_class: int | None = None) -> tuple[float, Tensor, Tensor | None]:
-        """Same result and draws as `meta_gradient` with this object's optimizers, augmentations and real_chunk."""
-        ipc = len(images) // num_classes
-        draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
-        warm_idx, warm_aug = draw_steps(start, draw, self.augment_syn, images, generator)
-        win_idx, win_aug = draw_steps(window, draw, self.augment_syn, images, generator)
-        real_aug = () if self.augment_real is None else self.augment_real.branch_free_fields(
-            [self.augment_real.sample(len(real_x), generator, real_x.shape[-2:], device=real_x.device)])
-        learn = labels.requires_grad
-        images_buf, labels_buf, theta_buf, moments = self._buffers(images, labels, theta0, learn, window, real_x,
-                                                                   real_y)
-        keys = list(moments)
-        buffers = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
-        b = len(win_idx[0])
-        for s, idx in enumerate(warm_idx):
-            self._graphs.replay("warm-up", partial(self._warm_up, keys),
-                                [idx, *(t[s * b:(s + 1) * b] for t in warm_aug)], buffers)
-        outputs = self._graphs.replay("window", partial(self._window, keys, learn, len(win_aug)),
-                                      [torch.stack(win_idx), *win_aug, real_x.detach(), real_y, *real_aug], buffers)
-        loss, grad_x, *grad_y = (t.clone() for t in outputs)  # the next replay overwrites the outputs
-        return float(loss), grad_x, grad_y[0] if learn else None
-
-    def _buffers(self, images: Tensor, labels: Tensor, theta0: Tensor, learn: bool, window: int, real_x: Tensor,
-                 real_y: Tensor) -> tuple:
-        """(images, labels, θ, optimizer state) static buffers holding this call's set, θ_0 and zero moments; a new
-        signature drops the old graphs first (their memory pools with them)."""
-        key = (learn, window, *((t.shape, t.dtype, t.device) for t in (images, labels, theta0, real_x, real_y)))
-        if key != self._key:
-            self._graphs.clear()
-            state = self.optimizer.init_state(theta0)
-            if "step" in state:  # the warm-up's bias corrections in float64, as torch's foreach Adam (Python floats)
-                state["step"] = state["step"].double()
-            self._static = (torch.empty_like(images), torch.empty_like(labels), torch.empty_like(theta0), state)
-            self._key = key
-        images_buf, labels_buf, theta_buf, state = self._static
-        images_buf.copy_(images.detach())
-        labels_buf.copy_(labels.detach())
-        theta_buf.copy_(theta0.detach())
-        for value in state.values():
-            value.zero_()
-        return self._static
-
-    @property
-    def captures(self) -> int:
-        """How many graphs were captured (a warm-up step and a window per set shape)."""
-        return self._graphs.captures
-
-    def _warm_up(self, keys: list[str], images: Tensor, labels: Tensor, theta: Tensor, *rest: Tensor) -> None:
-        state, (idx, *aug) = dict(zip(keys, rest)), rest[len(keys):]
-        warm_up_step_static(self.fm, self.optimizer, self.augment_syn, images, labels, theta, state, idx, tuple(aug))
-
-    def _window(self, keys: list[str], learn: bool, n_aug: int, images: Tensor, labels: Tensor, theta: Tensor,
-                *rest: Tensor) -> tuple[Tensor, ...]:
-        state, (indices, *rest) = dict(zip(keys, rest)), rest[len(keys):]
-        aug, (real_x, real_y, *real_aug) = tuple(rest[:n_aug]), rest[n_aug:]
-        return window_static(self.fm, self.window_optimizer, self.augment_syn, self.augment_real, self.real_chunk,
-                             learn, images, labels, theta, state, indices, aug, real_x, real_y, tuple(real_aug))
 
 
 # --- outer optimisation pieces ----------------------------------------------------------------------------------------

@@ -19,6 +19,18 @@ from torch import Tensor
 MAX_BLOCK = 1024  # elements of a row per loop iteration (32x32 CIFAR feature maps: one iteration)
 
 
+@triton.jit
+def _load_block(x_ptr, g_ptr, u_ptr, base, start, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Elements [start, start + BLOCK) of one row of x, g and u (zeros past M), their offsets and the mask."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < M
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0).to(ACC)
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0).to(ACC)
+    u = tl.load(u_ptr + base + offs, mask=mask, other=0).to(ACC)
+    return x, g, u, offs, mask
+
+
+@triton.jit
 def _double_backward_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, w_ptr, a_ptr, beta_ptr,
                             grad_g_ptr, dx_ptr, grad_w_ptr, C, M,
                             BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -34,11 +46,7 @@ def _double_backward_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, w_ptr, a_pt
     s_gx = tl.zeros([BLOCK], ACC)
     s_ug = tl.zeros([BLOCK], ACC)
     for start in range(0, M, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < M
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0).to(ACC)
-        g = tl.load(g_ptr + base + offs, mask=mask, other=0).to(ACC)
-        u = tl.load(u_ptr + base + offs, mask=mask, other=0).to(ACC)
+        x, g, u, offs, mask = _load_block(x_ptr, g_ptr, u_ptr, base, start, M, BLOCK, ACC)
         xh = (x - mu) * r  # masked lanes: u = g = 0, so they add nothing to any sum
         s_u += u
         s_g += g
@@ -62,17 +70,12 @@ def _double_backward_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, w_ptr, a_pt
     cx = -r * qx - r * wr * cov
     tl.store(grad_w_ptr + row, r * M * cov)
     for start in range(0, M, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < M
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0).to(ACC)
-        g = tl.load(g_ptr + base + offs, mask=mask, other=0).to(ACC)
-        u = tl.load(u_ptr + base + offs, mask=mask, other=0).to(ACC)
+        x, g, u, offs, mask = _load_block(x_ptr, g_ptr, u_ptr, base, start, M, BLOCK, ACC)
         xh = (x - mu) * r
         tl.store(grad_g_ptr + base + offs, (beta - wr * u_m) + k1 * xh + wr * u, mask=mask)
         tl.store(dx_ptr + base + offs, -r * q_m + cx * xh + r * k2 * u + r * k1 * g, mask=mask)
 
 
-_kernel = triton.jit(_double_backward_kernel)
 # Triton fixes at import whether kernels are compiled or run in its CPU interpreter (TRITON_INTERPRET=1: the tests)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -93,7 +96,7 @@ def double_backward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Te
     grad_w = torch.empty((n, c), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(m), MAX_BLOCK)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    _kernel[(n * c,)](x, g, u, mean.contiguous(), rstd.contiguous(), weight.contiguous(),
-                      a.contiguous(), beta.contiguous(), grad_g, dx, grad_w, c, m,
-                      BLOCK=block, ACC=acc, num_warps=4)
+    _double_backward_kernel[(n * c,)](x, g, u, mean.contiguous(), rstd.contiguous(), weight.contiguous(),
+                                      a.contiguous(), beta.contiguous(), grad_g, dx, grad_w, c, m,
+                                      BLOCK=block, ACC=acc, num_warps=4)
     return grad_g, dx, grad_w.sum(0).to(weight.dtype)
