@@ -150,3 +150,42 @@ def test_ratbptt_window_uses_the_kernel_it_is_given(counted) -> None:
         images.append(m.images.detach())
         assert (len(counted) > 0) == (kernel == "triton")
     torch.testing.assert_close(images[1], images[0], rtol=1e-5, atol=1e-6)
+
+
+def test_captured_function_with_the_kernel_equals_the_plain_path(counted) -> None:
+    """What `--fast on --norm-kernel triton` captures for MTT (`unrolled_static`), run eagerly with the kernel,
+    equals the plain path with the torch closed form (float64)."""
+    from test_graphed import eager, model, plan_for, problem
+    from test_graphed import assert_close as assert_mtt_close
+
+    from distillery.methods.trajectory import unrolled_grad
+
+    fm, augment = model(torch.float64, "cpu"), Augment()
+    images, labels, lr, theta0, target = problem(fm, 1, torch.float64, "cpu")
+    plan = plan_for(augment, 1, 3, 4, "cpu")
+    ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
+    with norm_kernel("triton"):
+        got = eager(fm, augment, images, labels, lr, theta0, target, plan)
+    assert len(counted) > 0
+    assert_mtt_close(got, ref, 1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_the_kernel() -> None:
+    """`--fast on --norm-kernel triton`: the Triton launches are captured in MTT's graph and replay correctly."""
+    from test_graphed import assert_close as assert_mtt_close
+    from test_graphed import model, plan_for, problem
+
+    from distillery.methods.graphed import GraphedUnroll
+    from distillery.methods.trajectory import unrolled_grad
+
+    fm, augment = model(torch.float64, "cuda"), Augment()
+    graphed = GraphedUnroll(fm, augment)
+    for seed in range(3):
+        images, labels, lr, theta0, target = problem(fm, seed, torch.float64, "cuda")
+        plan = plan_for(augment, seed, 5, 4, "cuda")
+        ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
+        with norm_kernel("triton"):
+            got = graphed(images, labels, lr, theta0, target, plan)
+        assert_mtt_close(got, ref, 1e-9)
+    assert graphed.captures == 1
