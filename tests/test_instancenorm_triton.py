@@ -189,3 +189,20 @@ def test_cuda_graph_replays_the_kernel() -> None:
             got = graphed(images, labels, lr, theta0, target, plan)
         assert_mtt_close(got, ref, 1e-9)
     assert graphed.captures == 1
+
+
+def test_op_count_benchmark_orders_the_three_paths() -> None:
+    """benchmarks/op_count.py runs, and a student step costs fewer compute operators with the closed form than with
+    nn.GroupNorm, and fewer again with the Triton kernel (counts, not times: they hold on any machine)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "op_count.py"
+    out = subprocess.run([sys.executable, str(script), "--width", "4", "--images", "2", "--steps", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = re.findall(r"^\| (nn.GroupNorm|InstanceNorm, closed form|InstanceNorm, Triton)[^|]* \| (\d+) \| (\d+) \|",
+                      out, re.M)
+    compute = [int(c) for _, _, c in rows]
+    assert len(compute) == 3 and compute[0] > compute[1] > compute[2] > 0, out
