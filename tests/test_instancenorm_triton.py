@@ -3,6 +3,8 @@ Triton's interpreter and, where there is a GPU, compiled on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -23,10 +25,12 @@ def interpreter():
         pytest.skip("Triton compiles for the GPU here; the CUDA test covers the kernel")
 
 
-def second_derivatives(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kernel: str) -> list[torch.Tensor]:
-    """d/d(x, w, b) of a loss on instance norm's first derivatives (create_graph), all three upstream terms used."""
+def second_derivatives(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                       kernel: str | None) -> list[torch.Tensor]:
+    """d/d(x, w, b) of a loss on instance norm's first derivatives (create_graph), all three upstream terms used;
+    with `kernel` None, under the caller's (this thread's) choice."""
     x, w, b = (t.detach().requires_grad_(True) for t in (x, w, b))
-    with norm_kernel(kernel):
+    with norm_kernel(kernel) if kernel else contextlib.nullcontext():
         y = InstanceNormFunction.apply(x, w, b, 1e-5)[0]
     gx, gw, gb = torch.autograd.grad((y * y.sin()).sum(), [x, w, b], create_graph=True)
     return list(torch.autograd.grad(gx.cos().sum() + gw.square().sum() + gb.sum() * gx.sum(), [x, w, b]))
@@ -55,6 +59,23 @@ def test_kernel_runs_when_chosen_and_not_otherwise(interpreter, monkeypatch) -> 
     with pytest.raises(ValueError, match="not one of"):
         with norm_kernel("cuda"):
             pass
+
+
+def test_the_choice_is_per_thread(interpreter, monkeypatch) -> None:
+    """A background evaluation thread keeps the torch path while the main thread distils with the kernel."""
+    import threading
+
+    calls = []
+    real = instancenorm_triton.double_backward
+    monkeypatch.setattr(instancenorm_triton, "double_backward", lambda *a: calls.append(1) or real(*a))
+    x, w, b = torch.randn(2, 3, 4, 4), torch.randn(3), torch.randn(3)
+    with norm_kernel("triton"):
+        other = threading.Thread(target=second_derivatives, args=(x, w, b, None))
+        other.start()
+        other.join()
+        assert calls == []
+        second_derivatives(x, w, b, None)
+    assert calls == [1]
 
 
 def test_not_used_inside_torch_func_or_on_the_cpu_when_compiled(interpreter, monkeypatch) -> None:

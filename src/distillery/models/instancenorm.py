@@ -13,13 +13,14 @@ The module subclasses `nn.GroupNorm`: same parameters (`weight`, `bias`, shape (
 same repr; expert stores and layout hashes do not change.
 
 `norm_kernel("triton")` (`--norm-kernel triton`) runs that double backward as one fused Triton kernel
-(`instancenorm_triton.py`) on CUDA tensors; the choice is read at the forward, in the calling thread, and carried
-to the backward (which CUDA autograd runs on its own thread).
+(`instancenorm_triton.py`) on CUDA tensors. The choice is per thread (a background evaluation keeps its own) and
+is read at the forward, then carried to the backward, which CUDA autograd runs on a thread of its own.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -29,20 +30,25 @@ from torch.autograd.function import once_differentiable
 
 
 KERNELS = ("torch", "triton")
-_kernel = "torch"  # the double backward's kernel for instance norms run from now on (norm_kernel)
+_chosen = threading.local()  # .kernel: the double backward's kernel for this thread's instance norms (norm_kernel)
 
 
 @contextmanager
 def norm_kernel(name: str) -> Iterator[None]:
-    """Instance norms whose forward runs inside use `name` ("torch": closed form, "triton": one fused kernel)."""
-    global _kernel
+    """Instance norms whose forward runs inside, in this thread, use `name` ("torch": closed form, "triton": one
+    fused kernel)."""
     if name not in KERNELS:
         raise ValueError(f"norm kernel {name!r} is not one of {KERNELS}")
-    previous, _kernel = _kernel, name
+    previous, _chosen.kernel = _kernel(), name
     try:
         yield
     finally:
-        _kernel = previous
+        _chosen.kernel = previous
+
+
+def _kernel() -> str:
+    """This thread's choice (torch unless inside `norm_kernel`)."""
+    return getattr(_chosen, "kernel", "torch")
 
 
 def triton_missing() -> str | None:
@@ -74,7 +80,7 @@ class InstanceNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.eps = eps
-        ctx.kernel = _kernel
+        ctx.kernel = _kernel()
 
     @staticmethod
     def backward(ctx, grad: Tensor, _mean_grad: Tensor, _rstd_grad: Tensor) -> tuple[Tensor | None, ...]:
