@@ -81,9 +81,14 @@ def _check_mtt(config: dict[str, Any], n_syn: int) -> None:
 
 def check_cuda(flag: str, device: torch.device | str) -> None:
     """`flag on` (--fast, --eval-fast) replays captured CUDA graphs: refused on any other device."""
-    if str(device).split(":")[0] != "cuda":
+    if not _is_cuda(device):
         raise UserError(f"{flag} on replays captured CUDA graphs but the device is {device}; "
                         f"use --device cuda or {flag} off")
+
+
+def _is_cuda(device: torch.device | str) -> bool:
+    """Whether `device` ("cuda", "cuda:1", a torch.device) is a CUDA device."""
+    return str(device).split(":")[0] == "cuda"
 
 
 def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
@@ -97,7 +102,7 @@ def check_fast(config: dict[str, Any], device: torch.device | str | None = None)
             check_cuda(flag, device)
     if config.get("norm_kernel") == "triton" and device is not None:
         from .models.instancenorm import triton_missing
-        if str(device).split(":")[0] != "cuda":
+        if not _is_cuda(device):
             raise UserError(f"--norm-kernel triton runs a CUDA kernel but the device is {device}; "
                             "use --device cuda or --norm-kernel torch")
         missing = triton_missing()

@@ -54,8 +54,6 @@ GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": 
 LABELS = ("hard", "expert", "frozen")
 LR_GUARDS = ("clamp", "log", "none")
 FAST = ("off", "on")
-NORM_KERNEL_HELP = ("instance norm's double backward: torch (closed form, torch ops) or triton (one fused kernel; "
-                    "CUDA with the triton package); torch until benchmarks/gpu_suite.py has measured it")
 LOG_STEP_MAX = 0.6931471805599453   # --lr-guard log: |Δ log α| <= ln 2 per iteration
 STILL_TOL = 1e-3                    # |L - 1| below this: the student ended where it started (it did not move)
 # Purposes of the random streams (first key after the seed in `stream_generator`).
@@ -82,7 +80,10 @@ class MTTConfig:
                                                  "(grad unrolled) or TESLA's two passes (grad tesla), and the "
                                                  "minibatch steps of experts it trains; off until "
                                                  "benchmarks/gpu_suite.py has measured it")
-    norm_kernel: str = option("torch", choices=KERNELS, help=NORM_KERNEL_HELP)
+    norm_kernel: str = option("torch", choices=KERNELS,
+                              help="instance norm's double backward: torch (closed form, torch ops) or triton (one "
+                                   "fused kernel; CUDA with the triton package); torch until "
+                                   "benchmarks/gpu_suite.py has measured it")
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "

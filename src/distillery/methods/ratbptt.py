@@ -30,8 +30,8 @@ rank draws its own inner networks and synthetic batches and real_batch / world_s
 and losses are averaged with all-reduce, the window start and the initial set come from rank 0. Only rank 0 should
 write files (`is_main_process()`).
 
-`--fast on` (CUDA, `graphed.GraphedRat`): the same meta-gradient with each warm-up step and the window (with the meta-loss
-and its backward) replayed from captured CUDA graphs; every draw is made first, in the plain path's order.
+`--fast on` (CUDA, `graphed.GraphedRat`): the same meta-gradient with each warm-up step and the window (with the
+meta-loss and its backward) replayed from captured CUDA graphs; every draw is made first, in the plain path's order.
 
 Randomness: every draw comes from a `torch.Generator` seeded from (seed, purpose, rank, step) (`stream_generator`),
 so a resumed run, and every rank of a resumed multi-process run, continues exactly as an uninterrupted one without
