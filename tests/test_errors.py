@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import torch
 
+from distillery.checkpoint import read_checkpoint
 from distillery.cli import build_parser, main
 from distillery.data import load_dataset
 from distillery.data.download import SOURCES
 from distillery.errors import UserError
 from distillery.experts import train_experts
+from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet, preprocess_record
 
 
@@ -238,7 +240,7 @@ def test_expert_store_rows(capsys, tmp_path, store, row):
     before = tree(s)
     one_line(capsys, distill_args(s, tmp_path / "run", *extra), needle)
     assert tree(s) == before
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
 
 
 def test_experts_resume_with_other_settings(capsys, tmp_path, store):
@@ -337,7 +339,7 @@ def test_run_dir_rows(capsys, store, finished_run, row):
 
 def test_damaged_checkpoint(capsys, store, finished_run):
     """run-checkpoint-damaged: a checkpoint whose sha256 trailer does not match is refused, not loaded."""
-    path = finished_run / "checkpoint.pt"
+    path = finished_run / CHECKPOINT
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
@@ -452,7 +454,7 @@ def test_nan_before_the_first_checkpoint(capsys, tmp_path, store, monkeypatch):
     _nan_from(monkeypatch, 0)
     line = one_line(capsys, distill_args(store, out, "--checkpoint-every", "5", "--iterations", "5"),
                     "no checkpoint was written yet")
-    assert "checkpoint.pt" not in line and not (out / "checkpoint.pt").exists()
+    assert CHECKPOINT not in line and not (out / CHECKPOINT).exists()
     monkeypatch.undo()
     assert main([str(a) for a in distill_args(store, out, "--lr-img", "50")]) == 0
     history = json.loads((out / "config.json").read_text())["history"]
@@ -465,17 +467,15 @@ def test_nan_names_the_real_checkpoint_and_resume_lowers_the_lr(capsys, tmp_path
     out = tmp_path / "run"
     _nan_from(monkeypatch, 2)
     line = one_line(capsys, distill_args(store, out, "--iterations", "4"), "iteration 2")
-    assert str(out / "checkpoint.pt") in line and "--resume" in line
-    from distillery.run import read_checkpoint
-
-    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert str(out / CHECKPOINT) in line and "--resume" in line
+    ckpt = read_checkpoint(out / CHECKPOINT)
     assert ckpt["it"] == 2 and torch.isfinite(ckpt["method"]["images"]).all()
     monkeypatch.undo()
     assert main([str(a) for a in distill_args(store, out, "--iterations", "4", "--lr-img", "25", "--resume")]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lr_img"] == 25 and cfg["history"][-1]["changed"]["lr_img"][1] == 25
     assert cfg["history"][-1]["event"] == "resume" and cfg["history"][-1]["iteration"] == 2
-    opt = read_checkpoint(out / "checkpoint.pt")["method"]["opt_img"]
+    opt = read_checkpoint(out / CHECKPOINT)["method"]["opt_img"]
     assert opt["param_groups"][0]["lr"] == 25
 
 

@@ -4,8 +4,8 @@ A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `loa
 
     RUN_DIR/config.json       the resolved configuration, the environment (threads, versions, command line, data
                               location) and a history: one entry per start, restart and resume with what changed
-    RUN_DIR/checkpoint.pt     method state + loop state, written atomically every `checkpoint_every` iterations,
-                              with a sha256 trailer that loading checks
+    RUN_DIR/checkpoint.safetensors  method state + loop state, written atomically every `checkpoint_every`
+                              iterations: tensors plus a JSON tree, nothing that can run code (`checkpoint.py`)
     RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused
     RUN_DIR/metrics.csv       one row per iteration (loss, lr, ...) plus val accuracy at evaluations
     RUN_DIR/tb/               TensorBoard scalars (when the tensorboard package is installed)
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import hashlib
 import io
 import json
 import math
@@ -50,6 +49,7 @@ from . import __version__
 from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
+from .checkpoint import read_checkpoint, write_checkpoint
 from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
 from .health import DEFAULT_FIX, HealthMonitor
@@ -61,7 +61,7 @@ try:
 except ImportError:  # not POSIX: run directories are not locked
     fcntl = None
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 PENDING = "pending"  # the set of an evaluation still running in the background when a checkpoint was written
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
@@ -69,7 +69,6 @@ RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inn
                                "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast",
                                "fast", "norm_kernel"})  # the last three: same numbers up to float rounding
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
-_CHECKSUM = b"\ndistillery-sha256:"
 _LOCKS: dict[Path, int] = {}
 
 
@@ -226,32 +225,6 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """`torch.save` atomically, followed by a sha256 trailer of the saved bytes."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    body = buf.getvalue()
-    atomic_write_bytes(path, body + _CHECKSUM + hashlib.sha256(body).hexdigest().encode())
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint after checking its sha256 trailer; a damaged one is a UserError saying what to do."""
-    fix = "delete it to start the run again from iteration 0 with the same command, or restore it from a copy"
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read checkpoint {path} ({err.strerror}); {fix}") from None
-    body, sep, digest = raw.rpartition(_CHECKSUM)
-    if not sep:  # written before checkpoints carried a checksum: torch.load still finds damage in most cases
-        body = raw
-    elif hashlib.sha256(body).hexdigest().encode() != digest:
-        raise UserError(f"checkpoint {path} is damaged (its sha256 does not match); {fix}")
-    try:
-        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises many kinds on a damaged file
-        raise UserError(f"checkpoint {path} is damaged ({type(err).__name__}); {fix}") from None
-
-
 class _Logger:
     """Metrics as CSV (rewritten atomically, so a crash never leaves half a row) and TensorBoard scalars."""
 
@@ -334,8 +307,12 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     ckpt_path = run_dir / CHECKPOINT
     start, best_val, rows, resumed_pending = 0, -1.0, [], None
     if resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)
-        method.load_state_dict(ckpt["method"])
+        ckpt = read_checkpoint(ckpt_path, template=method.state_dict())
+        try:
+            method.load_state_dict(ckpt["method"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:  # consistent, yet not this state
+            raise UserError(f"checkpoint {ckpt_path} is damaged ({type(err).__name__} restoring the method state); "
+                            "delete it to start the run again from iteration 0 with the same command") from None
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
         resumed_pending = ckpt.get("pending_eval")
         print(f"resuming {run_dir} from iteration {start}")

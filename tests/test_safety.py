@@ -1,0 +1,123 @@
+"""Safety by construction (docs/ERRORS.md, "Files, stores and caches"): nothing written by a user or another process
+is unpickled, paths from metadata stay in their store, shared stores and caches survive concurrent processes, outputs
+never land by accident, run files are read through checked readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as save_tensors
+
+from distillery.checkpoint import read_checkpoint, write_checkpoint
+from distillery.cli import main
+from distillery.errors import UserError
+from distillery.run import CHECKPOINT
+
+
+def one_line(capsys, argv, needle, code=2):
+    """Run the CLI; assert exit `code` and exactly one stderr line `error: ...` containing `needle`; return it."""
+    got = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]
+    assert got == code, (got, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+class Payload:
+    """Unpickling this would create the file `marker` (a stand-in for any code an attacker chooses)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+STATE = {"it": 2, "best_val": 0.5, "rows": [{"it": 0, "loss": 1.0}], "pending_eval": None,
+         "method": {"images": torch.randn(3, 1, 4, 4), "opt": {"state": {0: {"step": torch.tensor(2.0)}},
+                                                             "param_groups": [{"betas": (0.9, 0.99), "params": [0]}]}}}
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    """checkpoint-format: tensors bit-exact, ints stay ints, tuples tuples, int dict keys int keys."""
+    write_checkpoint(STATE, tmp_path / CHECKPOINT)
+    got = read_checkpoint(tmp_path / CHECKPOINT, template=STATE["method"])
+    assert torch.equal(got["method"]["images"], STATE["method"]["images"])
+    assert got["method"]["opt"]["state"][0]["step"].item() == 2.0
+    assert got["method"]["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert got["rows"] == STATE["rows"] and got["it"] == 2 and got["pending_eval"] is None
+
+
+@pytest.mark.parametrize("kind", ["pickle", "pickle-in-header"])
+def test_crafted_checkpoint_runs_nothing(tmp_path, kind):
+    """checkpoint-crafted: a checkpoint with a `__reduce__` payload is refused as damaged and its code never runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / CHECKPOINT
+    if kind == "pickle":  # the old torch.save format, with a payload where a tensor should be
+        buf = io.BytesIO()
+        torch.save({**STATE, "method": Payload(marker)}, buf)
+        path.write_bytes(buf.getvalue())
+    else:  # a valid safetensors container whose JSON carries a pickled payload
+        buf = io.BytesIO()
+        torch.save(Payload(marker), buf)
+        meta = {"format": "distillery-checkpoint", "version": "1", "sha256": "0",
+                "state": json.dumps({"dict": [["method", buf.getvalue().hex()]]})}
+        path.write_bytes(save_tensors({"t0": torch.zeros(1)}, metadata=meta))
+    with pytest.raises(UserError, match="is damaged") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-bytes", "nan", "wrong-shape", "wrong-dtype", "bad-iteration",
+                                    "extra-tensor", "flipped"])
+def test_damaged_checkpoint_is_one_line(tmp_path, damage):
+    """checkpoint-damaged: every kind of damage is 'checkpoint X is damaged (...)', never a traceback."""
+    path = tmp_path / CHECKPOINT
+    state = {**STATE, "method": dict(STATE["method"])}
+    if damage == "nan":
+        state["method"]["images"] = torch.full((3, 1, 4, 4), float("nan"))
+    elif damage == "wrong-shape":
+        state["method"]["images"] = torch.zeros(3, 2, 4, 4)
+    elif damage == "wrong-dtype":
+        state["method"]["images"] = torch.zeros(3, 1, 4, 4, dtype=torch.float64)
+    elif damage == "bad-iteration":
+        state["it"] = -3
+    write_checkpoint(state, path)
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "zero-bytes":
+        path.write_bytes(b"")
+    elif damage == "flipped":
+        path.write_bytes(raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:])
+    elif damage == "extra-tensor":
+        from distillery import checkpoint
+        tensors: dict = {}
+        tree = checkpoint._encode(state, tensors)
+        tensors["t99"] = torch.zeros(1)
+        meta = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "state": json.dumps(tree),
+                "sha256": checkpoint._digest(tensors)}
+        path.write_bytes(save_tensors(tensors, metadata=meta))
+    with pytest.raises(UserError, match=f"checkpoint {re.escape(str(path))} is damaged") as err:
+        read_checkpoint(path, template=STATE["method"])
+    assert "\n" not in str(err.value)
+
+
+def test_no_unsafe_loads_in_the_sources():
+    """Nothing in src/ unpickles with weights_only=False or np.load(allow_pickle=True)."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    assert "weights_only=False" not in text and "allow_pickle=True" not in text
+    assert not re.search(r"pickle\.loads?\(", text)
