@@ -121,3 +121,44 @@ def test_no_unsafe_loads_in_the_sources():
     text = "\n".join(p.read_text() for p in src.rglob("*.py"))
     assert "weights_only=False" not in text and "allow_pickle=True" not in text
     assert not re.search(r"pickle\.loads?\(", text)
+
+
+def _tiny_set():
+    from distillery.synset import SyntheticSet
+    return SyntheticSet(torch.rand(10, 1, 8, 8), torch.arange(10), meta={"dataset": "digits", "num_classes": 10})
+
+
+def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(tmp_path, capsys):
+    """export-not-empty: a non-empty --out is refused untouched; --replace replaces it whole (no stale files)."""
+    s = _tiny_set()
+    s.save(tmp_path / "s.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images_best.pt").write_bytes(b"precious")
+    one_line(capsys, ["export", tmp_path / "s.safetensors", "--format", "pt", "--out", out], "--replace")
+    assert sorted(p.name for p in out.iterdir()) == ["images_best.pt"]
+    assert (out / "images_best.pt").read_bytes() == b"precious"
+    assert main(["export", str(tmp_path / "s.safetensors"), "--format", "imagefolder", "--out", str(out),
+                 "--replace"]) == 0
+    assert not (out / "images_best.pt").exists() and (out / "labels.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    from distillery.api import export_set
+    with pytest.raises(UserError, match="not empty"):  # the API is as strict
+        export_set(s, "pt", out)
+    with pytest.raises(UserError, match="folder path"):
+        export_set(s, "pt", None)
+
+
+def test_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """export-atomic: an export that fails half-way leaves --out (and its parent) as they were."""
+    from distillery import export
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def boom(*args):
+        raise UserError("cannot write: disk full")
+    monkeypatch.setattr(export, "_export_imagefolder", boom)
+    with pytest.raises(UserError):
+        export.export_set(_tiny_set(), "imagefolder", out, replace=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and len(list(tmp_path.iterdir())) == 1

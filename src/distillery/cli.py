@@ -324,7 +324,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_set
     from .synset import SyntheticSet
 
-    files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag)
+    files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag, replace=args.replace)
     print(f"wrote {len(files)} files into {args.out} ({args.format})")
 
 
@@ -362,7 +362,8 @@ def _add_interop_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a set as pt tensors, an image folder or an ECCV-2024 submission")
     p.add_argument("set", help="a .safetensors distilled set")
     p.add_argument("--format", required=True, choices=["pt", "imagefolder", "eccv2024"])
-    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--out", required=True, help="directory to write into (new or empty, unless --replace)")
+    p.add_argument("--replace", action="store_true", help="replace a non-empty --out whole (its old files go)")
     p.add_argument("--tag", default="best", help="pt: file names images_TAG.pt, labels_TAG.pt, lr_TAG.pt")
     p.set_defaults(func=cmd_export)
 
