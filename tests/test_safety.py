@@ -162,3 +162,29 @@ def test_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(UserError):
         export.export_set(_tiny_set(), "imagefolder", out, replace=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"] and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """A real 2-expert, 1-epoch ConvNetD1 store on digits."""
+    from distillery.data import load_dataset
+    from distillery.experts import train_experts
+    path = tmp_path_factory.mktemp("experts") / "store"
+    train_experts(load_dataset("digits"), "ConvNetD1", 2, epochs=1, out_dir=path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("file", ["../../../../etc/hostname", "/etc/hostname", "link.safetensors", "", 7])
+def test_manifest_paths_stay_in_the_store(tmp_path, digits_store, file):
+    """experts-path-outside: a manifest naming a file outside its store is damaged; nothing outside is named as
+    something to delete."""
+    from distillery.experts import ExpertStore
+    store = tmp_path / "store"
+    shutil.copytree(digits_store, store)
+    (store / "link.safetensors").symlink_to("/etc/hostname")
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["experts"][0]["file"] = file
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest.json is damaged") as err:
+        ExpertStore.open(store)
+    assert "delete" not in str(err.value) and "hostname" not in str(err.value).split("names")[0]

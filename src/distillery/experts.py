@@ -73,7 +73,7 @@ from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .grouped_training import CapturedSGD, augment_each, autograd_step, capturable
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, inside
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 from .parallel import map_runs
 from .validate import check_cuda
@@ -422,6 +422,14 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has expert format version {manifest.get('format_version')}, this distillery reads "
                         f"version {FORMAT_VERSION}; retrain with `distillery experts`")
+    entries = manifest.get("experts")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("index"), int) and not isinstance(e["index"], bool)
+            and e["index"] >= 0 and isinstance(e.get("sha256"), str) for e in entries):
+        raise UserError(f"{path} is damaged: its expert list is not what `distillery experts` writes; retrain with "
+                        "`distillery experts` into a fresh dir")
+    for e in entries:  # a file named in the manifest is only ever opened inside the store
+        inside(path.parent, e.get("file"), str(path), "retrain with `distillery experts` into a fresh dir")
     return manifest
 
 

@@ -99,17 +99,17 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def inside(root: str | os.PathLike, rel: str, what: str) -> Path:
+def inside(root: str | os.PathLike, rel: str, what: str, fix: str = "restore it from a copy") -> Path:
     """`root / rel` for a relative path read from metadata, refused (as damaged `what`) unless it stays inside root.
 
     A manifest or sidecar is user-writable: an absolute path, `..` or a symlink out of the store must not make a
     reader open, or an error message advise deleting, a file elsewhere."""
     if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
-        raise UserError(f"{what} is damaged: it names {rel!r}, not a file inside {root}; restore it or retrain")
+        raise UserError(f"{what} is damaged: it names {rel!r}, not a file inside {root}; {fix}")
     base = Path(root).resolve()
     path = (base / rel).resolve()
     if path == base or base not in path.parents:
-        raise UserError(f"{what} is damaged: it names {rel!r}, outside {root}; restore it or retrain")
+        raise UserError(f"{what} is damaged: it names {rel!r}, outside {root}; {fix}")
     return Path(root) / rel
 
 
