@@ -188,3 +188,45 @@ def test_manifest_paths_stay_in_the_store(tmp_path, digits_store, file):
     with pytest.raises(UserError, match="manifest.json is damaged") as err:
         ExpertStore.open(store)
     assert "delete" not in str(err.value) and "hostname" not in str(err.value).split("names")[0]
+
+
+def _cli(*argv: str, env: dict | None = None) -> subprocess.Popen:
+    """Start `python -m distillery ARGV` (the worktree's sources) with its output captured."""
+    return subprocess.Popen([sys.executable, "-m", "distillery", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def test_two_experts_commands_share_one_store(tmp_path):
+    """experts-concurrent: two `distillery experts` into one store both succeed; the store equals one written by a
+    single process, and no snapshot, lock or advice to delete is left behind."""
+    from distillery.experts import ExpertStore
+    argv = ["experts", "--dataset", "digits", "--model", "ConvNetD1", "--num-experts", "3", "--epochs", "2",
+            "--threads", "1", "--no-progress"]
+    procs = [_cli(*argv, "--out", str(tmp_path / "shared")) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in o or "delete" in o for o in outs), outs
+    assert main([*argv, "--out", str(tmp_path / "alone")]) == 0
+    shared, alone = ExpertStore.open(tmp_path / "shared"), ExpertStore.open(tmp_path / "alone")
+    assert [e["index"] for e in shared.experts] == [0, 1, 2]
+    for k in range(3):
+        assert torch.equal(shared.trajectory(k), alone.trajectory(k))
+    assert not (tmp_path / "shared" / ".partial").exists()
+
+
+def test_two_distill_runs_share_the_expert_cache(tmp_path, capsys, monkeypatch):
+    """experts-cache-concurrent: two `distill` runs training the same cached experts at once both succeed; a later
+    run says it uses the cached experts."""
+    argv = ["distill", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--model", "ConvNetD1",
+            "--num-experts", "2", "--expert-epochs-train", "2", "--syn-steps", "2", "--max-start-epoch", "1",
+            "--expert-epochs", "1", "--iterations", "2", "--eval-every", "100", "--eval-runs", "1", "--eval-epochs",
+            "1", "--final-eval-runs", "1", "--no-progress", "--threads", "1"]
+    env = {"DISTILLERY_CACHE": str(tmp_path / "cache")}
+    procs = [_cli(*argv, "--out", str(tmp_path / f"run{i}"), env=env) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in o or "delete" in o for o in outs), outs
+    monkeypatch.setenv("DISTILLERY_CACHE", env["DISTILLERY_CACHE"])
+    assert main([*argv, "--out", str(tmp_path / "run3")]) == 0
+    out = capsys.readouterr().out
+    assert "using cached experts at" in out and "training" not in out, out

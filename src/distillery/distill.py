@@ -207,7 +207,7 @@ def describe_defaults(config: dict[str, Any]) -> str:
 def _experts_for(config: dict[str, Any], ds, device, progress: bool):
     """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
     to --max-files / --max-experts."""
-    from .experts import ExpertStore, limit_experts, train_experts
+    from .experts import ExpertStore, finished_experts, limit_experts, train_experts
     from .models import FunctionalModel, create_model
 
     spec = ds.spec
@@ -221,12 +221,15 @@ def _experts_for(config: dict[str, Any], ds, device, progress: bool):
                f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
                + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
         path = cache / "experts" / key
-        print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
-              f"epochs into the cache {path} (reused by later runs)")
-        train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"], lr=config["expert_lr"],
-                      out_dir=path, device=device, seed=config["seed"], progress=progress,
-                      momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
-                      decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
+        if finished_experts(path) >= set(range(config["num_experts"])):
+            print(f"no --experts given: using cached experts at {path}")
+        else:
+            print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
+                  f"epochs into the cache {path} (reused by later runs)")
+            train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"],
+                          lr=config["expert_lr"], out_dir=path, device=device, seed=config["seed"], progress=progress,
+                          momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
+                          decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
     store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
                              expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
     return limit_experts(store, config.get("max_files"), config.get("max_experts"))

@@ -54,6 +54,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,8 +177,12 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         })
     done = {e["index"] for e in manifest["experts"]}
     mine = range(rank, num_experts, world)  # this process's experts: r, r + G, r + 2G, ...
-    for k in done.intersection(mine):  # snapshots left behind by a run killed right after an expert's manifest entry
-        shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
+    for k in sorted(done.intersection(mine)):  # snapshots left by a run killed right after an expert's manifest entry
+        if not _partial_dir(out, k).exists():
+            continue
+        with _expert_locks(out, [k], wait=False) as held:
+            if held:
+                shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
     todo = [k for k in mine if k not in done]
     train = (ds.train.x.to(device), ds.train.y.to(device))
     augment = Augment(spec.dsa_strategy)
@@ -186,29 +191,56 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
     bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
-    def run_group(group: list[int]) -> None:
-        own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one per thread
-        finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
-                              momentum, weight_decay, fast)
-        for k, final in zip(group, finals):
-            entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
-            if progress:
-                val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
-                tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+    def run_group(group: list[int], wait: bool = False) -> list[int]:
+        """Train `group` under its experts' locks; the experts another process holds now are returned (`wait`:
+        wait for them instead), those another process finished are skipped."""
+        with _expert_locks(out, group, wait=wait) as held:
+            if not held:
+                return group
+            with _manifest_lock(out):
+                finished = {e["index"] for e in _read_manifest(out / MANIFEST)["experts"]}
+            for k in finished.intersection(group):
+                shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
+                bar.update(epochs)
+            group = [k for k in group if k not in finished]
+            if not group:
+                return []
+            own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one a thread
+            finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
+                                  momentum, weight_decay, fast)
+            for k, final in zip(group, finals):
+                entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
+                if progress:
+                    val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
+                    tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+        return []
 
-    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another
-    map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
+    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another. Experts
+    # another process is training (two commands sharing a store or the cache) are left to it, then waited for.
+    busy = map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
+    for group in filter(None, busy):
+        tqdm.write(f"experts {group} are being trained by another process into {out}; waiting for it")
+        run_group(group, wait=True)
     bar.close()
     barrier()  # every rank's experts are finished before anyone opens the store or tidies up
     partial = out / PARTIAL
     if is_main_process() and partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
+        try:
+            partial.rmdir()
+        except OSError:  # another process has just started an expert there
+            pass
     store = ExpertStore.open(out)
     missing = sorted(set(range(num_experts)) - {e["index"] for e in store.experts})
     if missing:  # torchrun over machines that do not share `out`: each sees only its own experts
         raise UserError(f"{out} lacks experts {missing[:5]} that other processes trained; on several machines put "
                         "the store (--out, or $DISTILLERY_CACHE) on a file system all of them see")
     return store
+
+
+def finished_experts(path: str | Path) -> set[int]:
+    """Indices of the experts the store at `path` has finished (empty when there is no store yet)."""
+    manifest = Path(path) / MANIFEST
+    return {e["index"] for e in _read_manifest(manifest)["experts"]} if manifest.is_file() else set()
 
 
 def _start_manifest(out: Path, fresh: dict) -> dict:
@@ -237,6 +269,49 @@ def _manifest_lock(out: Path) -> Iterator[None]:
     with open(out / LOCK, "a") as handle:  # the lock file stays empty; closing it releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+@contextmanager
+def _expert_locks(out: Path, group: list[int], wait: bool) -> Iterator[bool]:
+    """Hold exclusive flocks on `.partial/expert_K.lock` for every K in `group` (taken in index order, so two
+    processes never deadlock); yield False at once, holding none, if another process holds one and not `wait`.
+
+    Only the holder of expert K's lock touches `.partial/expert_K/`, so processes sharing a store never write, resume
+    from or delete each other's snapshots. A lock file is removed when its expert is done; one removed between our
+    open and our flock is opened again (the inode check)."""
+    fds: list[int] = []
+    try:
+        for k in sorted(group):
+            path = out / PARTIAL / f"expert_{k:04d}.lock"
+            while True:
+                try:
+                    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                except FileNotFoundError:  # another process removed the empty .partial between the two calls
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    os.close(fd)
+                    for held in fds:
+                        os.close(held)
+                    fds = []
+                    yield False
+                    return
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    fds.append(fd)
+                    break
+                os.close(fd)
+        yield True
+        for k in group:  # finished or skipped: the lock files go (still held, so nobody is waiting on a stale one)
+            (out / PARTIAL / f"expert_{k:04d}.lock").unlink(missing_ok=True)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _record_expert(out: Path, entry: dict) -> None:
