@@ -230,3 +230,80 @@ def test_two_distill_runs_share_the_expert_cache(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--out", str(tmp_path / "run3")]) == 0
     out = capsys.readouterr().out
     assert "using cached experts at" in out and "training" not in out, out
+
+
+def _damage_file(path: Path, damage: str) -> None:
+    """Truncate, zero, or flip bytes of a file in place."""
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "zero-bytes":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(raw[:100] + bytes(b ^ 0xFF for b in raw[100:200]) + raw[200:])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-bytes", "nan", "wrong-shape"])
+def test_damaged_zca_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage):
+    """cache-zca-damaged: a damaged ZCA cache file is never used: a warning, a new fit, the same data."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from distillery.data import load_dataset
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    good = load_dataset("digits", zca="kornia")
+    (path,) = (tmp_path / "zca").glob("*.safetensors")
+    if damage in ("nan", "wrong-shape"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(path)
+        tensors["W"] = tensors["W"] * float("nan") if damage == "nan" else tensors["W"][:10]
+        save_file(tensors, path, metadata=meta)
+    else:
+        _damage_file(path, damage)
+    with pytest.warns(UserWarning, match="ZCA cache .* is damaged"):
+        again = load_dataset("digits", zca="kornia")
+    assert torch.equal(again.train.x, good.train.x) and torch.isfinite(again.train.x).all()
+    load_dataset("digits", zca="kornia")  # rewritten whole: read back without a warning (filterwarnings=error)
+
+
+@pytest.mark.filterwarnings("error")
+def test_zca_cache_reads_back_silently(tmp_path, monkeypatch):
+    """A good ZCA cache is used without a warning."""
+    from distillery.data import load_dataset
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    a, b = load_dataset("digits", zca="kip"), load_dataset("digits", zca="kip")
+    assert torch.equal(a.train.x, b.train.x)
+
+
+def _image_folder(root: Path, size: int = 8) -> Path:
+    """A tiny imagefolder dataset: 2 classes x 4 images in train/, 2 in test/."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{j}.png")
+    return root
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-bytes", "flipped", "wrong-shape"])
+def test_damaged_decoded_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage):
+    """cache-decoded-damaged: a damaged decoded-image cache is never used: a warning, the images decoded again."""
+    import numpy as np
+    from distillery.data import load_dataset
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    folder = _image_folder(tmp_path / "imgs")
+    good = load_dataset(f"imagefolder:{folder}", val_fraction=0)
+    caches = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert caches
+    for path in caches:
+        if damage == "wrong-shape":
+            with np.load(path) as f:
+                np.savez(path.with_suffix(""), images=f["images"][:, :4], labels=f["labels"], classes=f["classes"])
+        else:
+            _damage_file(path, damage)
+    with pytest.warns(UserWarning, match="decoded-image cache .* is damaged"):
+        again = load_dataset(f"imagefolder:{folder}", val_fraction=0)
+    assert torch.equal(again.train.x, good.train.x) and torch.equal(again.test.y, good.test.y)
