@@ -352,7 +352,7 @@ def test_damaged_config(capsys, store, finished_run):
     """run-config-damaged."""
     (finished_run / "config.json").write_text("{half")
     before = tree(finished_run)
-    one_line(capsys, distill_args(store, finished_run, "--resume"), "cannot read")
+    one_line(capsys, distill_args(store, finished_run, "--resume"), "config.json in")
     assert tree(finished_run) == before
 
 

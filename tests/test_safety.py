@@ -307,3 +307,33 @@ def test_damaged_decoded_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, 
     with pytest.warns(UserWarning, match="decoded-image cache .* is damaged"):
         again = load_dataset(f"imagefolder:{folder}", val_fraction=0)
     assert torch.equal(again.train.x, good.train.x) and torch.equal(again.test.y, good.test.y)
+
+
+RUN_FILES = {  # name: damaged contents
+    "metrics.csv": [b"it,loss\n0,1.5\n1,\xff\xfe\n", b"it,loss\n0,abc\n", b"loss\n1.0\n", b"it,loss\n0,1,2\n"],
+    "config.json": [b"{half", b"[1, 2]", b'{"history": 3}', b"\xff"],
+    "result.json": [b'{"best": 1}', b"null", b'{"best": {"test_mean": "high"}}'],
+}
+
+
+@pytest.mark.parametrize("name,content", [(n, c) for n, cs in RUN_FILES.items() for c in cs])
+def test_damaged_run_files_are_named(tmp_path, capsys, name, content):
+    """run-file-damaged: `distillery report` on a run whose config.json, metrics.csv or result.json is damaged says
+    so in one line, naming the file and the run, and writes nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method": "mtt", "dataset": "digits", "ipc": 1}))
+    (run / "metrics.csv").write_text("it,loss,val_acc\n0,1.5,0.5\n1,1.2,\n")
+    (run / name).write_bytes(content)
+    line = one_line(capsys, ["report", run], f"{name} in {run} is damaged")
+    assert not (run / "report.html").exists(), line
+
+
+def test_good_run_files_make_a_report(tmp_path):
+    """The checked readers accept what a run writes (empty cells included)."""
+    from distillery.runfiles import read_metrics
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("it,loss,val_acc\n0,1.5,0.5\n1,1.2,\n")
+    assert read_metrics(run) == [{"it": 0.0, "loss": 1.5, "val_acc": 0.5}, {"it": 1.0, "loss": 1.2}]
+    assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()

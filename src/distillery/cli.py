@@ -302,16 +302,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the self-contained HTML report of a run directory."""
-    from pathlib import Path
-
-    from .report import _read_json, write_report
+    from .report import write_report
+    from .runfiles import read_config
 
     ds = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
         from .data import load_dataset
         from .device import resolve_device
 
-        config = _read_json(Path(args.run_dir) / "config.json")
+        config = read_config(args.run_dir) or {}
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),

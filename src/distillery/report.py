@@ -14,7 +14,6 @@ then writes RUN_DIR/report.html.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -26,6 +25,7 @@ from typing import Any
 
 from .errors import UserError
 from .io import atomic_write_text
+from .runfiles import read_config, read_json_file, read_metrics, read_result
 
 REPORT_JSON = "report.json"
 _HIDDEN_CONFIG = ("environment", "history")
@@ -42,35 +42,14 @@ code{background:#f3f3f3;padding:1px 4px}
 
 
 # --- reading the run directory ------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's object, or {} when it is missing or unreadable (a run stopped early)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """metrics.csv as {column: [(iteration, value), ...]} for every numeric column other than `it`."""
+def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """metrics.csv (checked by `runfiles.read_metrics`) as {column: [(iteration, value), ...]} for every column
+    other than `it`; {} when there is none yet."""
     series: dict[str, list[tuple[float, float]]] = {}
-    try:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    it = float(row.get("it", ""))
-                except ValueError:
-                    continue
-                for key, text in row.items():
-                    if key in (None, "it") or text in (None, ""):
-                        continue
-                    try:
-                        value = float(text)
-                    except ValueError:
-                        continue
-                    series.setdefault(key, []).append((it, value))
-    except OSError:
-        pass
+    for row in read_metrics(run_dir) or []:
+        for key, value in row.items():
+            if key != "it":
+                series.setdefault(key, []).append((row["it"], value))
     return series
 
 
@@ -259,9 +238,9 @@ def build_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the --out of a `distillery distill` run")
-    config = _read_json(run_dir / "config.json")
-    result = _read_json(run_dir / "result.json")
-    extra = _read_json(run_dir / REPORT_JSON)
+    config = read_config(run_dir) or {}
+    result = read_result(run_dir) or {}
+    extra = read_json_file(run_dir, REPORT_JSON) or {}
     if not config and not result and not (run_dir / "metrics.csv").exists():
         raise UserError(f"{run_dir} holds no config.json, metrics.csv or result.json; pass a run directory")
     title = f"distillery run {run_dir.name}"
@@ -273,7 +252,7 @@ def build_report(run_dir: str | Path) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>{html.escape(what)}" + (f"; defaults from {html.escape(str(source))}" if source else "") + "</p>",
              "<h2>Result</h2>", _table(result, extra, config),
-             "<h2>Curves</h2>", _plots(_read_metrics(run_dir / "metrics.csv")),
+             "<h2>Curves</h2>", _plots(_read_metrics(run_dir)),
              "<h2>Distilled sets</h2>", _grid(run_dir, "best"), _grid(run_dir, "last"),
              "<h2>Run</h2>", _kv_table(_run_info(config, result, extra))]
     if history:
@@ -351,8 +330,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset=Non
     """
     run_dir = Path(run_dir)
     if dataset is not None or from_run:
-        extra = _read_json(run_dir / REPORT_JSON)
-        config = _read_json(run_dir / "config.json")
+        extra = read_json_file(run_dir, REPORT_JSON) or {}
+        config = read_config(run_dir) or {}
         if dataset is not None and baseline and config.get("ipc"):
             extra["random_baseline"] = measure_baseline(dataset, config, run_dir, progress)
         if from_run:

@@ -50,8 +50,9 @@ from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .checkpoint import read_checkpoint, write_checkpoint
+from .runfiles import read_config
 from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
-from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
+from .io import atomic_write_text, ensure_dir, write_error
 from .health import DEFAULT_FIX, HealthMonitor
 from .options import option
 from .synset import SyntheticSet
@@ -143,7 +144,7 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT
     new = json.loads(json.dumps(config, sort_keys=True, default=str))
     defaults = json.loads(json.dumps(dict(defaults), sort_keys=True, default=str))  # compared as stored
-    old = _read_config(cfg_path)
+    old = read_config(run_dir)
     env = environment()
     history = old.get("history", []) if old else []
     if old is None or not ckpt_path.exists():
@@ -187,17 +188,6 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
 def _now() -> str:
     """UTC time stamp for the history."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _read_config(path: Path) -> dict[str, Any] | None:
-    """The stored config.json, None if there is none."""
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({err}); restore it, or delete the run directory to start over") \
-            from None
 
 
 def lock_run_dir(run_dir: Path) -> None:
@@ -454,7 +444,7 @@ def _pending_name(it: int) -> str:
 def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:
     """This process's environment with the data location, also added to config.json's latest history entry."""
     env = environment(data)
-    cfg = _read_config(run_dir / "config.json")
+    cfg = read_config(run_dir)
     if cfg is not None and cfg.get("history"):
         cfg["environment"] = cfg["history"][-1]["environment"] = env
         atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True))

@@ -18,7 +18,6 @@ import os
 import pickle
 import struct
 import warnings
-import zipfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
