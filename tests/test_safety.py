@@ -230,6 +230,9 @@ def test_two_distill_runs_share_the_expert_cache(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--out", str(tmp_path / "run3")]) == 0
     out = capsys.readouterr().out
     assert "using cached experts at" in out and "training" not in out, out
+    result = json.loads((tmp_path / "run3" / "result.json").read_text())
+    parts = [result[k] for k in ("seconds", "seconds_experts", "seconds_baseline")]
+    assert all(p >= 0 for p in parts) and result["seconds_total"] >= sum(parts)
 
 
 def _damage_file(path: Path, damage: str) -> None:
@@ -337,3 +340,85 @@ def test_good_run_files_make_a_report(tmp_path):
     (run / "metrics.csv").write_text("it,loss,val_acc\n0,1.5,0.5\n1,1.2,\n")
     assert read_metrics(run) == [{"it": 0.0, "loss": 1.5, "val_acc": 0.5}, {"it": 1.0, "loss": 1.2}]
     assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
+
+
+class _Drifts:
+    """A stand-in method: the set moves by a draw keyed by the iteration."""
+
+    def __init__(self, ds):
+        self.x, self.y = ds.random_set(1, torch.Generator().manual_seed(0))
+
+    def step(self, it):
+        self.x = self.x + 0.3 * torch.randn(self.x.shape, generator=torch.Generator().manual_seed(it))
+        return {"loss": float(self.x.abs().mean())}
+
+    def synset(self):
+        from distillery.synset import SyntheticSet
+        return SyntheticSet(self.x.clone(), self.y.clone(), meta={"num_classes": 10, "model": "ConvNetD1"})
+
+    def state_dict(self):
+        return {"x": self.x.clone()}
+
+    def load_state_dict(self, state):
+        self.x = state["x"].clone()
+
+
+def test_a_finished_run_leaves_no_lock_and_no_pending(tmp_path):
+    """run-leftovers: with background evaluations (2 threads), a finished run leaves neither `pending/` nor `.lock`,
+    and the directory can be locked again at once."""
+    from distillery.data import load_dataset
+    from distillery.run import LoopConfig, prepare_run_dir, run_distillation
+    ds = load_dataset("digits")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loop = LoopConfig(iterations=4, eval_every=2, eval_runs=1, eval_epochs=2, final_eval_runs=1)
+        prepare_run_dir(tmp_path / "run", {"method": "test"}, resume=False)
+        run_distillation(_Drifts(ds), ds, tmp_path / "run", loop, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert not (tmp_path / "run" / "pending").exists() and not (tmp_path / "run" / ".lock").exists()
+    prepare_run_dir(tmp_path / "run", {"method": "test"}, resume=True)  # not "in use"
+
+
+def test_progress_bar_shows_the_latest_validation_accuracy():
+    """progress-val: a finished background evaluation shows in the bar before the loop records it."""
+    import time
+    from types import SimpleNamespace
+    from distillery.background import BackgroundEval
+    from distillery.run import _Run
+    bg = BackgroundEval()
+    try:
+        bg.start(lambda: (4, None, SimpleNamespace(mean=0.931)))
+        run = SimpleNamespace(background=bg, has_val=True, val=0.733)
+        while bg.peek() is None:
+            time.sleep(0.01)
+        assert _Run.latest_val(run) == 0.931
+        bg.result()
+        assert _Run.latest_val(run) == 0.733 and _Run.latest_val(SimpleNamespace(background=None, has_val=True,
+                                                                                 val=-1.0)) is None
+    finally:
+        bg.close()
+
+
+def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, capsys, monkeypatch):
+    """set-folder-moved: a set distilled on imagefolder:X whose folder moved: without --dataset the message says to
+    pass the new path; --dataset imagefolder:NEW with the same classes and size evaluates it; other classes do not."""
+    from distillery.data import load_dataset
+    from distillery.synset import SyntheticSet, preprocess_record
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    old = _image_folder(tmp_path / "old")
+    ds = load_dataset(f"imagefolder:{old}")
+    x, y = ds.random_set(1, torch.Generator().manual_seed(0))
+    SyntheticSet(x, y, preprocess=preprocess_record(ds.preprocess),
+                 meta={"dataset": ds.spec.name, "num_classes": 2, "class_names": list(ds.spec.class_names),
+                       "method": "random", "model": "ConvNetD1"}).save(tmp_path / "set.safetensors")
+    new = tmp_path / "new"
+    old.rename(new)
+    argv = ["evaluate", tmp_path / "set.safetensors", "--runs", "1", "--epochs", "1", "--no-progress"]
+    one_line(capsys, argv, "--dataset imagefolder:NEW_PATH")
+    assert main([str(a) for a in [*argv, "--dataset", f"imagefolder:{new}"]]) == 0
+    capsys.readouterr()
+    (new / "train" / "dog").rename(new / "train" / "wolf")
+    (new / "test" / "dog").rename(new / "test" / "wolf")
+    one_line(capsys, [*argv, "--dataset", f"imagefolder:{new}"], "does not hold the images")

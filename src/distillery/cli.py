@@ -155,14 +155,32 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def _load_for_set(args: argparse.Namespace, s) -> Any:
-    """Load the dataset a set was distilled on, with the same preprocessing, and check it matches."""
+    """Load the dataset a set was distilled on, with the same preprocessing, and check it matches; an image folder
+    that moved is named with --dataset imagefolder:NEW (same classes and image size)."""
+    from pathlib import Path
+
     meta = s.preprocess.get("meta", {})
     zca = {"zca-kornia": "kornia", "zca-kip": "kip"}.get(meta.get("kind"))
     made_for = s.meta.get("dataset")
-    if args.dataset and made_for and _dataset_key(args.dataset) != _dataset_key(made_for):
+    folders = [str(n).startswith("imagefolder:") for n in (args.dataset or "", made_for or "")]
+    moved = all(folders) and _dataset_key(args.dataset) != _dataset_key(made_for)
+    if args.dataset and made_for and _dataset_key(args.dataset) != _dataset_key(made_for) and not moved:
         raise UserError(f"{args.set} was made for dataset {made_for}, not {args.dataset}; evaluate it without "
                         f"--dataset (or with --dataset {made_for})")
+    if folders[1] and not args.dataset and not Path(made_for[len("imagefolder:"):]).is_dir():
+        raise UserError(f"{args.set} was distilled on {made_for}, which is gone; if the folder moved, pass "
+                        "--dataset imagefolder:NEW_PATH")
+    if moved and getattr(args, "resolution", None) is None:
+        args.resolution = s.images.shape[-1]  # the set's own size, whatever the folder's images are
     ds = _load(args, dataset=args.dataset or made_for, zca=zca)
+    if moved:  # the same images elsewhere: the classes and image size must be the set's (the fingerprint then
+        # compares the images themselves through the preprocessing fit)
+        want = (s.meta.get("class_names"), s.num_classes, list(s.images.shape[1:]))
+        got = (list(ds.spec.class_names), ds.spec.num_classes, [ds.spec.channels, *ds.spec.im_size])
+        if want != got:
+            raise UserError(f"{args.dataset} does not hold the images {args.set} was distilled on ({made_for}): "
+                            f"classes {got[0]} and images {got[2]}, the set has {want[0]} and {want[2]}; pass the "
+                            "folder it was distilled on")
     theirs, ours = meta.get("fingerprint"), ds.preprocess.fingerprint()
     if theirs and theirs != ours:
         raise UserError(f"{args.set} was made for {made_for} preprocessed differently (another mean/std or ZCA fit: "

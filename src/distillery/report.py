@@ -218,6 +218,11 @@ def _run_info(config: dict[str, Any], result: dict[str, Any], extra: dict[str, A
     items: list[tuple[str, Any]] = []
     if isinstance(result.get("seconds"), (int, float)):
         items.append(("wall time (distillation loop + final evaluation)", f"{result['seconds']:.1f} s"))
+    for key, label in (("seconds_experts", "wall time, experts (trained or checked) and method setup"),
+                       ("seconds_baseline", "wall time, random-real baseline and report"),
+                       ("seconds_total", "wall time, the whole command")):
+        if isinstance(result.get(key), (int, float)):
+            items.append((label, f"{result[key]:.1f} s"))
     device = extra.get("device") or result.get("device") or config.get("device")
     if device:
         items.append(("device", device))

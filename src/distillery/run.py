@@ -201,6 +201,8 @@ def lock_run_dir(run_dir: Path) -> None:
         raise write_error(run_dir / ".lock", err) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(run_dir / ".lock").st_ino:  # removed by a run that just ended
+            raise OSError
     except OSError:
         os.close(fd)
         raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
@@ -212,6 +214,7 @@ def unlock_run_dir(run_dir: Path) -> None:
     """Release the lock `lock_run_dir` took (no-op if this process holds none)."""
     fd = _LOCKS.pop(Path(run_dir).resolve(), None)
     if fd is not None:
+        Path(run_dir, ".lock").unlink(missing_ok=True)  # still held: nobody else is inside; the file goes too
         os.close(fd)
 
 
@@ -326,7 +329,9 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
             _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
             run.logger.log(it, logs)
             run.health.after_step(it, logs)
-            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * run.val:.1f}"}, refresh=False)
+            shown = run.latest_val()
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()},
+                             **({"val": f"{100 * shown:.1f}"} if shown is not None else {})}, refresh=False)
             bar.update(1)
             if (it + 1) % loop.checkpoint_every == 0:
                 run.save_checkpoint(it + 1)
@@ -337,6 +342,8 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     if run.stop_at is not None and main:
         print(f"the plateau curriculum ended the run at iteration {run.stop_at} (window start at its cap, no progress)")
     run.save_checkpoint(loop.iterations if run.stop_at is None else run.stop_at)
+    if main and run.pending_dir.is_dir() and not any(run.pending_dir.iterdir()):
+        run.pending_dir.rmdir()  # no evaluation is pending at the end
     barrier()  # rank 0 has written best and last; every rank reads them for its share of the final runs
     result = final_report(dataset, run_dir, loop)
     if not main:
@@ -401,6 +408,14 @@ class _Run:
         s.save(self.pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
         self.background.start(lambda: (it, s, self.validate(it, s)))
         self.pending = it
+
+    def latest_val(self) -> float | None:
+        """The latest validation accuracy for the progress bar: a finished background evaluation's before it is
+        recorded; None before the first one (or without a validation split)."""
+        done = self.background.peek() if self.background is not None else None
+        if done is not None and done[2] is not None and self.has_val:
+            return done[2].mean
+        return self.val if self.has_val and self.val >= 0 else None
 
     def collect(self) -> None:
         """Wait for the background evaluation, if one runs, and record it."""
