@@ -166,11 +166,11 @@ def test_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
-    """A real 2-expert, 1-epoch ConvNetD1 store on digits."""
+    """A real 2-expert, 2-epoch ConvNetD1 store on digits."""
     from distillery.data import load_dataset
     from distillery.experts import train_experts
     path = tmp_path_factory.mktemp("experts") / "store"
-    train_experts(load_dataset("digits"), "ConvNetD1", 2, epochs=1, out_dir=path, progress=False)
+    train_experts(load_dataset("digits"), "ConvNetD1", 2, epochs=2, out_dir=path, progress=False)
     return path
 
 
@@ -422,3 +422,21 @@ def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, 
     (new / "train" / "dog").rename(new / "train" / "wolf")
     (new / "test" / "dog").rename(new / "test" / "wolf")
     one_line(capsys, [*argv, "--dataset", f"imagefolder:{new}"], "does not hold the images")
+
+
+def test_resume_without_the_best_set_stops_at_once(tmp_path, capsys, digits_store):
+    """run-best-missing: --resume of a run whose best.safetensors was deleted stops before any work, saying what to
+    do, instead of failing at the very end without result.json."""
+    out = tmp_path / "run"
+    argv = ["distill", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--model", "ConvNetD1",
+            "--experts", digits_store, "--out", out, "--syn-steps", "2", "--max-start-epoch", "1",
+            "--expert-epochs", "1", "--iterations", "2", "--eval-every", "100", "--eval-runs", "1",
+            "--eval-epochs", "1", "--final-eval-runs", "1", "--checkpoint-every", "1", "--no-progress",
+            "--threads", "1"]
+    assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    (out / "best.safetensors").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    argv[argv.index("--iterations") + 1] = "3"
+    one_line(capsys, [*argv, "--resume"], "best.safetensors")
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before

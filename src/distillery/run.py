@@ -170,7 +170,13 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
             hint = f" (for options the run predates, their defaults: {', '.join(predates)})" if predates else ""
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
                             f"means; use the run's original values{hint} or a new --out")
-        it = read_checkpoint(ckpt_path)["it"]
+        ckpt = read_checkpoint(ckpt_path)
+        it = ckpt["it"]
+        best = run_dir / "best.safetensors"
+        if ckpt["best_val"] >= 0 and not best.is_file():  # the final report needs it; only a restore brings it back
+            raise UserError(f"{best}, the best set of the run so far (validation {100 * ckpt['best_val']:.1f} %), is "
+                            f"missing, and the final report needs it; restore it from a copy, or start the run "
+                            f"again with a new --out")
         if new.get("iterations", it) < it:
             raise UserError(f"--iterations {new['iterations']} is below iteration {it} of the checkpoint in "
                             f"{run_dir}; pass --iterations {it} or more")
