@@ -25,6 +25,8 @@ Store format (format_version 1), a directory:
                              state) and, with momentum, `momentum` (P,), so an interrupted run resumes from the
                              last finished epoch; removed once the
                              expert's shard is written
+    .partial/expert_0007.lock  flock-ed by the one process training expert 7 (removed when it is done): two
+                             commands sharing a store or the cache split the experts and wait for each other
 
 manifest.json keys: format ("distillery-experts"), format_version, dataset, model, channels, num_classes,
 im_size [h, w], preprocess {kind, fingerprint} (from `ds.preprocess`; ZCA and non-ZCA experts never mix, SPEC
