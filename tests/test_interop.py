@@ -149,7 +149,7 @@ def test_mtt_buffer_with_other_layout_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"parameter 0 has shape \(4, 1, 3, 3\).*features.0.weight is \(8, 1, 3, 3\)"):
         import_experts(tmp_path, "digits", "ConvNetD1W8", tmp_path / "store")
     assert not (tmp_path / "store").exists()
-    torch.save([[[torch.zeros(3)]]], tmp_path / "replay_buffer_0.pt")
+    torch.save([[[torch.zeros(3)], [torch.ones(3)]]], tmp_path / "replay_buffer_0.pt")
     with pytest.raises(UserError, match="another model"):
         import_experts(tmp_path, "digits", "ConvNetD1W8", tmp_path / "store")
 
