@@ -18,7 +18,7 @@ def require_finite(x: torch.Tensor, where: str, what: str, fix: str) -> None:
     if x.is_floating_point():
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise UserError(f"{where}: {what} holds {bad} NaN/inf value(s) of {x.numel()}; {fix}")
+            raise UserError(f"{where}: {bad} of the {x.numel()} values of {what} are NaN/inf; {fix}")
 
 
 def check_trajectory(trajectory: torch.Tensor, where: str, fix: str) -> None:

@@ -106,18 +106,18 @@ def _labels(y: Any, path: Path) -> torch.Tensor:
     raise UserError(f"{path} holds labels of shape {tuple(y.shape)}; labels are (N,) class ids or (N, K) soft labels")
 
 
-def _lr(v: Any, where: str) -> float:
+def _lr(v: Any, where: str, fix: str = "pass --lr instead") -> float:
     """A checked learning rate: one real finite number > 0 (a 0-d or 1-element tensor, or a Python number)."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or not real_dtype(v):
             raise UserError(f"{where} holds a {v.dtype} tensor of shape {tuple(v.shape)}, not one learning rate; "
-                            "pass --lr instead")
+                            f"{fix}")
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise UserError(f"{where} holds a {type(v).__name__}, not a learning rate; pass --lr instead")
+        raise UserError(f"{where} holds a {type(v).__name__}, not a learning rate; {fix}")
     if not math.isfinite(v) or v <= 0:
-        raise UserError(f"{where} holds the learning rate {v}, which no training can use (it must be a finite "
-                        "number > 0); pass --lr instead")
+        raise UserError(f"{where}: the learning rate {v:.6g} cannot train anything (it must be a finite number > 0); "
+                        f"{fix}")
     return float(v)
 
 
@@ -130,9 +130,9 @@ def _companion(path: Path, prefix: str) -> Path | None:
     return other if other.is_file() else None
 
 
-def read_pt_set(path: Path) -> PublishedSet:
+def read_pt_set(path: Path, read_lr: bool = True) -> PublishedSet:
     """An MTT/TESLA/DATM images_X.pt with labels_X.pt and lr_X.pt beside it when present, or one .pt holding a
-    dict {images, labels[, lr]}; every part checked."""
+    dict {images, labels[, lr]}; every part checked (the lr only when `read_lr`: --lr replaces it)."""
     obj = read_torch_file(path, FIX_SET)
     if isinstance(obj, dict):
         if "images" not in obj:
@@ -140,14 +140,14 @@ def read_pt_set(path: Path) -> PublishedSet:
                             "a dict set is {images, labels[, lr]}")
         images, pixels = _images(obj["images"], path)
         labels = None if obj.get("labels") is None else _labels(obj["labels"], path)
-        lr = None if obj.get("lr") is None else _lr(obj["lr"], f"{path}['lr']")
+        lr = None if obj.get("lr") is None or not read_lr else _lr(obj["lr"], f"{path}['lr']")
         return PublishedSet(images, labels, lr, "pt-dict",
                             "labels from its 'labels'" if labels is not None else "class-blocked hard labels: the "
                             f"dict in {path.name} has no 'labels'",
                             f"lr from its 'lr'" if lr is not None else f"none: the dict in {path.name} has no 'lr'",
                             pixels)
     images, pixels = _images(obj, path)
-    labels_path, lr_path = _companion(path, "labels"), _companion(path, "lr")
+    labels_path, lr_path = _companion(path, "labels"), _companion(path, "lr") if read_lr else None
     labels = None if labels_path is None else _labels(read_torch_file(labels_path, FIX_SET), labels_path)
     lr = None if lr_path is None else _lr(read_torch_file(lr_path, "pass --lr instead"), str(lr_path))
     return PublishedSet(images, labels, lr, "mtt-pt",
@@ -239,12 +239,13 @@ def read_h5_set(path: Path) -> PublishedSet:
     return PublishedSet(images, labels, None, "ratbptt-h5", said, "none: RaT-BPTT saves none", pixels)
 
 
-def read_published_set(path: str | Path) -> PublishedSet:
-    """The checked contents of an images_*.pt (+ labels_*.pt, lr_*.pt), a dict .pt or a RaT-BPTT .h5 (+ .pth)."""
+def read_published_set(path: str | Path, read_lr: bool = True) -> PublishedSet:
+    """The checked contents of an images_*.pt (+ labels_*.pt, lr_*.pt), a dict .pt or a RaT-BPTT .h5 (+ .pth);
+    `read_lr=False` leaves a saved lr unread (the caller has its own)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"'{path}' does not exist; pass an images_*.pt file (MTT/TESLA/DATM) or a .h5 (RaT-BPTT)")
-    return read_h5_set(path) if path.suffix in (".h5", ".hdf5") else read_pt_set(path)
+    return read_h5_set(path) if path.suffix in (".h5", ".hdf5") else read_pt_set(path, read_lr)
 
 
 def _class_blocked(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path):
@@ -276,9 +277,9 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
     if zca not in (None, "kornia", "kip"):
         raise UserError(f"--zca {zca!r}: choose kornia (MTT/TESLA/DATM), kip (RaT-BPTT) or none (mean/std)")
     if lr is not None:
-        lr = _lr(lr, "--lr")
+        lr = _lr(lr, "--lr", "pass the learning rate the set is meant to be trained with")
     spec = get_spec(dataset)
-    got = read_published_set(path)
+    got = read_published_set(path, read_lr=lr is None)
     images, labels = got.images, got.labels
     shape = (spec.channels, *spec.im_size)
     flat = spec.channels * spec.im_size[0] * spec.im_size[1]
@@ -302,8 +303,7 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
     images, labels = _class_blocked(images, labels, spec.num_classes, path)
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
     source = {"file": str(path), "format": got.source, "space": ds.preprocess.kind, "labels": got.labels_from,
-              "lr": got.lr_from if lr is None else f"--lr {lr:g}" + (f" (the file's lr {got.lr:g} not used)"
-                                                                     if got.lr is not None else "")}
+              "lr": got.lr_from if lr is None else f"--lr {lr:g} (given; a saved lr is not read)"}
     if got.pixels:  # raw 0..255 pixels: bring them into the model space the set is trained in
         images = ds.preprocess.transform(images / 255)
         source["images"] = f"raw pixels 0..255, preprocessed on import ({ds.preprocess.kind})"
@@ -390,7 +390,7 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     from .models import FunctionalModel, create_model, has_batchnorm
 
     out = Path(out)
-    lr = _lr(lr, "--lr")
+    lr = _lr(lr, "--lr", "pass the learning rate the experts were trained with (MTT's default 0.01)")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UserError(f"--batch must be an integer >= 1 (got {batch!r}): it records the experts' training recipe")
     if (out / MANIFEST).exists():
