@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def read_torch_file(path: Path, fix: str) -> Any:
     """torch.load of plain tensors/lists/dicts only (weights_only: nothing in the file can run code), with a one-line
     error for anything else: an empty, truncated or damaged file, or pickled objects."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the file is refused or read anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors come in many types
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise UserError(f"cannot read {path} as a PyTorch tensor file ({reason}); {fix}") from None
