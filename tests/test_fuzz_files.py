@@ -515,3 +515,48 @@ def test_fuzz_expert_store(tmp_path, good_store, case, damage):
     except UserError as e:  # one line, naming no file outside the store (it may advise deleting what it names)
         assert "\n" not in str(e) and "hostname" not in str(e)
     assert tree(tmp_path) == before
+
+
+# --- run directories (`distillery report` reads config.json, metrics.csv, result.json and the sets) ---------------
+def _run_dir(d: Path, digits) -> None:
+    """A run directory as `distill` leaves it, small: config, two metrics rows, a result and the best set."""
+    run = d / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method": "mtt", "dataset": "digits", "ipc": 1, "model": MODEL,
+                                                 "history": [{"time": "t", "event": "start"}]}))
+    (run / "metrics.csv").write_text("it,loss,val_acc\n0,2.5,0.1\n1,2.0,0.2\n")
+    (run / "result.json").write_text(json.dumps({"best": {"iteration": 1, "val_acc": 0.2}, "seconds": 3.0}))
+    _good_set(digits).save(run / "best.safetensors")
+
+
+def _run_file(name, text):
+    return lambda d, digits: (_run_dir(d, digits), (d / "run" / name).write_bytes(
+        text if isinstance(text, bytes) else text.encode()))
+
+
+RUN_CASES = [(c, lambda d, digits, damage=damage, f=f: (_run_dir(d, digits), damage(d / "run" / f)))
+             for f in ("config.json", "metrics.csv", "result.json")
+             for c, damage in byte_variants(f.replace(".", "-"), n_flips=2)
+             if c.rsplit("-", 1)[-1] in ("byte", "half", "garbage", "0")] + [  # each case plots: ~0.5 s
+    ("config-list", _run_file("config.json", "[1, 2]")),
+    ("config-history-string", _run_file("config.json", '{"history": "x", "ipc": "one"}')),
+    ("config-nan", _run_file("config.json", '{"ipc": NaN, "method": 3}')),
+    ("metrics-bad-bytes", _run_file("metrics.csv", b"it,loss\n0,\xff\xfe\n")),
+    ("metrics-no-header", _run_file("metrics.csv", "1,2,3\n")),
+    ("metrics-nan-inf", _run_file("metrics.csv", "it,loss\n0,nan\n1,inf\n2,-inf\n")),
+    ("metrics-ragged", _run_file("metrics.csv", "it,loss\n0,1,2,3\n1\n")),
+    ("result-list", _run_file("result.json", "[]")),
+    ("result-wrong-types", _run_file("result.json", '{"best": 3, "final": "x", "seconds": "long"}')),
+]
+
+# (case id) -> reason, for the run-directory readers (report.py, outside imports/synset) that do not hold yet.
+NOT_UTF8 = "report.py reads metrics.csv as text: a byte that is not UTF-8 ends in a UnicodeDecodeError"
+RUN_KNOWN = {"metrics-bad-bytes": NOT_UTF8, "metrics-csv-garbage": NOT_UTF8}
+
+
+@pytest.mark.parametrize("case,make", [pytest.param(c, m, id=c, marks=[pytest.mark.xfail(reason=RUN_KNOWN[c],
+                                                                                        strict=False)]
+                                                    if c in RUN_KNOWN else []) for c, m in RUN_CASES])
+def test_fuzz_run_dir(capsys, monkeypatch, tmp_path, digits, case, make):
+    make(tmp_path, digits)
+    run_cli(capsys, monkeypatch, tmp_path, ["report", "run", "--out", "out/report.html"])
