@@ -352,8 +352,12 @@ def cmd_import_set(args: argparse.Namespace) -> None:
     s = import_set(args.file, args.dataset, zca=args.zca, data_dir=args.data_dir, val_fraction=args.val_fraction,
                    lr=args.lr)
     s.save(args.out)
+    source = s.meta["source"]
     print(f"wrote {args.out}: {len(s.images)} images ({s.ipc} per class), {s.label_kind} labels, lr {s.lr}, "
-          f"images taken to be in {s.meta['source']['space']} space (--zca {args.zca or 'none'})")
+          f"images taken to be in {source['space']} space (--zca {args.zca or 'none'})")
+    for part in ("images", "labels", "lr"):  # where each part came from, and what was assumed
+        if part in source:
+            print(f"  {part}: {source[part]}")
 
 
 def cmd_import_experts(args: argparse.Namespace) -> None:
