@@ -72,6 +72,7 @@ from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from .augment import Augment
+from .checks import check_trajectory
 from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
@@ -507,7 +508,23 @@ def _read_manifest(path: Path) -> dict:
                         "`distillery experts` into a fresh dir")
     for e in entries:  # a file named in the manifest is only ever opened inside the store
         inside(path.parent, e.get("file"), str(path), "retrain with `distillery experts` into a fresh dir")
+    layout, pre = manifest.get("layout"), manifest.get("preprocess")
+    fields = {"epochs": _positive_int(manifest.get("epochs")), "dataset": isinstance(manifest.get("dataset"), str),
+              "model": isinstance(manifest.get("model"), str),
+              "layout": isinstance(layout, dict) and isinstance(layout.get("hash"), str)
+              and _positive_int(layout.get("num_params")) and isinstance(layout.get("names"), list)
+              and isinstance(layout.get("shapes"), list) and len(layout["names"]) == len(layout["shapes"]),
+              "preprocess": isinstance(pre, dict) and isinstance(pre.get("fingerprint"), str)
+              and isinstance(pre.get("kind"), str)}
+    bad = [name for name, ok in fields.items() if not ok]
+    if bad:
+        raise UserError(f"{path} is damaged: its {', '.join(bad)} field(s) are not what `distillery experts` writes; "
+                        "retrain with `distillery experts` into a fresh dir")
     return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _layout_difference(stored: dict, fm: FunctionalModel) -> str | None:
@@ -619,6 +636,8 @@ class ExpertStore:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != want:
             raise _corrupt(path, "its sha256 does not match manifest.json")
+        check_trajectory(load_bytes(data)["trajectory"], f"expert shard {path}",
+                         "retrain that expert: delete the shard and rerun the command that trained it")
         _VERIFIED.add(key)
         return data
 
