@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import UserError
+from .evaluation.protocol import published_protocol
 from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
 
@@ -133,11 +134,13 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
         labels, kind = labels.float(), "learned" if source == "ratbptt-h5" else "soft"
     images, labels = _class_blocked(images, labels, spec.num_classes, path)
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
+    lr = lr if lr is not None else file_lr
+    protocol = published_protocol(source, ds.spec.default_model, lr, ds.spec.dsa_strategy, val_fraction)  # the source code's own
     meta = {"method": "imported", "dataset": ds.spec.name, "ipc": ipc, "num_classes": ds.spec.num_classes,
             "class_names": list(ds.spec.class_names), "model": ds.spec.default_model,
-            "source": {"file": str(path), "format": source, "space": ds.preprocess.kind}}
-    return SyntheticSet(images.contiguous(), labels.contiguous(), kind, lr if lr is not None else file_lr,
-                        preprocess_record(ds.preprocess), meta)
+            "source": {"file": str(path), "format": source, "space": ds.preprocess.kind},
+            "eval": [protocol.record()]}
+    return SyntheticSet(images.contiguous(), labels.contiguous(), kind, lr, preprocess_record(ds.preprocess), meta)
 
 
 # --- expert buffers ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ File layout (`*.safetensors`):
     tensors  `images` (n, C, H, W) float32 in model space, `labels` (n,) int64 or (n, K) float32,
              and the preprocessing tensors under `preprocess.<name>` (mean/std, ZCA matrices).
     metadata (the safetensors string header) `distillery` = JSON with label_kind, lr, preprocess meta, and `meta`
-             (method, dataset, ipc, config, seed, library version, ...).
+             (method, dataset, ipc, config, seed, library version, ...) with `eval`, the evaluation protocols
+             the set was selected and is scored under (`evaluation.protocol`, checked field by field at load).
 Loading gives back the same tensors bit for bit.
 """
 
@@ -25,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import UserError
+from .evaluation.protocol import recorded_protocols
 from .io import atomic_write_bytes
 
 LABEL_KINDS = ("hard", "soft", "learned")
@@ -110,6 +112,7 @@ class SyntheticSet:
         if "sha256" in metadata and metadata["sha256"] != _digest(tensors, text):  # older sets carry none
             raise UserError(f"distilled set '{path}' is damaged (its sha256 does not match its contents); "
                             "use another copy, or the run's other set (best/last.safetensors)")
+        recorded_protocols(header["meta"], f"distilled set '{path}'")  # every field checked before any use
         pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
         return cls(images=tensors["images"], labels=tensors["labels"], label_kind=header["label_kind"],
                    lr=header["lr"], preprocess={"tensors": pre_tensors, "meta": header["preprocess_meta"]},
