@@ -98,7 +98,8 @@ def test_cifar_shaped_run_is_reproduced(tmp_path, capsys):
     check_reproduced(capsys, out)
 
 
-BAD = [({"val_fraction": 1.0}, "val_fraction"), ({"epochs": "300"}, "epochs"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
+BAD = [({"val_fraction": 1.0}, "val_fraction"),
+       ({"epochs": "300"}, "epochs"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
        ({"runs": True}, "runs"), ({"optimizer": "adam"}, "sgd"), ({"schedule": "cosine"}, "schedule"),
        ({"augment": "blur"}, "blur"), ({"name": "kip"}, "not dsa or rat"), ({"steps": [3, 2]}, "has unknown fields"),
        ({"model": ""}, "model")]

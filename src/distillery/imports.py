@@ -135,7 +135,8 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
     images, labels = _class_blocked(images, labels, spec.num_classes, path)
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
     lr = lr if lr is not None else file_lr
-    protocol = published_protocol(source, ds.spec.default_model, lr, ds.spec.dsa_strategy, val_fraction)  # the source code's own
+    # the evaluation of the code the file came from: MTT/TESLA's evaluate_synset or RaT-BPTT's test()
+    protocol = published_protocol(source, ds.spec.default_model, lr, ds.spec.dsa_strategy, val_fraction)
     meta = {"method": "imported", "dataset": ds.spec.name, "ipc": ipc, "num_classes": ds.spec.num_classes,
             "class_names": list(ds.spec.class_names), "model": ds.spec.default_model,
             "source": {"file": str(path), "format": source, "space": ds.preprocess.kind},
