@@ -201,10 +201,12 @@ def _dataset_key(name: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Train fresh networks on a distilled set and report test accuracy (torchrun: the runs split across ranks)."""
+    """Train fresh networks on a distilled set under the protocol it records, flags overriding single fields, and
+    report test accuracy (torchrun: the runs split across ranks)."""
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process
-    from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocol
+    from .evaluation.protocol import recorded_protocols
+    from .set_eval import evaluate_synset, model_table, parse_models, record, resolve_protocol
     from .synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
@@ -212,27 +214,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     s = SyntheticSet.load(args.set)
     if args.ipc is not None:
         s = s.prefix(args.ipc)
-    protocol = args.protocol or set_protocol(s.meta)
+    given_fraction = args.val_fraction
+    if args.val_fraction is None:  # the split the set was selected on (its preprocessing was fitted without it)
+        recorded = recorded_protocols(s.meta)
+        args.val_fraction = recorded[0].val_fraction if recorded else 0.1
     ds = _load_for_set(args, s)
-    models = parse_models(args.eval_models, ds.spec) or [args.model or s.meta.get("model") or ds.spec.default_model]
-    epochs = DEFAULT_EVAL_EPOCHS if args.epochs is None else args.epochs
-    results = {m: evaluate_synset(s, ds, protocol=protocol, model=m, runs=args.runs, epochs=epochs, lr=args.lr,
-                                  seed=args.seed, split=args.split, progress=_progress(args), distributed=True,
-                                  fast=fast) for m in models}
+    proto, sources = resolve_protocol(s, ds.spec, args.protocol, {
+        "--model": ("model", args.model), "--runs": ("runs", args.runs), "--seed": ("seed", args.seed),
+        "--epochs": ("epochs", args.epochs), "--lr": ("lr", args.lr), "--val-fraction": ("val_fraction",
+                                                                                         given_fraction)})
+    models = parse_models(args.eval_models, ds.spec) or [proto.model]
+    results = {m: evaluate_synset(s, ds, proto.replace(model=m), split=args.split, progress=_progress(args),
+                                  distributed=True, fast=fast) for m in models}
     if not is_main_process():
         return None
     res = results[models[0]]
-    how = (f"{epochs} epochs, lr {res.lr:.4g}" if protocol == "dsa" else
-           f"{s.meta.get('rat_eval', {}).get('inner_opt', 'adam')} lr {res.lr:.4g}, step count chosen on validation")
-    whose = "as asked" if args.protocol else "the set's own"
+    if args.eval_models:
+        sources = {**sources, "model": "--eval-models"}
     print(f"{args.set} ({s.meta.get('method', '?')}, {ds.spec.name}, {s.ipc} images per class, {s.label_kind} "
-          f"labels), {protocol} protocol, {whose} ({how}):")
+          f"labels), {proto.replace(model=models[0]).describe(sources)}:")
     if args.eval_models:
         print(model_table(results))
     else:
         print(f"on {res.model}: {res}")
     out = {"command": "evaluate", "set": args.set, "dataset": ds.spec.name, "ipc": s.ipc,
-           "label_kind": s.label_kind, "protocol": protocol, **_numbers(res)}
+           "label_kind": s.label_kind, "protocol": proto.name, "eval_protocol": proto.record(), "sources": sources,
+           **_numbers(res)}
     if args.eval_models:
         out["models"] = {m: record(r) for m, r in results.items()}
     return out
@@ -347,6 +354,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_import_set(args: argparse.Namespace) -> None:
     """Convert an MTT/TESLA/DATM images_*.pt or a RaT-BPTT .h5 into a distillery set."""
+    from .evaluation.protocol import EvalProtocol
     from .imports import import_set
 
     s = import_set(args.file, args.dataset, zca=args.zca, data_dir=args.data_dir, val_fraction=args.val_fraction,
@@ -358,6 +366,9 @@ def cmd_import_set(args: argparse.Namespace) -> None:
     for part in ("images", "labels", "lr"):  # where each part came from, and what was assumed
         if part in source:
             print(f"  {part}: {source[part]}")
+    origin = "RaT-BPTT test()" if s.meta["source"]["format"] == "ratbptt-h5" else "MTT/TESLA evaluate_synset"
+    print(f"evaluation recorded as the source code's ({origin}): "
+          f"{EvalProtocol.from_record(s.meta['eval'][0]).describe()}; `distillery evaluate` uses it (flags override)")
 
 
 def cmd_import_experts(args: argparse.Namespace) -> None:
@@ -444,19 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", help="a .safetensors distilled set")
     p.add_argument("--ipc", type=int, default=None, help="evaluate only the first K images per class (boosted sets)")
     p.add_argument("--dataset", default=None, help="override the dataset stored in the set")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="validation share of the training files (default: the one the set records, else 0.1)")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--protocol", default=None, choices=["dsa", "rat"],
                    help="dsa: MTT/TESLA's evaluate_synset (SGD, DSA, --epochs, --lr); rat: RaT-BPTT's test() "
                         "(inner optimiser, flip_rotate, 300/600/1000/3000 steps chosen on validation). "
-                        "Default: the protocol the set was distilled for")
+                        "Default: the protocol the set records, with every setting it records (model, epochs, lr, "
+                        "runs, seed, ...); each flag below overrides one of them")
     p.add_argument("--eval-models", default=None, metavar="M1,M2,...",
                    help="the cross-architecture table: one row per model, e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,"
                         "ResNet18 (default: --model, else the set's distillation model)")
     _add_eval(p)
     _add_common(p)
     _add_output(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, runs=None, seed=None)  # not given: the set's own
 
     p = sub.add_parser("show", help="write a PNG grid of a distilled set")
     p.add_argument("set")
@@ -503,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "runs", 0) is None:
-        args.runs = 5 if args.command != "baseline" or args.kind == "random" else 1
+    if args.command == "baseline" and args.runs is None:
+        args.runs = 5 if args.kind == "random" else 1
     if getattr(args, "threads", None):
         import torch
 

@@ -29,6 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .checks import check_trajectory, real_dtype, require_finite
 from .errors import UserError
+from .evaluation.protocol import published_protocol
 from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
 
@@ -314,7 +315,11 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
         source["lr"] += "; `distillery evaluate` trains it with --lr, default 0.01"
     meta = {"method": "imported", "dataset": ds.spec.name, "ipc": ipc, "num_classes": ds.spec.num_classes,
             "class_names": list(ds.spec.class_names), "model": ds.spec.default_model, "source": source}
-    return SyntheticSet(images.contiguous(), labels.contiguous(), kind, lr if lr is not None else got.lr,
+    lr = lr if lr is not None else got.lr
+    # the evaluation of the code the file came from: MTT/TESLA's evaluate_synset or RaT-BPTT's test()
+    meta["eval"] = [published_protocol(got.source, ds.spec.default_model, lr, ds.spec.dsa_strategy,
+                                       val_fraction).record()]
+    return SyntheticSet(images.contiguous(), labels.contiguous(), kind, lr,
                         preprocess_record(ds.preprocess), meta)
 
 

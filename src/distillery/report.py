@@ -294,36 +294,42 @@ def peak_memory(device: Any = None) -> dict[str, float]:
 def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
                      progress: bool = True) -> dict[str, dict[str, Any]]:
     """Random real images, `ipc` per class (a fresh draw per run, as `random_real_baseline`), under every protocol
-    and model the final test evaluation used, with its runs, epochs and seed: {protocol: {model: record}}."""
+    the best set records (the final test evaluation's, lr 0.01 for dsa) and every model of the final table:
+    {protocol: {model: record}}."""
     import torch
 
     from .evaluate import random_real_runs
-    from .set_eval import evaluate_synset, parse_models, report_protocols
+    from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
+    from .set_eval import evaluate_synset, parse_models, set_protocols
     from .synset import SyntheticSet
 
     best = run_dir / "best.safetensors"
     s = SyntheticSet.load(best) if best.is_file() else None
-    meta = s.meta if s is not None else {}
-    main_model = config.get("eval_model") or meta.get("model") or config.get("model") or dataset.spec.default_model
-    protocols = report_protocols(meta)
+    if s is not None:
+        protocols = set_protocols(s, dataset.spec)[0]
+    else:  # no set to read it from: the run's settings
+        protocols = distilled_protocols({}, None, model=config.get("eval_model") or config.get("model")
+                                        or dataset.spec.default_model, runs=int(config.get("final_eval_runs", 5)),
+                                        seed=int(config.get("seed", 0)),
+                                        epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
+                                        dsa_strategy=dataset.spec.dsa_strategy)
+    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
     extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
                                                                                       str) else []
-    runs, epochs, seed = int(config.get("final_eval_runs", 5)), int(config.get("eval_epochs", 300)), \
-        int(config.get("seed", 0))
+    own = protocols[0]
+    wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
     out: dict[str, dict[str, Any]] = {}
-    wanted = [(p, main_model) for p in protocols] + [(protocols[0], m) for m in extra_models if m != main_model]
-    for protocol, model in wanted:
-        def score(x, y, run_seed, protocol=protocol, model=model):
-            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, meta)
-            return evaluate_synset(real, dataset, protocol=protocol, model=model, runs=1, epochs=epochs, lr=0.01,
-                                   seed=run_seed, split="test", progress=False)
+    for proto in wanted:
+        def score(x, y, run_seed, proto=proto):
+            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
+            return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test", progress=False)
 
-        results = random_real_runs(dataset, int(config["ipc"]), runs, seed, score, progress)
+        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
         accs, res = [a for r in results for a in r.accs], results[-1]
-        out.setdefault(protocol, {})[model] = {"test_mean": float(sum(accs) / len(accs)),
-                                               "test_std": float(torch.tensor(accs).std(unbiased=False)),
-                                               "test_accs": accs, "lr": 0.01, "epochs": epochs,
-                                               "steps": getattr(res, "steps", None)}
+        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
+                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
+                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
+                                                       "steps": res.steps}
     return out
 
 

@@ -51,9 +51,10 @@ from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .checkpoint import read_checkpoint, write_checkpoint
 from .runfiles import read_config
-from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
+from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocols
 from .io import atomic_write_text, ensure_dir, write_error
 from .health import DEFAULT_FIX, HealthMonitor
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
 from .options import option
 from .synset import SyntheticSet
 
@@ -93,7 +94,7 @@ class LoopConfig:
     iterations: int = option(1000, low=1, help="outer iterations")
     eval_every: int = option(100, low=1, help="evaluate on the validation split every this many iterations")
     eval_runs: int = option(3, low=1, help="networks trained per validation evaluation")
-    eval_epochs: int = option(300, low=1, help="training epochs of every evaluation network")
+    eval_epochs: int = option(DEFAULT_EVAL_EPOCHS, low=1, help="training epochs of every evaluation network")
     eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
     eval_models: str | None = option(None, help="models of the final cross-architecture table of the best set, "
                                                 "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
@@ -395,17 +396,19 @@ class _Run:
                 old.unlink(missing_ok=True)
 
     def validate(self, it: int, s: SyntheticSet):
-        """The validation evaluation of the set of iteration `it` (None without a validation split)."""
+        """The validation evaluation of the set of iteration `it` under its own protocol, with `eval_runs` networks
+        and a seed of its own (None without a validation split)."""
         if not (self.has_val or self.wants_loss):
             return None
         loop = self.loop
-        return evaluate_synset(s, self.dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                               seed=loop.seed * 100003 + it, split="val", distributed=True,
-                               train_loss=self.wants_loss, fast=loop.eval_fast == "on")
+        own = set_protocols(s, self.dataset.spec)[0][0].replace(runs=loop.eval_runs, seed=loop.seed * 100003 + it)
+        return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
+                               fast=loop.eval_fast == "on")
 
     def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
-        s = self.method.synset() if s is None else s
+        s = record_protocols(self.method.synset() if s is None else s, self.loop, self.dataset.spec,
+                             self.dataset.val_fraction)
         _check_finite(it, self.run_dir, images=s.images)
         if self.background is None:
             self.record_eval(it, s, self.validate(it, s))
@@ -457,6 +460,19 @@ class _Run:
             self.health.after_eval(it, self.val)
 
 
+def record_protocols(s: SyntheticSet, loop: LoopConfig, spec, val_fraction: float) -> SyntheticSet:
+    """Record in `s` the whole protocol it is selected and scored under (`evaluation.protocol`): the method's
+    protocol completed with the run's evaluation settings. A set that records one already keeps it."""
+    if "eval" in s.meta:
+        return s
+    protos = distilled_protocols(s.meta, s.lr, model=loop.eval_model or s.meta.get("model") or spec.default_model,
+                                 runs=loop.final_eval_runs, seed=loop.seed, epochs=loop.eval_epochs,
+                                 dsa_strategy=spec.dsa_strategy, val_fraction=val_fraction)
+    meta = {k: v for k, v in s.meta.items() if k not in ("protocol", "rat_eval")}  # now in the records
+    s.meta = {**meta, "eval": [p.record() for p in protos]}
+    return s
+
+
 def _pending_name(it: int) -> str:
     """File name, under RUN_DIR/pending/, of the set whose evaluation at iteration `it` runs in the background."""
     return f"it_{it:06d}.safetensors"
@@ -473,8 +489,9 @@ def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:
 
 
 def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
-    """Test accuracy of the best-on-validation set and of the last set, each measured once, under the set's own
-    protocol (RaT-BPTT sets also under dsa, each labelled); the cross-architecture table of the best set."""
+    """Test accuracy of the best-on-validation set and of the last set, each measured once, under the protocols the
+    set records (its own first; RaT-BPTT sets also dsa, each labelled): what `distillery evaluate SET` reproduces.
+    The cross-architecture table of the best set: its own protocol on each model."""
     main = is_main_process()
     has_val = len(dataset.val.y) > 0
     out: dict[str, Any] = {"selection": "best on the validation split" if has_val else
@@ -484,16 +501,17 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
     models = parse_models(loop.eval_models, dataset.spec)
     fast = loop.eval_fast == "on"
     for name in ("best", "last") if has_val else ("best",):
-        s = SyntheticSet.load(run_dir / f"{name}.safetensors")
+        s = record_protocols(SyntheticSet.load(run_dir / f"{name}.safetensors"), loop, dataset.spec,
+                             dataset.val_fraction)
         if name == "last" and s.meta.get("iteration") is not None and s.meta["iteration"] == out["best"]["iteration"]:
             # the best set is the last one: the same images under the same seeds give the same numbers
             out["last"] = {k: v for k, v in out["best"].items() if k != "models"}
             if main:
                 print(f"last set = best set (iteration {s.meta.get('iteration')}): measured once, above")
             continue
-        results = [evaluate_synset(s, dataset, protocol=p, model=loop.eval_model, runs=loop.final_eval_runs,
-                                   epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True, fast=fast)
-                   for p in report_protocols(s.meta)]  # torchrun: every rank trains its share of the dsa runs
+        protos = set_protocols(s, dataset.spec)[0]
+        results = [evaluate_synset(s, dataset, p, split="test", distributed=True, fast=fast)
+                   for p in protos]  # torchrun: every rank trains its share of the dsa runs
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
                      "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
@@ -502,11 +520,11 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
             for res in results:
                 print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
         if models and name == "best":
-            table = {m: evaluate_synset(s, dataset, model=m, runs=loop.final_eval_runs, epochs=loop.eval_epochs,
-                                        seed=loop.seed, split="test", distributed=True, fast=fast) for m in models}
+            table = {m: evaluate_synset(s, dataset, protos[0].replace(model=m), split="test", distributed=True,
+                                        fast=fast) for m in models}
             out[name]["models"] = {m: record(r) for m, r in table.items()}
             if main:
-                print(f"cross-architecture table of the best set ({set_protocol(s.meta)} protocol):")
+                print(f"cross-architecture table of the best set ({protos[0].name} protocol):")
                 print(model_table(table))
     if not has_val:
         out["last"] = out["best"]

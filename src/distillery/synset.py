@@ -4,7 +4,8 @@ File layout (`*.safetensors`):
     tensors  `images` (n, C, H, W) float32 in model space, `labels` (n,) int64 or (n, K) float32,
              and the preprocessing tensors under `preprocess.<name>` (mean/std, ZCA matrices).
     metadata (the safetensors string header) `distillery` = JSON with label_kind, lr, preprocess meta, and `meta`
-             (method, dataset, ipc, config, seed, library version, ...).
+             (method, dataset, ipc, config, seed, library version, ...) with `eval`, the evaluation protocols
+             the set was selected and is scored under (`evaluation.protocol`, checked field by field at load).
 Loading gives back the same tensors bit for bit.
 """
 
@@ -26,6 +27,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import UserError
+from .evaluation.protocol import recorded_protocols
 from .io import atomic_write_bytes
 
 LABEL_KINDS = ("hard", "soft", "learned")
@@ -199,6 +201,7 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
         except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
             raise bad(f"holds a preprocessing that cannot be rebuilt ({reason})") from None
+    recorded_protocols(meta, f"distilled set '{path}'")  # every field of the recorded evaluation checked too
     return SyntheticSet(images=images, labels=labels, label_kind=kind, lr=lr,
                         preprocess={"tensors": pre_tensors, "meta": pre_meta}, meta=meta)
 

@@ -72,8 +72,9 @@ class Dataset:
     """Train / val / test splits in model space, the fitted preprocessing, and per-class real-image sampling."""
 
     def __init__(self, spec: DatasetSpec, preprocess: Preprocess, train: Split, val: Split, test: Split,
-                 location: str) -> None:
+                 location: str, val_fraction: float = 0.1) -> None:
         self.spec = spec
+        self.val_fraction = val_fraction  # share of the training files held out as `val` (sets record it)
         self.preprocess = preprocess
         self.train, self.val, self.test = train, val, test
         self.location = location  # where the files were read from, for logs and run metadata
@@ -134,7 +135,7 @@ def load_dataset(name: str, data_dir: str | None = None, device: str | torch.dev
 
     val = split(raw_train.images[val_idx], raw_train.labels[val_idx])
     test = split(raw_test.images, raw_test.labels)
-    return Dataset(spec, preprocess, train, val, test, location)
+    return Dataset(spec, preprocess, train, val, test, location, val_fraction)
 
 
 def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Preprocess:
