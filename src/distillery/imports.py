@@ -10,6 +10,10 @@ ZCA matrices differ slightly unless `val_fraction=0`.
 An MTT buffer is a list of experts, each a list of `epochs + 1` snapshots, each a list of parameter tensors in
 `module.parameters()` order (SPEC §4.1). The import checks every snapshot against the model's parameter names and
 shapes and refuses a mismatch before writing anything.
+
+Each kind of file has one reader that checks what it returns before anything uses it (types, shapes, dtypes, finite
+values, ranges; docs/INTEROP.md lists them): `read_pt_set`, `read_h5_set` (with RaT-BPTT's learned labels from the
+`.pth` beside a final `.h5`), `read_replay_buffer`. `.pt`/`.pth` files are read only with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
 
 # --- distilled sets ---------------------------------------------------------------------------------------------
-IMAGE_LIMIT = 1e4  # |value| above this is no image in any model space (mean/std or ZCA), whatever the lr_img was
+IMAGE_LIMIT = 1e4  # |value| far beyond what images reach in a model space (mean/std or ZCA), even distilled ones
 FIX_SET = "pass the images_*.pt / .h5 file the published code saved"
 
 
