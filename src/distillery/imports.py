@@ -156,10 +156,15 @@ def read_pt_set(path: Path, read_lr: bool = True) -> PublishedSet:
     images, pixels = _images(obj, path)
     labels_path, lr_path = _companion(path, "labels"), _companion(path, "lr") if read_lr else None
     labels = None if labels_path is None else _labels(read_torch_file(labels_path, FIX_SET), labels_path)
+    labels_from = f"labels from {labels_path.name}" if labels_path else \
+        f"class-blocked hard labels: no labels file beside {path.name}"
+    if labels is not None and labels.ndim == 2 and bool((labels < 0).any()):
+        # DATM saves its learned soft labels as logits and trains on softmax(labels) (its SoftCrossEntropy);
+        # distillery trains on the targets themselves, so they become those probabilities here
+        labels = torch.softmax(labels, 1)
+        labels_from += " (logits, as DATM saves them: softmax applied, the targets DATM trains on)"
     lr = None if lr_path is None else _lr(read_torch_file(lr_path, "pass --lr instead"), str(lr_path))
-    return PublishedSet(images, labels, lr, "mtt-pt",
-                        f"labels from {labels_path.name}" if labels_path else
-                        f"class-blocked hard labels: no labels file beside {path.name}",
+    return PublishedSet(images, labels, lr, "mtt-pt", labels_from,
                         f"lr from {lr_path.name}" if lr_path else
                         f"none: no lr file beside {path.name} (MTT and TESLA save none)", pixels)
 
