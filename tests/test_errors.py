@@ -370,7 +370,8 @@ IMPORT_SET_ROWS = [
     ("import-h5-layout", "complex", lambda g: _h5(g, lambda f: f.create_dataset(
         "data", data=np.zeros((10, 64), np.complex64))), "'data' holds complex64"),
     ("import-h5-layout", "external-link", _h5_external, "a link to another file"),
-    ("import-bad-values", "nan-images", lambda g: _digits_set(g, images=_nan((10, 1, 8, 8))), "1 of the 640 values of the images are NaN/inf"),
+    ("import-bad-values", "nan-images", lambda g: _digits_set(g, images=_nan((10, 1, 8, 8))),
+     "1 of the 640 values of the images are NaN/inf"),
     ("import-bad-values", "huge-images", lambda g: _digits_set(g, images=torch.full((10, 1, 8, 8), 1e30)),
      "beyond any model space"),
     ("import-bad-values", "negative-lr", lambda g: _digits_set(g, lr=torch.tensor(-0.01)),

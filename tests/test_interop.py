@@ -150,6 +150,18 @@ def test_import_says_where_labels_and_lr_came_from(tmp_path, synset):
     assert import_set(tmp_path / "images_best.pt", "digits").meta["source"]["lr"] == "lr from lr_best.pt"
 
 
+def test_datm_logit_labels_become_the_softmax_targets(tmp_path, synset):
+    """DATM saves learned soft labels as logits and trains on their softmax; non-negative labels are kept as they are."""
+    logits = 3 * torch.nn.functional.one_hot(synset.labels, 10).float() + torch.randn(20, 10)
+    torch.save(synset.images, tmp_path / "images_best.pt")
+    torch.save(logits, tmp_path / "labels_best.pt")
+    torch.save(torch.tensor(0.01), tmp_path / "lr_best.pt")  # DATM saves its learned lr
+    back = import_set(tmp_path / "images_best.pt", "digits")
+    torch.testing.assert_close(back.labels, torch.softmax(logits, 1))
+    assert back.label_kind == "soft" and back.lr == pytest.approx(0.01) and "softmax applied" in \
+        back.meta["source"]["labels"]
+
+
 def test_whole_number_float_pixels_are_preprocessed(tmp_path, digits):
     x = torch.randint(0, 256, (10, 1, 8, 8)).float()  # pixels saved as float 0..255, not model-space values
     torch.save(x, tmp_path / "images_px.pt")

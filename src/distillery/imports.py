@@ -10,6 +10,10 @@ ZCA matrices differ slightly unless `val_fraction=0`.
 An MTT buffer is a list of experts, each a list of `epochs + 1` snapshots, each a list of parameter tensors in
 `module.parameters()` order (SPEC §4.1). The import checks every snapshot against the model's parameter names and
 shapes and refuses a mismatch before writing anything.
+
+Each kind of file has one reader that checks what it returns before anything uses it (types, shapes, dtypes, finite
+values, ranges; docs/INTEROP.md lists them): `read_pt_set`, `read_h5_set` (with RaT-BPTT's learned labels from the
+`.pth` beside a final `.h5`), `read_replay_buffer`. `.pt`/`.pth` files are read only with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
 
 # --- distilled sets ---------------------------------------------------------------------------------------------
-IMAGE_LIMIT = 1e4  # |value| above this is no image in any model space (mean/std or ZCA), whatever the lr_img was
+IMAGE_LIMIT = 1e4  # |value| far beyond what images reach in a model space (mean/std or ZCA), even distilled ones
 FIX_SET = "pass the images_*.pt / .h5 file the published code saved"
 
 
@@ -153,10 +157,15 @@ def read_pt_set(path: Path, read_lr: bool = True) -> PublishedSet:
     images, pixels = _images(obj, path)
     labels_path, lr_path = _companion(path, "labels"), _companion(path, "lr") if read_lr else None
     labels = None if labels_path is None else _labels(read_torch_file(labels_path, FIX_SET), labels_path)
+    labels_from = f"labels from {labels_path.name}" if labels_path else \
+        f"class-blocked hard labels: no labels file beside {path.name}"
+    if labels is not None and labels.ndim == 2 and bool((labels < 0).any()):
+        # DATM saves its learned soft labels as logits and trains on softmax(labels) (its SoftCrossEntropy);
+        # distillery trains on the targets themselves, so they become those probabilities here
+        labels = torch.softmax(labels, 1)
+        labels_from += " (logits, as DATM saves them: softmax applied, the targets DATM trains on)"
     lr = None if lr_path is None else _lr(read_torch_file(lr_path, "pass --lr instead"), str(lr_path))
-    return PublishedSet(images, labels, lr, "mtt-pt",
-                        f"labels from {labels_path.name}" if labels_path else
-                        f"class-blocked hard labels: no labels file beside {path.name}",
+    return PublishedSet(images, labels, lr, "mtt-pt", labels_from,
                         f"lr from {lr_path.name}" if lr_path else
                         f"none: no lr file beside {path.name} (MTT and TESLA save none)", pixels)
 

@@ -211,7 +211,7 @@ class MTT:
     def synset(self) -> SyntheticSet:
         """The current distilled set, with α as its training learning rate."""
         spec = self.ds.spec
-        kind = "hard" if self.cfg.labels == "hard" else "soft"
+        kind = "hard" if self.labels.ndim == 1 else "soft"  # TESLA's expert labels exist after its first step
         meta = {"method": "tesla" if self.cfg.grad == "tesla" else "mtt", "dataset": spec.name,
                 "ipc": self.cfg.ipc, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
                 "model": self.cfg.model or spec.default_model, "dsa_strategy": self.augment.strategy,
