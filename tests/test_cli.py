@@ -13,7 +13,7 @@ def run(capsys, *argv):
 
 def test_baseline_random_digits(capsys):
     code, out, err = run(capsys, "baseline", "random", "--dataset", "digits", "--ipc", "2", "--runs", "2",
-                         "--epochs", "20", "--no-progress")
+                         "--eval-epochs", "20", "--no-progress")
     assert code == 0, err
     assert "test accuracy" in out and "±" in out and "2 runs" in out
 
@@ -74,7 +74,7 @@ def test_distill_wiring_end_to_end(capsys, tmp_path, monkeypatch, method, extra)
     if method == "ratbptt":
         assert (s.labels >= 0).all()
     code, stdout, err = run(capsys, "evaluate", str(out / "last.safetensors"), "--ipc", "1", "--runs", "1",
-                            "--epochs", "2", "--no-progress")
+                            "--eval-epochs", "2", "--no-progress")
     assert code == 0 and "1 images per class" in stdout, err
 
 

@@ -100,7 +100,7 @@ OPTION_ROWS = [
     ("opt-range", ["distill", "--method", "mtt", "--checkpoint-every", "0"], "--checkpoint-every 0 is out of range"),
     ("opt-range", ["distill", "--method", "mtt", "--iterations", "0"], "--iterations 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--runs", "0"], "--runs 0 is out of range"),
-    ("opt-range", ["baseline", "random", "--ipc", "1", "--epochs", "0"], "--epochs 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--eval-epochs", "0"], "--eval-epochs 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--threads", "0"], "--threads 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--val-fraction", "1.5"], "--val-fraction 1.5 is out of range"),
     ("opt-cross", ["distill", "--method", "ratbptt", "--ipc", "1", "--window", "8", "--horizon", "4"],
@@ -194,7 +194,7 @@ def test_data_rows(capsys, tmp_path, row):
     before = tree(tmp_path)
     argv = [a.replace("{p}", str(p)) for a in argv]
     ipc = [] if "--ipc" in argv else ["--ipc", "1"]
-    one_line(capsys, ["baseline", "random", *argv, *ipc, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    one_line(capsys, ["baseline", "random", *argv, *ipc, "--runs", "1", "--eval-epochs", "1", "--no-progress"], needle)
     after = {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")}  # a decoded good split may stay
     assert after == before  # the data untouched, nothing else written
 
@@ -245,7 +245,7 @@ def test_experts_resume_with_other_settings(capsys, tmp_path, store):
     """experts-other-settings: `distillery experts` into a store trained with other settings is refused."""
     s = copy_store(store, tmp_path)
     before = tree(s)
-    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2", "--epochs", "3",
+    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2", "--train-epochs", "3",
                       "--out", s, "--no-progress", "--threads", "1"], "already holds experts trained with epochs=2")
     assert tree(s) == before
 
@@ -290,7 +290,7 @@ def test_set_file_rows(capsys, tmp_path, set_file, row):
         shutil.copy(set_file, path)
         damage(path)
     before = tree(tmp_path)
-    one_line(capsys, ["evaluate", path, *extra, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    one_line(capsys, ["evaluate", path, *extra, "--runs", "1", "--eval-epochs", "1", "--no-progress"], needle)
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")} == before  # a ZCA fit may be cached
 
 

@@ -103,10 +103,10 @@ DISTILL = ["distill", "--dataset", "digits", "--out", "R", "--no-progress"]
     (DISTILL + ["--method", "ratbptt", "--ipc", "1", "--task-sampler-nc", "11"], "--task-sampler-nc 11"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "0"], "--ipc 0"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"], "--runs 0"),
-    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--epochs", "0"], "--epochs 0"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--eval-epochs", "0"], "--eval-epochs 0"),
     (["baseline", "full", "--dataset", "digits", "--threads", "0"], "--threads 0"),
     (["baseline", "full", "--dataset", "digits", "--lr", "-1"], "--lr -1"),
-    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0"),
+    (["evaluate", "set.safetensors", "--eval-epochs", "0"], "--eval-epochs 0"),
     (["experts", "--dataset", "digits", "--num-experts", "0", "--out", "E"], "--num-experts 0"),
 ])
 def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, needle):
@@ -121,11 +121,11 @@ def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, need
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"],
      "--runs 0 is out of range: it must be >= 1"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--resolution", "0"],
-     "--resolution 0 is out of range: it must be >= 1"),
-    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1"),
+     "--resolution 0 is out of range: it must be >= 8 (or none)"),
+    (["evaluate", "set.safetensors", "--eval-epochs", "0"], "--eval-epochs 0 is out of range: it must be >= 1"),
     (DISTILL + ["--method", "mtt", "--ipc", "0"], "--ipc 0 is out of range: it must be >= 1"),
-    (DISTILL + ["--method", "mtt", "--resolution", "0"], "--resolution 0 is out of range: it must be >= 1 (or none)"),
-    (DISTILL + ["--method", "ratbptt", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1 (or none)"),
+    (DISTILL + ["--method", "mtt", "--resolution", "0"], "--resolution 0 is out of range: it must be >= 8 (or none)"),
+    (DISTILL + ["--method", "ratbptt", "--epochs", "0"], "--real-epochs 0 is out of range: it must be >= 1 (or none)"),
     (DISTILL + ["--method", "mtt", "--batch-syn", "0"], "--batch-syn 0 is out of range: it must be >= 1 (or none)"),
 ])
 def test_range_errors_offer_none_only_where_the_flag_takes_it(capsys, no_data, argv, message):

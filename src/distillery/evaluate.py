@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .augment import Augment
 from .background import check_cancelled
 from .distributed import all_reduce_sum_, rank_and_world
-from .errors import UserError
+from .cli_options import EVAL_EPOCHS
+from .errors import TrainingDiverged, UserError
 from .grouped_training import capturable, train_captured, train_together
 from .models import FunctionalModel, init_seeded
 from .models.grouped import groupable
@@ -100,7 +101,7 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
             optimizer.step()
         finite = torch.isfinite(loss) if ep == 0 else finite & torch.isfinite(loss)  # stays on the device
         if (ep % _CHECK_EVERY == _CHECK_EVERY - 1 or ep == epochs) and not finite:  # one host read per 100 epochs
-            raise UserError(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
+            raise TrainingDiverged(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
                             "evaluate with a smaller --lr")
         if ep == decay_after:  # the reference code rebuilds the optimiser, so momentum restarts
             optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
@@ -135,7 +136,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
         try:
             return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
         except FloatingPointError as err:
-            raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; "
+            raise TrainingDiverged(f"evaluation training diverged ({err}) with lr {lr:g}; "
                             "evaluate with a smaller --lr") from None
 
     flats = run(seeds) if group else [f for s in seeds for f in run([s])]
@@ -143,7 +144,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
 
 
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
-                 epochs: int = 300, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
+                 epochs: int = EVAL_EPOCHS, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
                  distributed: bool = False, protocol: str = "dsa", rat=None, train_loss: bool = False,
                  together: bool | None = None, fast: bool = False) -> EvalResult:
@@ -210,7 +211,7 @@ def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable
     return results
 
 
-def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = 300,
+def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = EVAL_EPOCHS,
                          lr: float = 0.01, seed: int = 0, split: str = "test", progress: bool = True,
                          fast: bool = False) -> EvalResult:
     """Random real images (`ipc` per class, a fresh draw per run) evaluated with the same protocol."""

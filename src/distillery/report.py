@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_options import EVAL_EPOCHS
 from .errors import UserError
 from .io import atomic_write_text
 
@@ -324,7 +325,7 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
     protocols = report_protocols(meta)
     extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
                                                                                       str) else []
-    runs, epochs, seed = int(config.get("final_eval_runs", 5)), int(config.get("eval_epochs", 300)), \
+    runs, epochs, seed = int(config.get("final_eval_runs", 5)), int(config.get("eval_epochs", EVAL_EPOCHS)), \
         int(config.get("seed", 0))
     out: dict[str, dict[str, Any]] = {}
     wanted = [(p, main_model) for p in protocols] + [(protocols[0], m) for m in extra_models if m != main_model]

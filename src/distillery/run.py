@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
-from .errors import UserError
+from .cli_options import EVAL_EPOCHS
+from .errors import TrainingDiverged, UserError
 from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
 from .health import DEFAULT_FIX, HealthMonitor
@@ -66,7 +67,7 @@ PENDING = "pending"  # the set of an evaluation still running in the background 
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
                                "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast",
+                               "checkpoint_every", "real_epochs", "eval_models", "eval_overlap", "eval_fast",
                                "fast", "norm_kernel"})  # the last three: same numbers up to float rounding
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _CHECKSUM = b"\ndistillery-sha256:"
@@ -93,7 +94,7 @@ class LoopConfig:
     iterations: int = option(1000, low=1, help="outer iterations")
     eval_every: int = option(100, low=1, help="evaluate on the validation split every this many iterations")
     eval_runs: int = option(3, low=1, help="networks trained per validation evaluation")
-    eval_epochs: int = option(300, low=1, help="training epochs of every evaluation network")
+    eval_epochs: int = option(EVAL_EPOCHS, low=1, help="training epochs of every evaluation network")
     eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
     eval_models: str | None = option(None, help="models of the final cross-architecture table of the best set, "
                                                 "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
@@ -419,9 +420,13 @@ class _Run:
         if not (self.has_val or self.wants_loss):
             return None
         loop = self.loop
-        return evaluate_synset(s, self.dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                               seed=loop.seed * 100003 + it, split="val", distributed=True,
-                               train_loss=self.wants_loss, fast=loop.eval_fast == "on")
+        try:
+            return evaluate_synset(s, self.dataset, model=loop.eval_model, runs=loop.eval_runs,
+                                   epochs=loop.eval_epochs, seed=loop.seed * 100003 + it, split="val",
+                                   distributed=True, train_loss=self.wants_loss, fast=loop.eval_fast == "on")
+        except TrainingDiverged:  # the set is what diverged: the cause is the distillation's, not an evaluation lr
+            raise Diverged(f"networks trained on the set of iteration {it} diverged (its images reach |x| = "
+                           f"{float(s.images.abs().max()):.3g})") from None
 
     def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""

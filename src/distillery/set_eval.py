@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cli_options import EVAL_EPOCHS
 from .errors import UserError
 from .evaluate import EvalResult, evaluate_set
 from .models import create_model
@@ -45,7 +46,7 @@ def parse_models(text: str | None, spec) -> list[str]:
 
 
 def evaluate_synset(s, dataset, *, protocol: str | None = None, model: str | None = None, runs: int = 5,
-                    epochs: int = 300, lr: float | None = None, seed: int = 0, split: str = "test",
+                    epochs: int = EVAL_EPOCHS, lr: float | None = None, seed: int = 0, split: str = "test",
                     progress: bool = False, distributed: bool = False, train_loss: bool = False,
                     fast: bool = False) -> EvalResult:
     """Evaluate SyntheticSet `s` under `protocol` (default: the set's) on `model` (default: its distillation model).
