@@ -88,7 +88,7 @@ class CommandOptions(DataConfig):
     run_dir: str = option("", positional=True, help="a run directory of `distillery distill`")
     file: str = option("", positional=True, help="images_*.pt (labels_*.pt, lr_*.pt beside it are read too) or a .h5")
     dir: str = option("", positional=True, help="the folder holding replay_buffer_0.pt, replay_buffer_1.pt, ...")
-    out: str | None = option(None, help="where to write")
+    out: str | None = option(None, none_unset=True, help="where to write")
     max_per_class: int = option(10, low=1, aliases=("--per-class",), help="images of each class shown, K")
     scale: int | None = option(None, none_unset=True, low=1,
                                help="pixels per image pixel (default: small images are scaled up to at least 64 px)")
@@ -191,11 +191,12 @@ def _number(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def arg_type(annotation: str) -> Callable[[str], Any]:
-    """argparse type for a dataclass field from its (string) annotation; 'none' gives None for optional fields."""
+def arg_type(annotation: str, none_typed: bool = True) -> Callable[[str], Any]:
+    """argparse type for a dataclass field from its (string) annotation; 'none' gives None for optional fields
+    that take it as a value (`none_typed`; else None only means "not given")."""
     kind = base_type(annotation)
     base = parse_bool if kind is bool else _number(kind) if kind in (int, float) else str
-    if "None" not in annotation:
+    if "None" not in annotation or not none_typed:
         return base
 
     def optional(text: str) -> Any:
@@ -238,7 +239,8 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterabl
         if name in choices:
             kw["choices"] = list(choices[name])
         if meta["positional"]:
-            parser.add_argument(name, type=arg_type(str(f.type)), **{k: v for k, v in kw.items() if k != "default"})
+            parser.add_argument(name, type=arg_type(str(f.type), meta["none_typed"]),
+                                **{k: v for k, v in kw.items() if k != "default"})
             continue
         spellings = [flag(name), *meta["aliases"], *aliases.get(name, ())]
         if meta["switch"]:
@@ -246,7 +248,8 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterabl
             continue
         if base_type(str(f.type)) is bool:
             kw.update(nargs="?", const=True, metavar="true|false")
-        parser.add_argument(*spellings, dest=name, type=arg_type(str(f.type)), required=name in required, **kw)
+        parser.add_argument(*spellings, dest=name, type=arg_type(str(f.type), meta["none_typed"]),
+                            required=name in required, **kw)
 
 
 def add_command(parser: argparse.ArgumentParser, command: str, **extra: Any) -> None:

@@ -48,7 +48,7 @@ class DistillOptions:
     """`distill`'s options that say what to run and where, beside the configuration values."""
 
     method: str = option("", help="the distillation method")  # choices: method_names(), known at run time
-    out: str | None = option(None, help="run directory")
+    out: str | None = option(None, none_unset=True, help="run directory")
     preset: str | None = option(None, help="a named preset (`distillery presets`); flags override it. Default: the "
                                            "preset for this method, dataset and IPC if there is one, else defaults "
                                            "derived from the data (docs/DEFAULTS.md)")
