@@ -261,8 +261,9 @@ def test_experts_resume_with_other_settings(capsys, tmp_path, store):
     """experts-other-settings: `distillery experts` into a store trained with other settings is refused."""
     s = copy_store(store, tmp_path)
     before = tree(s)
-    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2", "--train-epochs", "3",
-                      "--out", s, "--no-progress", "--threads", "1"], "already holds experts trained with epochs=2")
+    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2",
+                      "--train-epochs", "3", "--out", s, "--no-progress", "--threads", "1"],
+             "already holds experts trained with epochs=2")
     assert tree(s) == before
 
 

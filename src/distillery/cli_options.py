@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .defaults import MIN_RESOLUTION
-from .options import base_type, check_values, describe, flag, option
+from .options import base_type, check_values, describe, flag, option, option_meta
 
 EVAL_EPOCHS = 300  # training epochs of an evaluation network unless told otherwise (MTT's published 300 on CPU rows)
 ZCA_CHOICES = ("kornia", "kip", "none")
@@ -265,7 +265,8 @@ def check_command_args(args: argparse.Namespace) -> None:
     values = vars(args)
     if getattr(args, "command", None) == "distill":
         values = {k: v for k, v in values.items() if k in COMMANDS["distill"].names}
-    check_values(CommandOptions, values)
+    metas = option_meta(CommandOptions)
+    check_values(CommandOptions, values, lambda n: n if metas[n]["positional"] else flag(n))
     if getattr(args, "command", None) == "experts":
         from .distill import ExpertConfig
 

@@ -40,7 +40,8 @@ class ExpertConfig:
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
 # `distillery experts` takes these ExpertConfig options, also under further spellings (MTT buffer.py's and ours)
 EXPERTS_COMMAND_ALIASES = {"num_experts": (), "expert_epochs_train": ("--train-epochs",), "expert_lr": ("--lr",),
-                           "expert_momentum": ("--momentum", "--mom"), "expert_l2": ("--l2",), "expert_decay": ("--decay",)}
+                           "expert_momentum": ("--momentum", "--mom"), "expert_l2": ("--l2",),
+                           "expert_decay": ("--decay",)}
 
 
 @dataclass
@@ -148,7 +149,8 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     own = {f.name for cls in classes for f in dataclasses.fields(cls)} | {"dataset", "zca", "experts", "seed"}
     for key in given:  # a value another method takes: refused rather than silently unused
         if key not in own:
-            users = [m for m in method_names() if key in {f.name for c in config_classes(m) for f in dataclasses.fields(c)}]
+            users = [m for m in method_names()
+                     if key in {f.name for c in config_classes(m) for f in dataclasses.fields(c)}]
             if not users:
                 check_known([key], sorted(own), f"distill --method {method}", spell)
             option = "method=" if api else "--method "

@@ -6,7 +6,8 @@ meta-loss of `bptt.meta_gradient`. This module holds the method object around it
 the outer optimiser, Boost-DD and several processes.
 
 Budget (`--real-epochs`, the published `--epochs`): passes over the real data, ceil(train size / this process's real
-batch) outer steps each, as published. Sets record the `rat` evaluation protocol (the published test(), `distillery.rat_eval`).
+batch) outer steps each, as published. Sets record the `rat` evaluation protocol (the published test(),
+`distillery.rat_eval`).
 `--window-mode plateau` is the published cctype 1 curriculum (`Plateau`), driven by the run loop's evaluations.
 
 Window placement (SPEC §6.4): `start ~ U{m, ..., T-W}` (RaT-BPTT) or `start = T-W` (classic truncated BPTT), drawn
