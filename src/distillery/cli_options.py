@@ -205,13 +205,15 @@ def arg_type(annotation: str, none_typed: bool = True) -> Callable[[str], Any]:
     return optional
 
 
-def option_help(f: dataclasses.Field, default: Any = None, text: str | None = None) -> str:
-    """--help text of a declared option: its help, its default and its range (% escaped for argparse)."""
+def option_help(f: dataclasses.Field, default: Any = None, text: str | None = None, required: bool = False) -> str:
+    """--help text of a declared option: its help, its default (unless required, or None where the help already
+    says what not giving it does) and its range (% escaped for argparse)."""
     meta = {**f.metadata["option"], "type": str(f.type)}
     words = meta["help"] if text is None else text
-    if meta["switch"]:
-        return words.replace("%", "%%")
-    return f"{words} (default {default}; {describe(meta)})".replace("%", "%%")
+    unsaid = default is None and ("default" in words or not meta["none_typed"])  # None: "not given"
+    parts = [] if meta["switch"] or meta["positional"] or required or unsaid else [f"default {default}"]
+    parts += [] if meta["switch"] or describe(meta).startswith("any value") else [describe(meta)]
+    return (f"{words} ({'; '.join(parts)})" if parts else words).replace("%", "%%")
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterable[str] | None = None, *,
@@ -231,7 +233,7 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterabl
         f = fields[name]
         meta = f.metadata["option"]
         default = defaults.get(name, f.default)
-        kw: dict[str, Any] = {"help": option_help(f, default, helps.get(name))}
+        kw: dict[str, Any] = {"help": option_help(f, default, helps.get(name), name in required)}
         if unset:
             kw["default"] = argparse.SUPPRESS
         elif not meta["positional"]:
