@@ -165,6 +165,8 @@ def api_calls(ds, x, y, tmp: Path) -> dict[str, tuple[Any, dict[str, Any]]]:
         "import_experts": (api.import_experts, {"directory": tmp / "bufdir", "dataset": "digits",
                                                 "model": "ConvNetD2", "out": tmp / "store", "zca": "none",
                                                 "val_fraction": 0.1, "lr": 0.01, "batch": 256}),
+        "export_set": (lambda **k: api.export_set(**k), {"s": api.SyntheticSet(x, y, "hard", None, {}, {}),
+                                                         "fmt": "pt", "out": tmp / "exported", "tag": "best"}),
         "write_report": (api.write_report, {"run_dir": tmp / "rundir", "out": tmp / "r.html", "baseline": False}),
         "distill": (lambda **k: api.distill("mtt", k.pop("out", tmp / "run"), **k),
                     {"dataset": "digits", "ipc": 1, "iterations": 2, "lr_img": 100.0, "seed": 0, "threads": 1,
@@ -198,17 +200,17 @@ def test_every_bad_api_argument_is_one_user_error(sandbox, digits, monkeypatch):
     def meta_for(function: str, key: str) -> dict[str, Any] | None:
         if function == "distill" and key in distill_meta:
             return distill_meta[key]
-        return declared.get("eval_epochs" if key == "epochs" else key)
+        return declared.get({"epochs": "eval_epochs", "fmt": "format"}.get(key, key))
 
     before = tree(sandbox)
     failures, count = [], 0
     for name, (call, base) in api_calls(ds, x, y, sandbox).items():
-        fuzz: list[tuple[str, Any]] = [("no_such_keyword", 1)]
+        fuzz: list[tuple[str, Any]] = [("no_such_keyword", 1)] + ([("s", "set.safetensors")] if "s" in base else [])
         fuzz += [(k, v) for k in ("out", "path", "directory", "run_dir") if k in base for v in (None, 3, "")
                  if not (k == "out" and name == "write_report" and v is None)]
         for key in base:
             meta = meta_for(name, key)
-            if meta is None or key in ("path", "directory", "run_dir", "out"):
+            if meta is None or key in ("path", "directory", "run_dir", "out", "s"):
                 continue
             fuzz += [(key, v) for v in api_bad_values(meta, rng)]
         for key, value in fuzz:
