@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:  # declared ranges first: nothing is read or trained with a value that cannot work
-        check_command_args(args)
+        from .distill import ExpertConfig
+
+        check_command_args(args, [ExpertConfig] if args.command == "experts" else [])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -261,15 +261,14 @@ def add_command(parser: argparse.ArgumentParser, command: str, **extra: Any) -> 
                 **extra)
 
 
-def check_command_args(args: argparse.Namespace) -> None:
-    """UserError naming the first option whose value is not of its declared type or outside its declared range;
-    `distill`'s own options are checked with its resolved configuration."""
+def check_command_args(args: argparse.Namespace, more: Iterable[type] = ()) -> None:
+    """UserError naming the first option whose value is not of its declared type or outside its declared range
+    (`CommandOptions`, and the classes `more` the command also takes options from); `distill`'s configuration
+    options are checked with its resolved configuration."""
     values = vars(args)
     if getattr(args, "command", None) == "distill":
         values = {k: v for k, v in values.items() if k in COMMANDS["distill"].names}
     metas = option_meta(CommandOptions)
     check_values(CommandOptions, values, lambda n: n if metas[n]["positional"] else flag(n))
-    if getattr(args, "command", None) == "experts":
-        from .distill import ExpertConfig
-
-        check_values(ExpertConfig, values)
+    for cls in more:
+        check_values(cls, values)
