@@ -1,4 +1,4 @@
-"""Options declared once: a dataclass field carries its default, its allowed range and its help text.
+"""Options declared once: a dataclass field carries its type (the annotation), default, allowed range and help text.
 
     @dataclass
     class MyConfig:
@@ -7,7 +7,8 @@
         batch_syn: int | None = option(None, low=1, none_ok=True, help="None: the whole set")
 
 `check_options(cfg)` (or `check_values(cls, mapping)`) then raises one `UserError` naming the flag, the value and the
-allowed range, before any data is read or any expert is trained. The CLI reads the same metadata for its help.
+allowed type or range, before any data is read or any expert is trained. The CLI builds every parser from the same
+metadata (`cli_options.add_options`), and the Python API checks its keywords against it.
 """
 
 from __future__ import annotations
