@@ -165,7 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return None
     res = results[models[0]]
     how = (f"{epochs} epochs, lr {res.lr:.4g}" if protocol == "dsa" else
-           f"{s.meta.get('rat_eval', {}).get('inner_opt', 'adam')} lr {res.lr:.4g}, step count chosen on validation")
+           f"{s.meta.get('rat_eval', {}).get('inner_opt', 'adam')} lr {res.lr:.4g}, "
+           + ("step count chosen on validation" if len(ds.val.y) else "no validation split: the longest step count"))
     whose = "as asked" if args.protocol else "the set's own"
     print(f"{args.set} ({s.meta.get('method', '?')}, {ds.spec.name}, {s.ipc} images per class, {s.label_kind} "
           f"labels), {protocol} protocol, {whose} ({how}):")
