@@ -154,7 +154,7 @@ def test_distill_flags_reach_the_experts(digits, tmp_path):
 def test_experts_command_options(tmp_path, capsys):
     out = tmp_path / "store"
     assert main(["experts", "--dataset", "digits", "--momentum", "1.5", "--out", str(out), "--no-progress"]) == 2
-    assert "--expert-momentum 1.5 is out of range: it must be >= 0 and < 1" in capsys.readouterr().err
+    assert "--momentum 1.5 is out of range: it must be >= 0 and < 1" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written or read
     assert main(["experts", "--dataset", "digits", "--model", MODEL, "--num-experts", "1", "--train-epochs", "2",
                  "--mom", "0.5", "--l2", "1e-4", "--decay", "--out", str(out), "--no-progress", "--threads", "1"]) == 0

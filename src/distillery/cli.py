@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # declared ranges first: nothing is read or trained with a value that cannot work
         from .distill import ExpertConfig
 
-        check_command_args(args, [ExpertConfig] if args.command == "experts" else [])
+        typed = {a.dest: s for a in parser.commands[args.command]._actions for s in a.option_strings
+                 if s in (sys.argv[1:] if argv is None else argv)}  # name an option as the user spelled it
+        check_command_args(args, [ExpertConfig] if args.command == "experts" else [], typed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -261,14 +261,17 @@ def add_command(parser: argparse.ArgumentParser, command: str, **extra: Any) -> 
                 **extra)
 
 
-def check_command_args(args: argparse.Namespace, more: Iterable[type] = ()) -> None:
+def check_command_args(args: argparse.Namespace, more: Iterable[type] = (),
+                       typed: Mapping[str, str] | None = None) -> None:
     """UserError naming the first option whose value is not of its declared type or outside its declared range
-    (`CommandOptions`, and the classes `more` the command also takes options from); `distill`'s configuration
-    options are checked with its resolved configuration."""
+    (`CommandOptions`, and the classes `more` the command also takes options from), spelled as in `typed` (an
+    alias the user typed) where given; `distill`'s configuration options are checked with its resolved
+    configuration."""
     values = vars(args)
     if getattr(args, "command", None) == "distill":
         values = {k: v for k, v in values.items() if k in COMMANDS["distill"].names}
     metas = option_meta(CommandOptions)
-    check_values(CommandOptions, values, lambda n: n if metas[n]["positional"] else flag(n))
+    typed = typed or {}
+    check_values(CommandOptions, values, lambda n: n if metas[n]["positional"] else typed.get(n, flag(n)))
     for cls in more:
-        check_values(cls, values)
+        check_values(cls, values, lambda n: typed.get(n, flag(n)))
