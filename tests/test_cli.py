@@ -13,7 +13,7 @@ def run(capsys, *argv):
 
 def test_baseline_random_digits(capsys):
     code, out, err = run(capsys, "baseline", "random", "--dataset", "digits", "--ipc", "2", "--runs", "2",
-                         "--epochs", "20", "--no-progress")
+                         "--eval-epochs", "20", "--no-progress")
     assert code == 0, err
     assert "test accuracy" in out and "±" in out and "2 runs" in out
 
@@ -115,3 +115,22 @@ def test_distill_help_says_which_methods_an_option_is_for():
     assert helps["--syn-steps"].startswith("mtt, tesla: ")
     assert helps["--fast"].startswith("mtt, tesla: on: replay captured CUDA graphs")
     assert " | ratbptt: on: " in helps["--fast"]
+
+
+def test_rat_header_says_how_the_step_count_was_chosen(capsys, tmp_path):
+    """With --val-fraction 0 there is no validation split: the header says the longest count was taken."""
+    import torch
+
+    from distillery.data import load_dataset
+    from distillery.synset import SyntheticSet
+
+    x, y = load_dataset("digits").random_set(1, torch.Generator().manual_seed(0))
+    meta = {"method": "ratbptt", "dataset": "digits", "num_classes": 10, "model": "ConvNetD1", "protocol": "rat",
+            "rat_eval": {"inner_opt": "adam", "inner_lr": 1e-2, "strategy": "none", "task_sampler_nc": None,
+                         "batch_per_class": None, "steps": [1, 2]}}
+    SyntheticSet(x, y, "hard", None, {}, meta).save(tmp_path / "s.safetensors")
+    for fraction, said in (("0", "no validation split: the longest step count"),
+                           ("0.1", "step count chosen on validation")):
+        code, out, err = run(capsys, "evaluate", str(tmp_path / "s.safetensors"), "--val-fraction", fraction,
+                             "--runs", "1", "--threads", "1", "--no-progress")
+        assert code == 0 and said in out, (out, err)

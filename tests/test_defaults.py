@@ -8,7 +8,7 @@ from PIL import Image
 
 from distillery.cli import build_parser, main
 from distillery.defaults import MAX_RESOLUTION, DataFacts, data_facts, derive_defaults
-from distillery.distill import config_classes, resolve_config
+from distillery.distill import config_classes, given_from_args, resolve_config
 from distillery.health import STOP_AFTER, VAL_STOP, WARN_AFTER, HealthMonitor, Stalled
 from distillery.presets import get_preset, preset_for
 from distillery.validate import check_config
@@ -28,7 +28,8 @@ def write_folder(root, size, classes=3, per_class=6, mode="L"):
 
 
 def resolve(*argv):
-    return resolve_config(build_parser().parse_args(["distill", "--out", "R", *argv]))
+    args = build_parser().parse_args(["distill", "--out", "R", *argv])
+    return resolve_config(args.method, given_from_args(args), args.preset)
 
 
 def test_bare_command_uses_the_matching_preset():

@@ -103,7 +103,7 @@ OPTION_ROWS = [
     ("opt-range", ["distill", "--method", "mtt", "--checkpoint-every", "0"], "--checkpoint-every 0 is out of range"),
     ("opt-range", ["distill", "--method", "mtt", "--iterations", "0"], "--iterations 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--runs", "0"], "--runs 0 is out of range"),
-    ("opt-range", ["baseline", "random", "--ipc", "1", "--epochs", "0"], "--epochs 0 is out of range"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--eval-epochs", "0"], "--eval-epochs 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--threads", "0"], "--threads 0 is out of range"),
     ("opt-range", ["baseline", "random", "--ipc", "1", "--val-fraction", "1.5"], "--val-fraction 1.5 is out of range"),
     ("opt-cross", ["distill", "--method", "ratbptt", "--ipc", "1", "--window", "8", "--horizon", "4"],
@@ -121,6 +121,22 @@ OPTION_ROWS = [
     ("opt-preset", ["distill", "--method", "mtt", "--preset", "mtt/nope"], "unknown preset"),
     ("opt-preset", ["distill", "--method", "tesla", "--preset", "mtt/digits-ipc1"], "is for --method mtt"),
     ("opt-no-dataset", ["distill", "--method", "mtt", "--out", "run"], "no dataset given"),
+    ("opt-range", ["baseline", "random", "--ipc", "1", "--threads", "100000"], "--threads 100000 is out of range: it "
+                                                                             "must be >= 1 and <= "),
+    ("opt-range", ["distill", "--method", "mtt", "--resolution", "1"], "--resolution 1 is out of range: it must be "
+                                                                       ">= 8"),
+    ("opt-type", ["distill", "--method", "mtt", "--dsa", "maybe"],
+     "argument --dsa: 'maybe' is not a boolean: expected true/false/on/off"),
+    ("opt-type", ["distill", "--method", "mtt", "--lr-img", "inf"], "--lr-img inf is not a finite number"),
+    ("opt-type", ["distill", "--method", "mtt", "--ipc", "two"], "argument --ipc: 'two' is not an int"),
+    ("opt-unknown", ["evaluate", "set.safetensors", "--epochs", "3"],
+     "unrecognized arguments: --epochs 3; did you mean --eval-epochs"),
+    ("opt-other-method", ["distill", "--method", "mtt", "--horizon", "4"],
+     "--horizon is an option of --method ratbptt; --method mtt does not use it"),
+    ("opt-budget", ["distill", "--method", "ratbptt", "--ipc", "1", "--iterations", "20", "--epochs", "3"],
+     "--iterations and --real-epochs (the published --epochs) both set the budget; give one"),
+    ("opt-preset-zca", ["distill", "--method", "mtt", "--preset", "mtt/cifar10-ipc1", "--experts", "{store}"],
+     "preset mtt/cifar10-ipc1 chose --zca kornia but the experts in"),
 ]
 
 
@@ -197,7 +213,7 @@ def test_data_rows(capsys, tmp_path, row):
     before = tree(tmp_path)
     argv = [a.replace("{p}", str(p)) for a in argv]
     ipc = [] if "--ipc" in argv else ["--ipc", "1"]
-    one_line(capsys, ["baseline", "random", *argv, *ipc, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    one_line(capsys, ["baseline", "random", *argv, *ipc, "--runs", "1", "--eval-epochs", "1", "--no-progress"], needle)
     after = {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")}  # a decoded good split may stay
     assert after == before  # the data untouched, nothing else written
 
@@ -248,8 +264,9 @@ def test_experts_resume_with_other_settings(capsys, tmp_path, store):
     """experts-other-settings: `distillery experts` into a store trained with other settings is refused."""
     s = copy_store(store, tmp_path)
     before = tree(s)
-    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2", "--epochs", "3",
-                      "--out", s, "--no-progress", "--threads", "1"], "already holds experts trained with epochs=2")
+    one_line(capsys, ["experts", "--dataset", "digits", "--model", "ConvNetD2", "--num-experts", "2",
+                      "--train-epochs", "3", "--out", s, "--no-progress", "--threads", "1"],
+             "already holds experts trained with epochs=2")
     assert tree(s) == before
 
 
@@ -293,7 +310,7 @@ def test_set_file_rows(capsys, tmp_path, set_file, row):
         shutil.copy(set_file, path)
         damage(path)
     before = tree(tmp_path)
-    one_line(capsys, ["evaluate", path, *extra, "--runs", "1", "--epochs", "1", "--no-progress"], needle)
+    one_line(capsys, ["evaluate", path, *extra, "--runs", "1", "--eval-epochs", "1", "--no-progress"], needle)
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("cache/")} == before  # a ZCA fit may be cached
 
 
@@ -651,6 +668,30 @@ def _nan_from(monkeypatch, it_bad: int):
     monkeypatch.setattr(MTT, "step", step)
 
 
+def test_explicit_budget_flags_act():
+    """opt-budget: an explicit --iterations wins over a preset's --real-epochs; --epochs none (--real-epochs none)
+    hands the budget to --iterations, under --estimate too (the value is applied, not dropped as unset)."""
+    from distillery.distill import given_from_args, resolve_config
+
+    def config(*argv):
+        args = build_parser().parse_args(["distill", "--method", "ratbptt", "--preset", "ratbptt/digits-ipc1",
+                                          "--out", "run", *argv])
+        return resolve_config("ratbptt", given_from_args(args), args.preset)
+
+    assert config()["real_epochs"] == 30
+    assert (config("--iterations", "20")["real_epochs"], config("--iterations", "20")["iterations"]) == (None, 20)
+    assert config("--epochs", "none", "--estimate")["real_epochs"] is None
+    assert config("--real-epochs", "2")["real_epochs"] == 2
+
+
+def test_distilled_set_that_diverges_names_the_distillation_lr(capsys, tmp_path, store):
+    """run-diverged-set: networks trained on a set blown up by --lr-img stop the run naming the distillation's
+    learning rates (--lr-img ...), not the evaluation's --lr that `distill` does not have."""
+    line = one_line(capsys, distill_args(store, tmp_path / "run", "--lr-img", "1e30", "--eval-every", "1",
+                                         "--health", "off"), "diverged")
+    assert "--lr-img" in line and "smaller --lr;" not in line and "evaluate with" not in line, line
+
+
 def test_nan_before_the_first_checkpoint(capsys, tmp_path, store, monkeypatch):
     """nan-no-checkpoint: the message says there is no checkpoint, and the same command starts the run again."""
     out = tmp_path / "run"
@@ -986,3 +1027,66 @@ def test_resume_older_run_fills_in_defaults(capsys, store, finished_run):
     entry = json.loads(cfg_path.read_text())["history"][-1]
     assert entry["event"] == "resume" and entry["changed"] == {"iterations": [2, 3]}
     assert entry["filled_in"] == {"health": "stop", "processes": 1}
+
+
+# --- the Python API: the same declarations as the CLI ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_set():
+    ds = load_dataset("digits")
+    x, y = ds.random_set(1, torch.Generator().manual_seed(0))
+    return ds, x, y
+
+
+API_ROWS = [
+    ("evaluate_set", {"runs": 0}, "evaluate_set(): runs=0 is out of range: it must be >= 1"),
+    ("evaluate_set", {"epochs": -1}, "evaluate_set(): epochs=-1 is out of range: it must be >= 1"),
+    ("evaluate_set", {"lr": "0.01"}, "evaluate_set(): lr='0.01' is of type str, not float"),
+    ("evaluate_set", {"lr": float("inf")}, "lr=inf is not a finite number"),
+    ("evaluate_set", {"empty": True}, "images with N >= 1"),
+    ("evaluate_set", {"five_labels": True}, "5 labels for 10 images"),
+    ("evaluate_set", {"epoch": 3}, "evaluate_set() has no option epoch=; did you mean epochs="),
+    ("random_real_baseline", {"ipc": 0}, "random_real_baseline(): ipc=0 is out of range: it must be >= 1"),
+    ("random_real_baseline", {"ipc": 1, "seed": -1}, "seed=-1 is out of range"),
+    ("load_dataset", {"name": "digits", "val_fraction": 1.0}, "val_fraction=1.0 is out of range"),
+    ("distill", {"out": None}, "distill(): out=None is not a path"),
+    ("distill", {"lr_imgg": 1}, "distill() has no option lr_imgg=; did you mean lr_img="),
+    ("distill", {"lr_img": "100"}, "lr_img='100' is of type str, not float"),
+    ("distill", {"threads": 100000}, "threads=100000 is out of range"),
+]
+
+
+@pytest.mark.parametrize("func,kwargs,needle", API_ROWS, ids=[f"api-args-{i}" for i in range(len(API_ROWS))])
+def test_api_arguments_are_checked_like_the_cli(tmp_path, digits_set, func, kwargs, needle):
+    """api-args: a bad argument to an API function is one UserError line naming the keyword; nothing is written."""
+    from distillery import api
+
+    ds, x, y = digits_set
+    kwargs = dict(kwargs)
+    if func == "evaluate_set":
+        if kwargs.pop("empty", False):
+            x, y = x[:0], y[:0]
+        if kwargs.pop("five_labels", False):
+            y = y[:5]
+        call = lambda: api.evaluate_set(x, y, ds, progress=False, **kwargs)  # noqa: E731
+    elif func == "random_real_baseline":
+        call = lambda: api.random_real_baseline(ds, progress=False, **kwargs)  # noqa: E731
+    elif func == "load_dataset":
+        call = lambda: api.load_dataset(**kwargs)  # noqa: E731
+    else:
+        out = kwargs.pop("out", tmp_path / "run")
+        call = lambda: api.distill("mtt", out, dataset="digits", **kwargs)  # noqa: E731
+    with pytest.raises(UserError) as err:
+        call()
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert tree(tmp_path) == {} and not (tmp_path / "None").exists()
+
+
+def test_api_accepts_numpy_and_lists(digits_set):
+    """api-args: numpy arrays, lists and numpy scalars are converted, not refused (and not an AttributeError)."""
+    import numpy as np
+
+    from distillery import api
+
+    ds, x, y = digits_set
+    res = api.evaluate_set(x.numpy(), y.tolist(), ds, runs=np.int64(1), epochs=1, progress=False)
+    assert len(res.accs) == 1 and 0 <= res.mean <= 1

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from distillery.augment import Augment
 from distillery.cli import build_parser, main
 from distillery.data import Split, load_dataset
-from distillery.distill import _experts_for, resolve_config
+from distillery.distill import _experts_for, given_from_args, resolve_config
 from distillery.errors import UserError
 from distillery.experts import ExpertStore, expert_seed, limit_experts, train_experts
 from distillery.models import init_seeded
@@ -136,7 +136,7 @@ def test_distill_flags_reach_the_experts(digits, tmp_path):
     args = build_parser().parse_args(["distill", "--method", "mtt", "--preset", "mtt/digits-ipc1", "--out",
                                       str(tmp_path / "run"), "--expert-momentum", "0.5", "--expert-l2", "1e-4",
                                       "--expert-decay", "true", "--max-experts", "1"])
-    config = resolve_config(args)
+    config = resolve_config("mtt", given_from_args(args), args.preset)
     assert (config["expert_momentum"], config["expert_l2"], config["expert_decay"]) == (0.5, 1e-4, True)
     assert (config["max_experts"], config["max_files"]) == (1, None)
     config.update(num_experts=2, expert_epochs_train=2)
@@ -148,7 +148,7 @@ def test_distill_flags_reach_the_experts(digits, tmp_path):
         args = build_parser().parse_args(["distill", "--method", "mtt", "--preset", "mtt/digits-ipc1", "--out",
                                           str(tmp_path / "run2"), *bad])
         with pytest.raises(UserError, match=f"{bad[0]} .* is out of range"):
-            resolve_config(args)
+            resolve_config("mtt", given_from_args(args), args.preset)
 
 
 def test_experts_command_options(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_experts_command_options(tmp_path, capsys):
     assert main(["experts", "--dataset", "digits", "--momentum", "1.5", "--out", str(out), "--no-progress"]) == 2
     assert "--momentum 1.5 is out of range: it must be >= 0 and < 1" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written or read
-    assert main(["experts", "--dataset", "digits", "--model", MODEL, "--num-experts", "1", "--epochs", "2",
+    assert main(["experts", "--dataset", "digits", "--model", MODEL, "--num-experts", "1", "--train-epochs", "2",
                  "--mom", "0.5", "--l2", "1e-4", "--decay", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     recipe = (manifest["momentum"], manifest["weight_decay"], manifest["decay"], manifest["epochs"])

@@ -187,14 +187,12 @@ def test_mtt_fast_on_equals_off(tmp_path, grad):
 
 
 def test_fast_is_off_by_default_and_refused_on_cpu():
-    from distillery.cli import build_parser
     from distillery.data import load_dataset
     from distillery.distill import resolve_config
     from distillery.errors import UserError
     from distillery.methods.mtt import MTT, MTTConfig
 
-    args = build_parser().parse_args(["distill", "--method", "mtt", "--dataset", "digits", "--out", "run"])
-    assert MTTConfig().fast == "off" and resolve_config(args)["fast"] == "off"
+    assert MTTConfig().fast == "off" and resolve_config("mtt", {"dataset": "digits"})["fast"] == "off"
     ds = load_dataset("digits")  # on the CPU: the library path refuses too, before experts are read
     with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):
         MTT(ds, None, MTTConfig(fast="on"))

@@ -103,10 +103,10 @@ DISTILL = ["distill", "--dataset", "digits", "--out", "R", "--no-progress"]
     (DISTILL + ["--method", "ratbptt", "--ipc", "1", "--task-sampler-nc", "11"], "--task-sampler-nc 11"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "0"], "--ipc 0"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"], "--runs 0"),
-    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--epochs", "0"], "--epochs 0"),
+    (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--eval-epochs", "0"], "--eval-epochs 0"),
     (["baseline", "full", "--dataset", "digits", "--threads", "0"], "--threads 0"),
     (["baseline", "full", "--dataset", "digits", "--lr", "-1"], "--lr -1"),
-    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0"),
+    (["evaluate", "set.safetensors", "--eval-epochs", "0"], "--eval-epochs 0"),
     (["experts", "--dataset", "digits", "--num-experts", "0", "--out", "E"], "--num-experts 0"),
 ])
 def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, needle):
@@ -121,11 +121,11 @@ def test_bad_values_fail_in_one_line_before_any_work(capsys, no_data, argv, need
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "0"],
      "--runs 0 is out of range: it must be >= 1"),
     (["baseline", "random", "--dataset", "digits", "--ipc", "1", "--resolution", "0"],
-     "--resolution 0 is out of range: it must be >= 1"),
-    (["evaluate", "set.safetensors", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1"),
+     "--resolution 0 is out of range: it must be >= 8 (or none)"),
+    (["evaluate", "set.safetensors", "--eval-epochs", "0"], "--eval-epochs 0 is out of range: it must be >= 1"),
     (DISTILL + ["--method", "mtt", "--ipc", "0"], "--ipc 0 is out of range: it must be >= 1"),
-    (DISTILL + ["--method", "mtt", "--resolution", "0"], "--resolution 0 is out of range: it must be >= 1 (or none)"),
-    (DISTILL + ["--method", "ratbptt", "--epochs", "0"], "--epochs 0 is out of range: it must be >= 1 (or none)"),
+    (DISTILL + ["--method", "mtt", "--resolution", "0"], "--resolution 0 is out of range: it must be >= 8 (or none)"),
+    (DISTILL + ["--method", "ratbptt", "--epochs", "0"], "--real-epochs 0 is out of range: it must be >= 1 (or none)"),
     (DISTILL + ["--method", "mtt", "--batch-syn", "0"], "--batch-syn 0 is out of range: it must be >= 1 (or none)"),
 ])
 def test_range_errors_offer_none_only_where_the_flag_takes_it(capsys, no_data, argv, message):
@@ -143,3 +143,50 @@ def test_expert_store_too_short_is_refused_from_its_manifest(capsys, no_data):
     assert "has 4 epochs" in err and "--max-start-epoch 5" in err
     assert main(DISTILL + ["--method", "mtt", "--experts", str(no_data / "nowhere")]) == 2
     assert "no expert store" in capsys.readouterr().err
+
+
+def test_every_command_builds_its_parser_from_declarations():
+    """No hand-written flags: every argument of every command is a declared option, and each option has one
+    declaration (its help, default and range come from it)."""
+    from distillery.cli import build_parser
+    from distillery.cli_options import COMMANDS
+    from distillery.distill import DistillOptions, method_names
+
+    declared = {f.name for cls in (CommandOptions, ExpertConfig, DistillOptions, *config_classes("mtt"),
+                                   *config_classes("ratbptt")) for f in dataclasses.fields(cls)}
+    parser = build_parser()
+    assert set(parser.commands) == set(COMMANDS)
+    for command, sub in parser.commands.items():
+        dests = [a.dest for a in sub._actions if a.dest != "help"]
+        assert set(dests) <= declared, (command, set(dests) - declared)
+        assert len(dests) == len(set(dests)), command
+    for command in ("distill", "presets"):  # the --method choices: one list
+        method = next(a for a in parser.commands[command]._actions if a.dest == "method")
+        assert list(method.choices) == method_names()
+
+
+def test_the_three_epochs_have_distinct_names():
+    """RaT-BPTT's budget, evaluation epochs and expert epochs: three declarations, three flags; `--epochs` stays
+    only as `distill`'s alias of the published RaT-BPTT budget."""
+    from distillery.cli import build_parser
+
+    parser = build_parser()
+    flags = {c: {s: a.dest for a in p._actions for s in a.option_strings} for c, p in parser.commands.items()}
+    assert flags["distill"]["--real-epochs"] == flags["distill"]["--epochs"] == "real_epochs"
+    assert flags["distill"]["--eval-epochs"] == flags["evaluate"]["--eval-epochs"] == "eval_epochs"
+    assert flags["baseline"]["--eval-epochs"] == "eval_epochs"
+    assert flags["experts"]["--expert-epochs-train"] == flags["distill"]["--expert-epochs-train"] == \
+        "expert_epochs_train"
+    assert "--epochs" not in flags["evaluate"] and "--epochs" not in flags["experts"]
+
+
+def test_one_default_for_evaluation_epochs():
+    import inspect
+
+    from distillery.evaluation.protocol import DEFAULT_EVAL_EPOCHS as EVAL_EPOCHS
+    from distillery.evaluate import evaluate_set, random_real_baseline
+    from distillery.set_eval import evaluate_synset
+
+    assert LoopConfig().eval_epochs == EVAL_EPOCHS
+    for func in (evaluate_set, random_real_baseline):
+        assert inspect.signature(func).parameters["epochs"].default == EVAL_EPOCHS

@@ -202,7 +202,7 @@ def test_evaluate_prints_one_row_per_model(digits, tmp_path, capsys):
     s = tiny_rat(digits).synset()
     path = tmp_path / "set.safetensors"
     s.save(path)
-    args = [str(path), "--eval-models", "ConvNetD2,ConvNet,AlexNet", "--runs", "1", "--epochs", "2",
+    args = [str(path), "--eval-models", "ConvNetD2,ConvNet,AlexNet", "--runs", "1", "--eval-epochs", "2",
             "--protocol", "dsa", "--no-progress", "--threads", "1"]
     assert main(["evaluate", *args, "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -231,14 +231,14 @@ def test_distill_epochs_budget_and_init_from_through_the_cli(digits, tmp_path, c
     init.save(tmp_path / "init.safetensors")
     out = tmp_path / "run"
     code = main(["distill", "--method", "ratbptt", "--dataset", "digits", "--ipc", "1", "--model", "ConvNetD1",
-                 "--out", str(out), "--epochs", "1", "--iterations", "50", "--real-batch", "512", "--horizon", "4",
+                 "--out", str(out), "--epochs", "1", "--real-batch", "512", "--horizon", "4",
                  "--window", "2", "--rat-eval-steps", "2", "--eval-every", "100", "--eval-runs", "1",
                  "--eval-epochs", "1", "--final-eval-runs", "1", "--init-from", str(tmp_path / "init.safetensors"),
                  "--threads", "1", "--no-progress"])
     stdout = capsys.readouterr().out
     assert code == 0
     steps = -(-len(digits.train.y) // 512)  # one pass over the real data
-    assert f"budget: 1 epochs x {steps} outer steps" in stdout and f"= {steps} iterations" in stdout
+    assert f"budget: --real-epochs 1 x {steps} outer steps" in stdout and f"= {steps} iterations" in stdout
     result = json.loads((out / "result.json").read_text())
     assert result["last"]["iteration"] == steps
     last = SyntheticSet.load(out / "last.safetensors")  # 3 Adam steps at the preset's lr 0.01 from the given set;

@@ -134,14 +134,14 @@ def test_show_scales_up_writes_class_names_and_per_class(tmp_path, capsys):
 
 
 def test_quiet_and_json_print_one_json_object_last(tmp_path, capsys, example_run):
-    assert main(["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "1", "--epochs", "2",
+    assert main(["baseline", "random", "--dataset", "digits", "--ipc", "1", "--runs", "1", "--eval-epochs", "2",
                  "--quiet", "--threads", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     numbers = json.loads(out[0])
     assert numbers["command"] == "baseline" and 0 <= numbers["mean"] <= 1 and numbers["runs"] == 1
     assert main(["evaluate", str(example_run / "best.safetensors"), "--protocol", "dsa", "--runs", "1",
-                 "--epochs", "2", "--json", "--no-progress"]) == 0
+                 "--eval-epochs", "2", "--json", "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) >= 2 and json.loads(out[-1])["command"] == "evaluate"
 

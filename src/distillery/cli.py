@@ -6,7 +6,6 @@ Every command prints one clear `error: ...` line (exit 2) on bad input instead o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -14,41 +13,9 @@ import sys
 import threading
 from typing import Any
 
-from .cli_options import check_command_args
+from .cli_options import OneLineParser, add_command, add_options, check_command_args
 from .errors import UserError
-
-DEFAULT_EVAL_EPOCHS = 300
-
-
-# --- shared option groups ---------------------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="where dataset files are (default: $DISTILLERY_DATA, ./data)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a busy machine)")
-
-
-def _add_data(p: argparse.ArgumentParser, zca_default: Any = None) -> None:
-    p.add_argument("--dataset", default=None, help="dataset name (`distillery datasets` lists them)")
-    p.add_argument("--zca", default=zca_default, choices=["kornia", "kip", "none"],
-                   help="ZCA whitening: kornia (MTT/TESLA), kip (RaT-BPTT) or none")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training split held out for validation/selection (default 0.1)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="imagefolder: side to resize to (default: the images' own, at most 64, as distill)")
-
-
-def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="evaluation model (default: a set's distillation model; baselines: the dataset's ConvNet)")
-    p.add_argument("--runs", type=int, default=5, help="networks trained from scratch (default 5)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EVAL_EPOCHS})")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the set's learned lr, else 0.01)")
-    p.add_argument("--eval-fast", default="off", choices=["off", "on"],
-                   help="on (CUDA): train the networks from captured CUDA graphs (models without BatchNorm)")
-
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
 
 def _fast(args: argparse.Namespace) -> bool:
     """--eval-fast on, refused before any data is read where the device is not CUDA."""
@@ -79,12 +46,6 @@ def _load(args: argparse.Namespace, dataset: str | None = None, zca: str | None 
 
 def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress
-
-
-def _add_output(p: argparse.ArgumentParser) -> None:
-    """--json / --quiet: the numbers as one JSON object on the last line of stdout (alone with --quiet)."""
-    p.add_argument("--json", action="store_true", help="print the numbers as one JSON object as the last line")
-    p.add_argument("--quiet", action="store_true", help="print only that JSON object (no other output, no bars)")
 
 
 def _numbers(res) -> dict[str, Any]:
@@ -140,12 +101,12 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     if args.kind == "random":
         if args.ipc is None:
             raise UserError("baseline random needs --ipc K (real images per class)")
-        epochs = DEFAULT_EVAL_EPOCHS if args.epochs is None else args.epochs
+        epochs = DEFAULT_EVAL_EPOCHS if args.eval_epochs is None else args.eval_epochs
         res = random_real_baseline(ds, args.ipc, runs=args.runs, model=args.model, epochs=epochs, lr=lr,
                                    seed=args.seed, progress=_progress(args), fast=fast)
         what = f"random real, {args.ipc} images per class"
     else:
-        epochs = 30 if args.epochs is None else args.epochs
+        epochs = 30 if args.eval_epochs is None else args.eval_epochs
         res = full_data_baseline(ds, runs=args.runs, model=args.model, epochs=epochs, lr=lr, seed=args.seed,
                                  progress=_progress(args), fast=fast)
         what = f"full data ({len(ds.train.x)} training images)"
@@ -221,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ds = _load_for_set(args, s)
     proto, sources = resolve_protocol(s, ds.spec, args.protocol, {
         "--model": ("model", args.model), "--runs": ("runs", args.runs), "--seed": ("seed", args.seed),
-        "--epochs": ("epochs", args.epochs), "--lr": ("lr", args.lr), "--val-fraction": ("val_fraction",
+        "--eval-epochs": ("epochs", args.eval_epochs), "--lr": ("lr", args.lr), "--val-fraction": ("val_fraction",
                                                                                          given_fraction)})
     models = parse_models(args.eval_models, ds.spec) or [proto.model]
     results = {m: evaluate_synset(s, ds, proto.replace(model=m), split=args.split, progress=_progress(args),
@@ -250,8 +211,6 @@ def cmd_show(args: argparse.Namespace) -> None:
     from .synset import SyntheticSet
 
     s = SyntheticSet.load(args.set)
-    if args.max_per_class < 1 or (args.scale is not None and args.scale < 1):
-        raise UserError("--per-class and --scale must be at least 1")
     s.save_grid(args.out, max_per_class=args.max_per_class, scale=args.scale)
     print(f"wrote {args.out} ({s.num_classes} class columns x {min(s.ipc, args.max_per_class)} images)")
 
@@ -265,36 +224,6 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(f"{name}\n    {json.dumps(p)}\n    budget: {budget(name)}\n    source: {PRESETS[name]['note']}")
 
 
-# `distillery experts` flags of MTT buffer.py's recipe -> the ExpertConfig option (declared once) they set.
-_EXPERT_RECIPE = {"momentum": "expert_momentum", "l2": "expert_l2", "decay": "expert_decay"}
-
-
-def _add_expert_recipe(p: argparse.ArgumentParser) -> None:
-    """--momentum (--mom), --l2, --decay, with the defaults and help of `distill`'s --expert-* options."""
-    from .distill import ExpertConfig
-    from .options import describe, option_meta
-
-    meta = option_meta(ExpertConfig)
-    defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)}
-    for name, field in _EXPERT_RECIPE.items():
-        text = f"{meta[field]['help']} (default {defaults[field]}; {describe(meta[field])})".replace("%", "%%")
-        if name == "decay":
-            p.add_argument("--decay", action="store_true", help=meta[field]["help"])
-        else:
-            p.add_argument(f"--{name}", *(["--mom"] if name == "momentum" else []), type=float,
-                           default=defaults[field], help=text)
-
-
-def _check_expert_recipe(args: argparse.Namespace) -> None:
-    """One UserError, naming the flag as typed, for a --momentum / --l2 outside its declared range."""
-    from .distill import ExpertConfig
-    from .options import check_value, option_meta
-
-    meta = option_meta(ExpertConfig)
-    for name, field in _EXPERT_RECIPE.items():
-        check_value(name, getattr(args, name), meta[field])
-
-
 def cmd_experts(args: argparse.Namespace) -> None:
     """Train expert trajectories on the real data and store them (torchrun: rank r trains experts r, r + G, ...)."""
     from .device import resolve_device
@@ -303,7 +232,6 @@ def cmd_experts(args: argparse.Namespace) -> None:
     from .io import ensure_dir
     from .validate import check_cuda
 
-    _check_expert_recipe(args)
     device = resolve_device(args.device)
     if args.fast == "on":
         check_cuda("--fast", device)
@@ -311,9 +239,10 @@ def cmd_experts(args: argparse.Namespace) -> None:
     device = init_from_env(device)
     ds = _load(args, zca=args.zca)
     model = args.model or ds.spec.default_model
-    train_experts(ds, model, args.num_experts, epochs=args.epochs, lr=args.lr, batch=args.batch, out_dir=args.out,
-                  device=device, seed=args.seed, progress=_progress(args), momentum=args.momentum,
-                  weight_decay=args.l2, decay=args.decay, fast=args.fast == "on")
+    train_experts(ds, model, args.num_experts, epochs=args.expert_epochs_train, lr=args.expert_lr, batch=args.batch,
+                  out_dir=args.out, device=device, seed=args.seed, progress=_progress(args),
+                  momentum=args.expert_momentum, weight_decay=args.expert_l2, decay=args.expert_decay,
+                  fast=args.fast == "on")
     if is_main_process():
         print(f"{args.num_experts} experts of {model} on {ds.spec.name} are in {args.out}")
 
@@ -380,139 +309,61 @@ def cmd_import_experts(args: argparse.Namespace) -> None:
     print(f"wrote {store.num_experts} experts x {store.epochs} epochs of {args.model} into {args.out}")
 
 
-def _add_interop_parsers(sub) -> None:
-    """report, export, import-set, import-experts."""
-    p = sub.add_parser("report", help="write a self-contained HTML report of a run directory")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html)")
-    p.add_argument("--baseline", action="store_true",
-                   help="first measure the random-real baseline under the run's final protocol (trains networks)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("export", help="write a set as pt tensors, an image folder or an ECCV-2024 submission")
-    p.add_argument("set", help="a .safetensors distilled set")
-    p.add_argument("--format", required=True, choices=["pt", "imagefolder", "eccv2024"])
-    p.add_argument("--out", required=True, help="directory to write into (new or empty, unless --replace)")
-    p.add_argument("--replace", action="store_true", help="replace a non-empty --out whole (its old files go)")
-    p.add_argument("--tag", default="best", help="pt: file names images_TAG.pt, labels_TAG.pt, lr_TAG.pt")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("import-set", help="convert a published images_*.pt or RaT-BPTT .h5 into a distillery set")
-    p.add_argument("file", help="images_*.pt (labels_*.pt, lr_*.pt beside it are read too) or a .h5")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--zca", default="none", choices=["kornia", "kip", "none"],
-                   help="the space the file's images are in: kornia ZCA (MTT/TESLA/DATM --zca), kip ZCA "
-                        "(RaT-BPTT --zca) or none (mean/std normalised)")
-    p.add_argument("--lr", type=float, default=None, help="the set's training lr (default: lr_*.pt if present)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True, help=".safetensors file to write")
-    p.set_defaults(func=cmd_import_set)
-
-    p = sub.add_parser("import-experts", help="convert MTT replay_buffer_*.pt files into an expert store")
-    p.add_argument("dir", help="the folder holding replay_buffer_0.pt, replay_buffer_1.pt, ...")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model", required=True, help="the model the buffer was trained with (its layout is checked)")
-    p.add_argument("--zca", default="none", choices=["kornia", "kip", "none"],
-                   help="the preprocessing the experts were trained in (MTT: kornia with --zca)")
-    p.add_argument("--lr", type=float, default=0.01, help="the experts' training lr, recorded (MTT default 0.01)")
-    p.add_argument("--batch", type=int, default=256, help="their batch size, recorded (MTT default 256)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True, help="directory for the expert store")
-    p.set_defaults(func=cmd_import_experts)
-
-
 # --- parser -----------------------------------------------------------------------------------------------------
+_HELP = {"datasets": "list datasets, where they are and how to get them",
+         "download": "download a standard dataset (checksums verified)",
+         "baseline": "random-real or full-data baseline",
+         "evaluate": "train fresh networks on a distilled set, report test accuracy",
+         "show": "write a PNG grid of a distilled set",
+         "presets": "list named hyperparameter presets",
+         "experts": "train expert trajectories (MTT/TESLA)",
+         "distill": "distil a dataset (MTT, TESLA or RaT-BPTT)",
+         "report": "write a self-contained HTML report of a run directory",
+         "export": "write a set as pt tensors, an image folder or an ECCV-2024 submission",
+         "import-set": "convert a published images_*.pt or RaT-BPTT .h5 into a distillery set",
+         "import-experts": "convert MTT replay_buffer_*.pt files into an expert store"}
+_FUNCS = {"datasets": cmd_datasets, "download": cmd_download, "baseline": cmd_baseline, "evaluate": cmd_evaluate,
+          "show": cmd_show, "presets": cmd_presets, "experts": cmd_experts, "distill": cmd_distill,
+          "report": cmd_report, "export": cmd_export, "import-set": cmd_import_set,
+          "import-experts": cmd_import_experts}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every subcommand."""
-    from .distill import add_distill_args
+    """The argparse tree of every subcommand, built from the declarations (`cli_options.COMMANDS`, and for
+    `distill` and `experts` the configuration classes)."""
+    from .distill import EXPERTS_COMMAND_ALIASES, ExpertConfig, add_distill_args, method_names
 
-    parser = argparse.ArgumentParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
+    parser = OneLineParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("datasets", help="list datasets, where they are and how to get them")
-    p.add_argument("--data-dir", default=None)
-    p.set_defaults(func=cmd_datasets)
-
-    p = sub.add_parser("download", help="download a standard dataset (checksums verified)")
-    p.add_argument("name", help="mnist | fashion-mnist | cifar10 | cifar100 | svhn | tiny-imagenet")
-    p.add_argument("--data-dir", default=None)
-    p.set_defaults(func=cmd_download)
-
-    p = sub.add_parser("baseline", help="random-real or full-data baseline")
-    p.add_argument("kind", choices=["random", "full"])
-    _add_data(p)
-    p.add_argument("--ipc", type=int, default=None, help="images per class (random)")
-    _add_eval(p)
-    _add_common(p)
-    _add_output(p)
-    p.set_defaults(func=cmd_baseline, runs=None)
-
-    p = sub.add_parser("evaluate", help="train fresh networks on a distilled set, report test accuracy")
-    p.add_argument("set", help="a .safetensors distilled set")
-    p.add_argument("--ipc", type=int, default=None, help="evaluate only the first K images per class (boosted sets)")
-    p.add_argument("--dataset", default=None, help="override the dataset stored in the set")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="validation share of the training files (default: the one the set records, else 0.1)")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--protocol", default=None, choices=["dsa", "rat"],
-                   help="dsa: MTT/TESLA's evaluate_synset (SGD, DSA, --epochs, --lr); rat: RaT-BPTT's test() "
-                        "(inner optimiser, flip_rotate, 300/600/1000/3000 steps chosen on validation). "
-                        "Default: the protocol the set records, with every setting it records (model, epochs, lr, "
-                        "runs, seed, ...); each flag below overrides one of them")
-    p.add_argument("--eval-models", default=None, metavar="M1,M2,...",
-                   help="the cross-architecture table: one row per model, e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,"
-                        "ResNet18 (default: --model, else the set's distillation model)")
-    _add_eval(p)
-    _add_common(p)
-    _add_output(p)
-    p.set_defaults(func=cmd_evaluate, runs=None, seed=None)  # not given: the set's own
-
-    p = sub.add_parser("show", help="write a PNG grid of a distilled set")
-    p.add_argument("set")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--per-class", "--max-per-class", dest="max_per_class", type=int, default=10,
-                   help="images of each class shown, K (default 10)")
-    p.add_argument("--scale", type=int, default=None,
-                   help="pixels per image pixel (default: small images are scaled up to at least 64 px)")
-    p.set_defaults(func=cmd_show)
-
-    p = sub.add_parser("presets", help="list named hyperparameter presets")
-    p.add_argument("--method", default=None, choices=["mtt", "tesla", "ratbptt"])
-    p.set_defaults(func=cmd_presets)
-
-    p = sub.add_parser("experts", help="train expert trajectories (MTT/TESLA)")
-    _add_data(p)
-    p.add_argument("--model", default=None)
-    p.add_argument("--num-experts", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch", type=int, default=256)
-    _add_expert_recipe(p)
-    p.add_argument("--fast", default="off", choices=["off", "on"],
-                   help="on (CUDA): every minibatch step replays a captured CUDA graph (same numbers up to rounding)")
-    p.add_argument("--out", required=True, help="directory for the expert store")
-    _add_common(p)
-    p.set_defaults(func=cmd_experts)
-
-    p = sub.add_parser("distill", help="distil a dataset (MTT, TESLA or RaT-BPTT)")
-    add_distill_args(p)
-    _add_common(p)
-    _add_output(p)
-    p.set_defaults(func=cmd_distill)
-    _add_interop_parsers(sub)
+    parser.commands = sub.choices  # {command: its parser}
+    for command, text in _HELP.items():
+        p = sub.add_parser(command, help=text)
+        if command == "distill":
+            add_distill_args(p)
+        add_command(p, command, choices={"method": method_names()} if command == "presets" else None)
+        if command == "experts":
+            add_options(p, ExpertConfig, EXPERTS_COMMAND_ALIASES, aliases=EXPERTS_COMMAND_ALIASES)
+        p.set_defaults(func=_FUNCS[command])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distillery` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's own parser, which names its close matches
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:  # a refused command line (its one error line is printed); --help exits as usual
+        if e.code == 2:
+            return 2
+        raise
     try:  # declared ranges first: nothing is read or trained with a value that cannot work
-        check_command_args(args)
+        from .distill import ExpertConfig
+
+        typed = {a.dest: s for a in parser.commands[args.command]._actions for s in a.option_strings
+                 if s in (sys.argv[1:] if argv is None else argv)}  # name an option as the user spelled it
+        check_command_args(args, [ExpertConfig] if args.command == "experts" else [], typed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,10 +12,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from .cli_options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
-from .options import describe, option
+from .options import check_known, check_values, flag, option
 from .run import LoopConfig
 
 
@@ -38,18 +39,30 @@ class ExpertConfig:
                                                        "distill.py --max_experts, per file)")
 
 
-@dataclass
-class DataConfig:
-    """How `distill` reads its dataset."""
-
-    val_fraction: float = option(0.1, low=0, high=1, high_open=True,
-                                 help="share of the train split held out for validation/selection")
-    resolution: int | None = option(None, low=1, help="imagefolder: side to resize to (default: the images' own, "
-                                                      "at most 64)")
-
-
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
-EXPERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExpertConfig)}
+# `distillery experts` takes these ExpertConfig options, also under further spellings (MTT buffer.py's and ours)
+EXPERTS_COMMAND_ALIASES = {"num_experts": (), "expert_epochs_train": ("--train-epochs",), "expert_lr": ("--lr",),
+                           "expert_momentum": ("--momentum", "--mom"), "expert_l2": ("--l2",),
+                           "expert_decay": ("--decay",)}
+
+
+@dataclass
+class DistillOptions:
+    """`distill`'s options that say what to run and where, beside the configuration values."""
+
+    method: str = option("", help="the distillation method")  # choices: method_names(), known at run time
+    out: str | None = option(None, none_unset=True, help="run directory")
+    preset: str | None = option(None, help="a named preset (`distillery presets`); flags override it. Default: the "
+                                           "preset for this method, dataset and IPC if there is one, else defaults "
+                                           "derived from the data (docs/DEFAULTS.md)")
+    resume: bool = option(False, switch=True, help="continue the run in --out from its last checkpoint")
+    estimate: bool = option(False, switch=True, help="run 3 iterations and one evaluation epoch, print s/iteration, "
+                                                     "peak memory and the projected wall time of the whole run; "
+                                                     "writes nothing")
+    experts: str | None = option(None, help="expert store (MTT/TESLA); default: train and cache them")
+    init_from: str | None = option(None, help="start from a saved set (.safetensors of the same dataset and ipc; "
+                                              "RaT-BPTT's --ckptname): its images, and its learned labels when the "
+                                              "run learns labels")
 
 
 def _method_configs() -> dict[str, type]:
@@ -59,41 +72,9 @@ def _method_configs() -> dict[str, type]:
     return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig}
 
 
-def _parse_bool(text: str) -> bool:
-    """true/false (also 1/0, yes/no, on/off) for boolean options; anything else is an argparse error."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-def _arg_type(annotation: str):
-    """argparse type for a dataclass field from its (string) annotation; 'none' gives None for optional fields."""
-    if "bool" in annotation:
-        base = _parse_bool
-    elif "float" in annotation:
-        base = float
-    elif "int" in annotation:
-        base = int
-    else:
-        base = str
-    if "None" not in annotation:
-        return base
-
-    def optional(text: str):
-        return None if text.lower() == "none" else base(text)
-
-    optional.__name__ = base.__name__  # argparse names the type in its error message
-    return optional
-
-
-def _option_help(prefix: str, f: dataclasses.Field) -> str:
-    """--help text of a generated flag: the option's help, its default and its range (% escaped for argparse)."""
-    meta = f.metadata.get("option", {})
-    text = f"{prefix}{meta.get('help', '')} (default {f.default}; {describe(meta)})" if meta else \
-        f"{prefix}default {f.default}"
-    return text.replace("%", "%%")
+def method_names() -> list[str]:
+    """The methods `distill --method` takes."""
+    return list(_method_configs())
 
 
 def _method_help(name: str, methods: dict[str, type]) -> str:
@@ -103,40 +84,27 @@ def _method_help(name: str, methods: dict[str, type]) -> str:
     for method, cls in methods.items():
         for f in dataclasses.fields(cls):
             if f.name == name:
-                texts.setdefault(_option_help("", f), []).append(method)
+                texts.setdefault(option_help(f, f.default).replace("%%", "%"), []).append(method)
     if len(texts) == 1 and len(next(iter(texts.values()))) == len(methods):
         return next(iter(texts))
     return " | ".join(f"{', '.join(users)}: {text}" for text, users in texts.items())
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
-    """Options of `distillery distill`; every default is None so we can tell what the user set."""
-    p.add_argument("--method", required=True, choices=["mtt", "tesla", "ratbptt"])
-    p.add_argument("--preset", default=None, help="a named preset (`distillery presets`); flags override it. "
-                   "Default: the preset for this method, dataset and IPC if there is one, else defaults derived "
-                   "from the data (docs/DEFAULTS.md)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--estimate", action="store_true", help="run 3 iterations and one evaluation epoch, print "
-                   "s/iteration, peak memory and the projected wall time of the whole run; writes nothing")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--zca", default=None, choices=["kornia", "kip", "none"])
-    p.add_argument("--experts", default=None, help="expert store (MTT/TESLA); default: train and cache them")
-    p.add_argument("--init-from", default=None, metavar="SET",
-                   help="start from a saved set (.safetensors of the same dataset and ipc; RaT-BPTT's --ckptname): "
-                        "its images, and its learned labels when the run learns labels")
+    """Options of `distillery distill`: a flag not given is absent from the parsed namespace, so we can tell what
+    the user set (`resolve_config`)."""
+    add_options(p, DistillOptions, ["method", "out"], required=["method", "out"], choices={"method": method_names()})
+    add_options(p, DistillOptions, ["preset", "resume", "estimate", "experts", "init_from"])
+    add_options(p, CommandOptions, ["dataset", "zca", "seed"], unset=True)
     seen = {"seed"}
     methods = _method_configs()
     groups = [("run loop", LoopConfig), ("experts (MTT/TESLA, when no --experts is given)", ExpertConfig),
               ("data", DataConfig), *((f"{m} options", c) for m, c in methods.items())]
     for title, cls in groups:
-        group = p.add_argument_group(title)
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            group.add_argument("--" + f.name.replace("_", "-"), default=None, type=_arg_type(str(f.type)),
-                               help=_method_help(f.name, methods) if cls in methods.values() else _option_help("", f))
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
+        seen.update(names)
+        helps = {n: _method_help(n, methods) for n in names} if cls in methods.values() else None
+        add_options(p.add_argument_group(title), cls, names, unset=True, helps=helps)
 
 
 def config_classes(method: str) -> list[type]:
@@ -151,48 +119,114 @@ def config_defaults(method: str) -> dict[str, Any]:
     return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)}, "processes": 1}
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+def given_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration values a `distill` command line gave (a flag not given is absent from `args`)."""
+    return {k: v for k, v in vars(args).items() if k in config_keys() or k in ("dataset", "zca", "experts", "seed")}
+
+
+def config_keys() -> set[str]:
+    """Every configuration key some method's `distill` takes."""
+    return {f.name for m in method_names() for cls in config_classes(m) for f in dataclasses.fields(cls)}
+
+
+def _api_spell(name: str) -> str:
+    return f"{name}="
+
+
+def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = None,
+                   api: bool = False) -> dict[str, Any]:
     """Defaults of the method, then a preset (named, else the one for this method/dataset/IPC) or defaults derived
-    from the data, then every flag the user gave; checked as a whole before any data is read."""
+    from the data, then every value in `given` (the flags a command line gave, or the API's keywords); `given` is
+    checked for types and ranges against the declarations first, the whole configuration before any data is read.
+    `api`: name keys as keywords (`lr_img=`) rather than flags in messages."""
     from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
     from .defaults import data_facts, derive_defaults
     from .presets import get_preset, preset_for
     from .validate import check_config
 
-    classes = config_classes(args.method)
+    spell = _api_spell if api else flag
+    if method not in method_names():
+        raise UserError(f"unknown {'method' if api else '--method'} {method!r}; one of {', '.join(method_names())}")
+    classes = config_classes(method)
+    own = {f.name for cls in classes for f in dataclasses.fields(cls)} | {"dataset", "zca", "experts", "seed"}
+    for key in given:  # a value another method takes: refused rather than silently unused
+        if key not in own:
+            users = [m for m in method_names()
+                     if key in {f.name for c in config_classes(m) for f in dataclasses.fields(c)}]
+            if not users:
+                check_known([key], sorted(own), f"distill --method {method}", spell)
+            option = "method=" if api else "--method "
+            raise UserError(f"{spell(key)} is an option of {option}{' / '.join(users)}; {option}{method} does not use "
+                            "it")
+    for cls in classes:
+        check_values(cls, given, spell)
+    check_values(CommandOptions, {k: v for k, v in given.items() if k in ("dataset", "zca", "seed")}, spell)
+    check_values(DistillOptions, {k: v for k, v in given.items() if k == "experts"}, spell)
     config: dict[str, Any] = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
     config.pop("seed", None)
-    if args.method == "tesla":
+    if method == "tesla":
         config["grad"] = "tesla"
-    config.update(method=args.method, dataset=None, zca=None)
-    flags = {key: getattr(args, key) for key in [*config, "experts", "seed"] if getattr(args, key, None) is not None}
-    name = args.preset
+    config.update(method=method, dataset=None, zca=None)
+    flags = dict(given)
+    name = preset
     dataset = flags.get("dataset")
     if name is None and dataset is not None:
         if not dataset.startswith(IMAGEFOLDER_PREFIX):
             dataset = canonical_name(dataset)
-        name = preset_for(args.method, dataset, flags.get("ipc", config["ipc"]))
+        name = preset_for(method, dataset, flags.get("ipc", config["ipc"]))
     if name is not None:
-        preset = get_preset(name)
-        if preset["method"] != args.method:
-            raise UserError(f"preset {name} is for --method {preset['method']}, not {args.method}")
-        config.update({k: v for k, v in preset.items() if k not in ("note", "budget")})
+        chosen = get_preset(name)
+        if chosen["method"] != method:
+            raise UserError(f"preset {name} is for --method {chosen['method']}, not {method}")
+        config.update({k: v for k, v in chosen.items() if k not in ("note", "budget")})
         config["defaults_from"] = f"preset {name}"
     dataset = flags.get("dataset", config.get("dataset"))
     if not dataset:
-        raise UserError("no dataset given; pass --dataset NAME or a --preset")
+        raise UserError(f"no dataset given; pass {spell('dataset')}NAME or a preset" if api else
+                        "no dataset given; pass --dataset NAME or a --preset")
     facts = data_facts(dataset, flags.get("val_fraction", config["val_fraction"]),
                        flags.get("resolution", config.get("resolution")))
     if name is None:
-        config.update(derive_defaults(args.method, facts, flags.get("ipc", config["ipc"])))
+        config.update(derive_defaults(method, facts, flags.get("ipc", config["ipc"])))
         config["defaults_from"] = "derived from the data (docs/DEFAULTS.md)"
+    if "real_epochs" in config:  # RaT-BPTT: the budget is --real-epochs passes or --iterations, never both
+        if "iterations" in flags and flags.get("real_epochs") is not None:
+            raise UserError(f"{spell('iterations')} and {spell('real_epochs')} both set the budget; give one "
+                            f"({spell('real_epochs')}none hands it to {spell('iterations')})" if api else
+                            "--iterations and --real-epochs (the published --epochs) both set the budget; give one "
+                            "(--real-epochs none hands it to --iterations)")
+        if "iterations" in flags:  # an explicit --iterations wins over a preset's or derived passes
+            flags.setdefault("real_epochs", None)
     config["resolution"] = facts.resolution
     config.update(flags)
     config.setdefault("seed", 0)
     if config["zca"] == "none":
         config["zca"] = None
+    if name is not None and "zca" not in flags:
+        _check_store_preprocessing(config, name)
     check_config(config, classes, facts)
     return config
+
+
+_ZCA_KINDS = {None: "standard", "kornia": "zca-kornia", "kip": "zca-kip"}
+
+
+def _check_store_preprocessing(config: dict[str, Any], preset: str) -> None:
+    """A given --experts store whose preprocessing is not the ZCA a preset chose: say the preset chose it (the
+    fingerprint check at open would only say the fingerprints differ)."""
+    if config.get("experts") is None:
+        return
+    try:
+        import json
+
+        kind = json.loads((Path(config["experts"]) / "manifest.json").read_text())["preprocess"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a missing or unreadable manifest is named by the checks that read it
+    if kind != _ZCA_KINDS.get(config["zca"]):
+        theirs = {v: k for k, v in _ZCA_KINDS.items()}.get(kind, kind)
+        raise UserError(f"preset {preset} chose --zca {config['zca'] or 'none'} but the experts in {config['experts']} "
+                        f"were trained with --zca {theirs or 'none'}; pass --zca {theirs or 'none'} (or train experts "
+                        f"with --zca {config['zca'] or 'none'})")
 
 
 def describe_defaults(config: dict[str, Any]) -> str:
@@ -251,34 +285,41 @@ def build_method(config: dict[str, Any], ds, device, progress: bool = True):
 
 
 def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole `distill` command: config, data, method, loop."""
+    """The whole `distill` command from its parsed command line."""
+    return run_distill(args.method, args.out, given_from_args(args), args.preset, resume=args.resume,
+                       estimate=args.estimate, device=args.device, data_dir=args.data_dir,
+                       progress=not args.no_progress, init_from=args.init_from)
+
+
+def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: str | None = None, *,
+                resume: bool = False, estimate: bool = False, device: str = "auto", data_dir: str | None = None,
+                progress: bool = True, init_from: str | None = None, api: bool = False) -> dict[str, Any]:
+    """Config, data, method, loop: `distill` from the values a user gave (`resolve_config`)."""
     from .data import load_dataset
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process, rank_and_world
     from .run import prepare_run_dir, run_distillation
 
     started = time.time()
-    config = resolve_config(args)
+    config = resolve_config(method, given, preset, api=api)
     init = None
-    if getattr(args, "init_from", None):
+    if init_from:
         from .init_from import load_init_set
 
-        config["init_from"] = args.init_from
-        init = load_init_set(args.init_from, config)  # checked before any data is read
-    device = init_from_env(resolve_device(args.device))
+        config["init_from"] = init_from
+        init = load_init_set(init_from, config)  # checked before any data is read
+    device = init_from_env(resolve_device(device))
     from .validate import check_fast
 
     check_fast(config, device)  # --fast on needs CUDA: refused before any data is read or anything is written
     config["processes"] = rank_and_world()[1]  # G x trajectories segments per iteration: --resume keeps G
-    estimate = getattr(args, "estimate", False)
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(args.out, config, args.resume, config_defaults(args.method))
-    run_dir = Path(args.out)
-    ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=device, zca=config["zca"],
+            prepare_run_dir(out, config, resume, config_defaults(method))
+    run_dir = Path(out)
+    ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
-    progress = not args.no_progress
     from .set_eval import parse_models
 
     parse_models(config.get("eval_models"), ds.spec)  # a model that cannot take these images: say so now
@@ -287,28 +328,28 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
         check_init_set(init, ds)
     t = time.time()
-    method = build_method(config, ds, device, progress)
+    method_obj = build_method(config, ds, device, progress)
     setup_seconds = time.time() - t  # MTT/TESLA: training (or checking) the experts
     if init is not None:
         from .init_from import apply_init_set
 
-        apply_init_set(method, init)
-        print(f"initialised from {args.init_from}")
+        apply_init_set(method_obj, init)
+        print(f"initialised from {init_from}")
     loop = LoopConfig(**{k: config[k] for k in LOOP_DEFAULTS}, seed=config["seed"])
-    if config.get("epochs"):  # RaT-BPTT's budget in passes over the real data (the published --epochs)
-        steps = method.setup.steps_per_epoch
-        loop.iterations = config["epochs"] * steps
-        print(f"budget: {config['epochs']} epochs x {steps} outer steps per pass over the real data = "
-              f"{loop.iterations} iterations")
+    if config.get("real_epochs"):  # RaT-BPTT's budget in passes over the real data (the published --epochs)
+        steps = method_obj.setup.steps_per_epoch
+        loop.iterations = config["real_epochs"] * steps
+        print(f"budget: --real-epochs {config['real_epochs']} x {steps} outer steps per pass over the real data = "
+              f"{loop.iterations} iterations (--real-epochs none runs --iterations instead)")
     from .estimate import estimate_run, out_of_memory
 
     if estimate:
-        return estimate_run(method, ds, {**config, "iterations": loop.iterations}, device)
+        return estimate_run(method_obj, ds, {**config, "iterations": loop.iterations}, device)
     print(f"distilling {ds.spec.name} with {config['method']} ({config['ipc']} images per class) into {run_dir}")
     import torch  # noqa: PLC0415  (torch is imported lazily in this module)
 
     try:
-        result = run_distillation(method, ds, run_dir, loop, resume=args.resume, progress=progress)
+        result = run_distillation(method_obj, ds, run_dir, loop, resume=resume, progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "distillation") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (path, name, option). The CLI prints the message without a traceback."""
+
+
+class TrainingDiverged(UserError):
+    """Training a network on a set went non-finite; a caller that knows which option made the set says so."""

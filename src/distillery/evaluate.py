@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .augment import Augment
 from .background import check_cancelled
 from .distributed import all_reduce_sum_, rank_and_world
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
 from .grouped_training import capturable, train_captured, train_together
 from .models import FunctionalModel, init_seeded
@@ -101,7 +101,7 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
             optimizer.step()
         finite = torch.isfinite(loss) if ep == 0 else finite & torch.isfinite(loss)  # stays on the device
         if (ep % _CHECK_EVERY == _CHECK_EVERY - 1 or ep == epochs) and not finite:  # one host read per 100 epochs
-            raise UserError(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
+            raise TrainingDiverged(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
                             "evaluate with a smaller --lr")
         if ep == decay_after:  # the reference code rebuilds the optimiser, so momentum restarts
             optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
@@ -136,7 +136,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
         try:
             return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
         except FloatingPointError as err:
-            raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; "
+            raise TrainingDiverged(f"evaluation training diverged ({err}) with lr {lr:g}; "
                             "evaluate with a smaller --lr") from None
 
     flats = run(seeds) if group else [f for s in seeds for f in run([s])]

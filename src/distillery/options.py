@@ -1,4 +1,4 @@
-"""Options declared once: a dataclass field carries its default, its allowed range and its help text.
+"""Options declared once: a dataclass field carries its type (the annotation), default, allowed range and help text.
 
     @dataclass
     class MyConfig:
@@ -7,27 +7,35 @@
         batch_syn: int | None = option(None, low=1, none_ok=True, help="None: the whole set")
 
 `check_options(cfg)` (or `check_values(cls, mapping)`) then raises one `UserError` naming the flag, the value and the
-allowed range, before any data is read or any expert is trained. The CLI reads the same metadata for its help.
+allowed type or range, before any data is read or any expert is trained. The CLI builds every parser from the same
+metadata (`cli_options.add_options`), and the Python API checks its keywords against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from typing import Any, Iterable, Mapping
+import numbers
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import UserError
 
 
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
            choices: Iterable[Any] | None = None, none_ok: bool = False, help: str = "",
-           high_open: bool = False, none_unset: bool = False) -> Any:
+           high_open: bool = False, none_unset: bool = False, aliases: Iterable[str] = (), switch: bool = False,
+           positional: bool = False) -> Any:
     """A dataclass field whose metadata records the allowed values (`low <= v <= high`; `low < v` if low_open,
     `v < high` if high_open). None passes if `none_ok` or the default is None; messages offer `none` as a value
-    unless `none_unset` (None then only stands for a flag that was not given and cannot be typed)."""
+    unless `none_unset` (None then only stands for a flag that was not given and cannot be typed).
+
+    Command-line shape: `aliases` are further spellings (a published flag), `switch` a flag without a value
+    (store_true), `positional` an argument without a flag."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
             "none_ok": none_ok or default is None, "none_typed": (none_ok or default is None) and not none_unset,
-            "choices": tuple(choices) if choices is not None else None, "help": help}
+            "choices": tuple(choices) if choices is not None else None, "help": help,
+            "aliases": tuple(aliases), "switch": switch, "positional": positional}
     return dataclasses.field(default=default, metadata={"option": meta})
 
 
@@ -40,6 +48,8 @@ def describe(meta: Mapping[str, Any]) -> str:
     """The allowed range in words, for error messages and --help."""
     if meta.get("choices"):
         text = "one of " + ", ".join(str(c) for c in meta["choices"])
+    elif meta.get("type") and base_type(meta["type"]) is bool:
+        text = "true or false"
     else:
         low, high = meta.get("low"), meta.get("high")
         parts = []
@@ -51,33 +61,72 @@ def describe(meta: Mapping[str, Any]) -> str:
     return text + (" (or none)" if meta.get("none_typed") else "")
 
 
-def check_value(name: str, value: Any, meta: Mapping[str, Any]) -> None:
-    """Raise UserError if `value` is outside the declared range of option `name`."""
+def base_type(annotation: str) -> type:
+    """The value type an option's (string) annotation declares: bool, int, float or str."""
+    for kind in (bool, float, int):
+        if kind.__name__ in annotation:
+            return kind
+    return str
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    """Whether `value` is of the declared kind (numpy scalars included; an int is a float, a bool is neither)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def check_value(name: str, value: Any, meta: Mapping[str, Any], spell: Callable[[str], str] = flag) -> None:
+    """Raise UserError if `value` is not of the declared type (when the metadata has one, as `option_meta` gives) or
+    outside the declared range of option `name`; `spell` writes the name (a flag for the CLI, `name=` for the API)."""
     if value is None:
         if meta.get("none_ok"):
             return
-        raise UserError(f"{flag(name)} needs a value ({describe(meta)})")
+        raise UserError(f"{spell(name)} needs a value ({describe(meta)})")
+    said = f"{spell(name)}{value!r}" if spell(name).endswith("=") else f"{spell(name)} {value!r}"
+    kind = base_type(meta["type"]) if meta.get("type") else None
+    if kind is not None and not _type_ok(value, kind):
+        allowed = describe(meta)
+        raise UserError(f"{said} is of type {type(value).__name__}, not {kind.__name__}"
+                        + ("" if allowed == "any value" else f": it must be {allowed}"))
     bad = False
     if meta.get("choices") is not None:
         bad = value not in meta["choices"]
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{said} is not a finite number: it must be {describe(meta)}")
         low, high = meta.get("low"), meta.get("high")
-        bad = not math.isfinite(value) or (low is not None and (value <= low if meta.get("low_open") else value < low)) \
+        bad = (low is not None and (value <= low if meta.get("low_open") else value < low)) \
             or (high is not None and (value >= high if meta.get("high_open") else value > high))
     if bad:
-        raise UserError(f"{flag(name)} {value!r} is out of range: it must be {describe(meta)}")
+        raise UserError(f"{said} is out of range: it must be {describe(meta)}")
 
 
 def option_meta(cls: type) -> dict[str, Mapping[str, Any]]:
-    """{field name: range metadata} for every `option(...)` field of dataclass `cls`."""
-    return {f.name: f.metadata["option"] for f in dataclasses.fields(cls) if "option" in f.metadata}
+    """{field name: metadata, with the field's annotation as "type"} for every `option(...)` field of `cls`."""
+    return {f.name: {**f.metadata["option"], "type": str(f.type)} for f in dataclasses.fields(cls)
+            if "option" in f.metadata}
 
 
-def check_values(cls: type, values: Mapping[str, Any]) -> None:
-    """Check every declared option of `cls` that appears in `values`."""
+def check_values(cls: type, values: Mapping[str, Any], spell: Callable[[str], str] = flag) -> None:
+    """Check every declared option of `cls` that appears in `values` (type and range)."""
     for name, meta in option_meta(cls).items():
         if name in values:
-            check_value(name, values[name], meta)
+            check_value(name, values[name], meta, spell)
+
+
+def check_known(given: Iterable[str], known: Iterable[str], where: str, spell: Callable[[str], str] = flag) -> None:
+    """UserError naming the first of `given` that is not in `known`, with the close matches (typos, old names)."""
+    known = list(known)
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(spell(c) for c in close)}?" if close else ""
+            raise UserError(f"{where} has no option {spell(name)}{hint}")
 
 
 def check_options(cfg: Any) -> None:

@@ -36,9 +36,10 @@ def _rat(dataset: str, ipc: int, model: str, bpc: int, nc: int | None, learn_lab
             "window_mode": window_mode, "window": w, "horizon": t, "min_start": m, "inner_opt": "adam",
             "inner_lr": 1e-3, "lr": outer_lr, "zca": "kip" if zca else None, "iterations": 60000,
             "eval_every": 500, "eval_epochs": 1000, "note": note or "SPEC §6.9 (RaT-BPTT README)",
-            # the published budget: --epochs 60000 passes over the real loader, the window drawn once per pass
-            # (no --complete_random), torch's Adam in the warm-up and higher 0.2.1's in the window (SPEC P14, P16)
-            "epochs": 60000, "window_resample": "epoch", "inner_adam": "higher"}
+            # the published budget: --epochs 60000 passes over the real loader (our --real-epochs), the window drawn
+            # once per pass (no --complete_random), torch's Adam in the warm-up and higher 0.2.1's in the window
+            # (SPEC P14, P16)
+            "real_epochs": 60000, "window_resample": "epoch", "inner_adam": "higher"}
 
 
 # Small CPU presets of our own for scikit-learn's 8x8 digits (tuned on the validation split, not on test).
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                    "for once per pass) and rat protocol lengths 300/600/1000 (3000 costs 2.6x the "
                                    "run on the CPU), both chosen on val"),
                             **_DIGITS, "syn_strategy": "rotate", "real_strategy": "rotate", "iterations": 150,
-                            "epochs": 30, "window_resample": "step", "rat_eval_steps": "300,600,1000"},
+                            "real_epochs": 30, "window_resample": "step", "rat_eval_steps": "300,600,1000"},
     # --- MTT, SPEC §4.6 ------------------------------------------------------------------------------------------
     "mtt/cifar10-ipc1": _mtt("cifar10", 1, 50, 2, 2, 100, 1e-7, 0.01, None, True, "ConvNet"),
     "mtt/cifar10-ipc10": _mtt("cifar10", 10, 30, 2, 20, 100, 1e-5, 0.001, None, True, "ConvNet",
@@ -107,16 +108,17 @@ def budget(name: str) -> str:
             return f"{it} outer iterations (ours; not a published row)"
         return (f"{it} outer iterations (published --Iteration {it}, the same unit; its loop runs {it} + 1 "
                 f"times, SPEC P12)")
-    epochs, batch = p["epochs"], p["real_batch"]
+    epochs, batch = p["real_epochs"], p["real_batch"]
     if n is None:  # our own CPU presets
-        return (f"--epochs {epochs} passes over the real data at real batch {batch} = {epochs} x ceil(train split "
-                f"/ {batch}) outer steps (ours; not a published row; --epochs none runs --iterations instead)")
+        return (f"--real-epochs {epochs} passes over the real data at real batch {batch} = {epochs} x ceil(train "
+                f"split / {batch}) outer steps (ours; not a published row; --iterations N or --real-epochs none "
+                f"runs N iterations instead)")
     per = -(-n // batch)
     ours = -(-int(n * 0.9) // batch)
     return (f"published --epochs {epochs} passes over the real loader = {epochs} x ceil({n} / {batch}) = "
-            f"{epochs * per} outer steps (one process); ours: --epochs {epochs} x ceil(train split / {batch}) "
+            f"{epochs * per} outer steps (one process); ours: --real-epochs {epochs} x ceil(train split / {batch}) "
             f"= {epochs * ours} outer steps with the 10% validation split ({epochs * per} with --val-fraction 0); "
-            f"window start drawn once per pass; --epochs none runs --iterations instead")
+            f"window start drawn once per pass; --iterations N or --real-epochs none runs N iterations instead")
 
 
 def get_preset(name: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 from .checkpoint import read_checkpoint, write_checkpoint
 from .runfiles import read_config
 from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocols
@@ -68,7 +68,7 @@ PENDING = "pending"  # the set of an evaluation still running in the background 
 # Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
 RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
                                "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "epochs", "eval_models", "eval_overlap", "eval_fast",
+                               "checkpoint_every", "real_epochs", "eval_models", "eval_overlap", "eval_fast",
                                "fast", "norm_kernel"})  # the last three: same numbers up to float rounding
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _LOCKS: dict[Path, int] = {}
@@ -402,8 +402,12 @@ class _Run:
             return None
         loop = self.loop
         own = set_protocols(s, self.dataset.spec)[0][0].replace(runs=loop.eval_runs, seed=loop.seed * 100003 + it)
-        return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
-                               fast=loop.eval_fast == "on")
+        try:
+            return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
+                                   fast=loop.eval_fast == "on")
+        except TrainingDiverged:  # the set is what diverged: the cause is the distillation's, not an evaluation lr
+            raise Diverged(f"networks trained on the set of iteration {it} diverged (its images reach |x| = "
+                           f"{float(s.images.abs().max()):.3g})") from None
 
     def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""

@@ -102,7 +102,8 @@ class EvalProtocol:
             if f == "lr":
                 value = f"{value:.4g}"
             elif f == "steps":
-                value = "/".join(map(str, value)) + " (one chosen on validation)"
+                value = "/".join(map(str, value)) + (" (step count chosen on validation)" if self.val_fraction
+                                                     else " (no validation split: the longest step count)")
             elif value is None:
                 value = "all"
             parts.append(f"{f.replace('_', ' ')} {value}" + (f" ({sources[f]})" if f in sources else ""))

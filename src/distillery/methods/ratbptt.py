@@ -5,8 +5,9 @@ batch with respect to the synthetic images (and learned labels): the warm-up, th
 meta-loss of `bptt.meta_gradient`. This module holds the method object around it: the budget, the window schedule,
 the outer optimiser, Boost-DD and several processes.
 
-Budget (`--epochs`): passes over the real data, ceil(train size / this process's real batch) outer steps each, as
-the published `--epochs`. Sets record the `rat` evaluation protocol (the published test(), `distillery.rat_eval`).
+Budget (`--real-epochs`, the published `--epochs`): passes over the real data, ceil(train size / this process's real
+batch) outer steps each, as published. Sets record the `rat` evaluation protocol (the published test(),
+`distillery.rat_eval`).
 `--window-mode plateau` is the published cctype 1 curriculum (`Plateau`), driven by the run loop's evaluations.
 
 Window placement (SPEC §6.4): `start ~ U{m, ..., T-W}` (RaT-BPTT) or `start = T-W` (classic truncated BPTT), drawn
@@ -199,9 +200,10 @@ class RaTBPTTConfig:
     inner_adam: str = option("higher", choices=("higher", "torch"),
                              help="Adam formula in the differentiable window: higher (0.2.1's DifferentiableAdam, "
                                   "as published; the warm-up uses torch's) or torch (both torch's)")
-    epochs: int | None = option(None, low=1, none_ok=True,
-                                help="budget in passes over the real data (the published --epochs): iterations = "
-                                     "epochs x ceil(train size / this process's real batch); none: --iterations")
+    real_epochs: int | None = option(None, low=1, none_ok=True, aliases=("--epochs",),
+                                     help="budget in passes over the real data (the published --epochs): "
+                                          "iterations = real epochs x ceil(train size / this process's real batch); "
+                                          "none: --iterations (an explicit --iterations also wins over a preset's)")
     rat_eval_steps: str = option("300,600,1000,3000",
                                  help="the rat evaluation protocol's cumulative step counts, one chosen on "
                                       "validation (published test(): 300,600,1000,3000)")

@@ -58,8 +58,8 @@ class ConvNet(nn.Module):
             layers.append(_act(act))
             if pool != "none":
                 if h < 2 or w < 2:
-                    raise UserError(f"ConvNet depth {depth} is too deep for {im_size[0]}x{im_size[1]} images; "
-                                    f"use a smaller depth, e.g. ConvNetD{d}")
+                    fix = f"use a smaller depth, e.g. ConvNetD{d}" if d else "use larger images (--resolution)"
+                    raise UserError(f"ConvNet depth {depth} is too deep for {im_size[0]}x{im_size[1]} images; {fix}")
                 layers.append(nn.MaxPool2d(2, 2) if pool == "maxpooling" else nn.AvgPool2d(2, 2))
                 h, w = h // 2, w // 2
             in_ch = width
