@@ -287,7 +287,8 @@ def _image_folder(root: Path, size: int = 8) -> Path:
         for c in ("cat", "dog"):
             (root / split / c).mkdir(parents=True)
             for j in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{j}.png")
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{j}.png")
     return root
 
 

@@ -6,14 +6,14 @@ A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `loa
                               location) and a history: one entry per start, restart and resume with what changed
     RUN_DIR/checkpoint.safetensors  method state + loop state, written atomically every `checkpoint_every`
                               iterations: tensors plus a JSON tree, nothing that can run code (`checkpoint.py`)
-    RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused
+    RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused; removed at its end
     RUN_DIR/metrics.csv       one row per iteration (loss, lr, ...) plus val accuracy at evaluations
     RUN_DIR/tb/               TensorBoard scalars (when the tensorboard package is installed)
     RUN_DIR/last.safetensors  the set at the latest evaluation
     RUN_DIR/best.safetensors  the set with the best *validation* accuracy (never selected on test, SPEC P4)
     RUN_DIR/grids/it_XXXXXX.png  an image grid per evaluation
     RUN_DIR/pending/          the set of a validation evaluation still running in the background (`--eval-overlap`)
-                              when the checkpoint was written; a resume runs that evaluation again
+                              when the checkpoint was written; a resume runs that evaluation again (gone at the end)
     RUN_DIR/result.json       at the end: test accuracy of best and last, measured once
 
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
