@@ -174,6 +174,20 @@ def digits_store(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("key,value", [("epochs", "2"), ("epochs", -1), ("layout", None), ("preprocess", []),
+                                       ("experts", {"0": 1}), ("experts", [{"index": -1, "file": "a", "sha256": ""}])])
+def test_manifest_fields_are_checked(tmp_path, digits_store, key, value):
+    """experts-manifest-damaged: a manifest whose fields have the wrong type or range is damaged (one line)."""
+    from distillery.experts import ExpertStore
+    store = tmp_path / "store"
+    shutil.copytree(digits_store, store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest[key] = value
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest.json is damaged"):
+        ExpertStore.open(store)
+
+
 @pytest.mark.parametrize("file", ["../../../../etc/hostname", "/etc/hostname", "link.safetensors", "", 7])
 def test_manifest_paths_stay_in_the_store(tmp_path, digits_store, file):
     """experts-path-outside: a manifest naming a file outside its store is damaged; nothing outside is named as
@@ -196,6 +210,7 @@ def _cli(*argv: str, env: dict | None = None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_experts_commands_share_one_store(tmp_path):
     """experts-concurrent: two `distillery experts` into one store both succeed; the store equals one written by a
     single process, and no snapshot, lock or advice to delete is left behind."""
@@ -214,6 +229,7 @@ def test_two_experts_commands_share_one_store(tmp_path):
     assert not (tmp_path / "shared" / ".partial").exists()
 
 
+@pytest.mark.slow
 def test_two_distill_runs_share_the_expert_cache(tmp_path, capsys, monkeypatch):
     """experts-cache-concurrent: two `distill` runs training the same cached experts at once both succeed; a later
     run says it uses the cached experts."""

@@ -499,6 +499,14 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has expert format version {manifest.get('format_version')}, this distillery reads "
                         f"version {FORMAT_VERSION}; retrain with `distillery experts`")
+    layout, pre = manifest.get("layout"), manifest.get("preprocess")
+    if not (_is_int(manifest.get("epochs"), 0) and isinstance(layout, dict) and _is_int(layout.get("num_params"), 1)
+            and isinstance(layout.get("hash"), str) and isinstance(layout.get("names"), list)
+            and isinstance(layout.get("shapes"), list) and isinstance(pre, dict)
+            and isinstance(pre.get("fingerprint"), str) and isinstance(manifest.get("dataset"), str)
+            and isinstance(manifest.get("model"), str)):
+        raise UserError(f"{path} is damaged: its epochs, layout, preprocessing, dataset or model is not what "
+                        "`distillery experts` writes; retrain with `distillery experts` into a fresh dir")
     entries = manifest.get("experts")
     if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("index"), int) and not isinstance(e["index"], bool)
@@ -508,6 +516,11 @@ def _read_manifest(path: Path) -> dict:
     for e in entries:  # a file named in the manifest is only ever opened inside the store
         inside(path.parent, e.get("file"), str(path), "retrain with `distillery experts` into a fresh dir")
     return manifest
+
+
+def _is_int(value, low: int) -> bool:
+    """An int (not a bool) of at least `low`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _layout_difference(stored: dict, fm: FunctionalModel) -> str | None:
