@@ -441,19 +441,48 @@ def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, 
     one_line(capsys, [*argv, "--dataset", f"imagefolder:{new}"], "does not hold the images")
 
 
-def test_resume_without_the_best_set_stops_at_once(tmp_path, capsys, digits_store):
-    """run-best-missing: --resume of a run whose best.safetensors was deleted stops before any work, saying what to
-    do, instead of failing at the very end without result.json."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def mtt_run(tmp_path_factory, digits_store):
+    """(argv, run dir) of a finished 2-iteration MTT run on digits (tests copy the directory before changing it)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
     argv = ["distill", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--model", "ConvNetD1",
             "--experts", digits_store, "--out", out, "--syn-steps", "2", "--max-start-epoch", "1",
             "--expert-epochs", "1", "--iterations", "2", "--eval-every", "100", "--eval-runs", "1",
             "--eval-epochs", "1", "--final-eval-runs", "1", "--checkpoint-every", "1", "--no-progress",
             "--threads", "1"]
     assert main([str(a) for a in argv]) == 0
+    return argv, out
+
+
+def _copy_run(mtt_run, tmp_path):
+    """A private copy of the finished run, and the argv that resumes it to iteration 3."""
+    argv, src = mtt_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    argv = [out if a == src else a for a in argv]
+    argv[argv.index("--iterations") + 1] = "3"
+    return [*argv, "--resume"], out
+
+
+def test_resume_of_a_crafted_checkpoint_runs_nothing(tmp_path, capsys, mtt_run):
+    """checkpoint-crafted, through the CLI: `--resume` of a checkpoint holding a pickled payload stops with one line
+    and the payload never runs."""
+    argv, out = _copy_run(mtt_run, tmp_path)
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({**STATE, "method": Payload(marker)}, buf)
+    (out / CHECKPOINT).write_bytes(buf.getvalue())
+    capsys.readouterr()
+    one_line(capsys, argv, "is damaged")
+    assert not marker.exists()
+
+
+def test_resume_without_the_best_set_stops_at_once(tmp_path, capsys, mtt_run):
+    """run-best-missing: --resume of a run whose best.safetensors was deleted stops before any work, saying what to
+    do, instead of failing at the very end without result.json."""
+    argv, out = _copy_run(mtt_run, tmp_path)
     capsys.readouterr()
     (out / "best.safetensors").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
-    argv[argv.index("--iterations") + 1] = "3"
-    one_line(capsys, [*argv, "--resume"], "best.safetensors")
+    one_line(capsys, argv, "best.safetensors")
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
