@@ -201,18 +201,24 @@ def lock_run_dir(run_dir: Path) -> None:
     key = run_dir.resolve()
     if fcntl is None or key in _LOCKS:
         return
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise write_error(run_dir / ".lock", err) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(run_dir / ".lock").st_ino:  # removed by a run that just ended
-            raise OSError
-    except OSError:
-        os.close(fd)
-        raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
-                        "(or stop it) or choose another --out") from None
+    while True:
+        try:
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise write_error(run_dir / ".lock", err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
+                            "(or stop it) or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(run_dir / ".lock").st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # a run that just ended removed the file we opened: take the new one
     _LOCKS[key] = fd
 
 
