@@ -174,6 +174,20 @@ def digits_store(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("key,value", [("epochs", "2"), ("epochs", -1), ("layout", None), ("preprocess", []),
+                                       ("experts", {"0": 1}), ("experts", [{"index": -1, "file": "a", "sha256": ""}])])
+def test_manifest_fields_are_checked(tmp_path, digits_store, key, value):
+    """experts-manifest-damaged: a manifest whose fields have the wrong type or range is damaged (one line)."""
+    from distillery.experts import ExpertStore
+    store = tmp_path / "store"
+    shutil.copytree(digits_store, store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest[key] = value
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest.json is damaged"):
+        ExpertStore.open(store)
+
+
 @pytest.mark.parametrize("file", ["../../../../etc/hostname", "/etc/hostname", "link.safetensors", "", 7])
 def test_manifest_paths_stay_in_the_store(tmp_path, digits_store, file):
     """experts-path-outside: a manifest naming a file outside its store is damaged; nothing outside is named as
@@ -196,6 +210,7 @@ def _cli(*argv: str, env: dict | None = None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_experts_commands_share_one_store(tmp_path):
     """experts-concurrent: two `distillery experts` into one store both succeed; the store equals one written by a
     single process, and no snapshot, lock or advice to delete is left behind."""
@@ -214,6 +229,7 @@ def test_two_experts_commands_share_one_store(tmp_path):
     assert not (tmp_path / "shared" / ".partial").exists()
 
 
+@pytest.mark.slow
 def test_two_distill_runs_share_the_expert_cache(tmp_path, capsys, monkeypatch):
     """experts-cache-concurrent: two `distill` runs training the same cached experts at once both succeed; a later
     run says it uses the cached experts."""
@@ -287,7 +303,8 @@ def _image_folder(root: Path, size: int = 8) -> Path:
         for c in ("cat", "dog"):
             (root / split / c).mkdir(parents=True)
             for j in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{j}.png")
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{j}.png")
     return root
 
 
@@ -424,19 +441,48 @@ def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, 
     one_line(capsys, [*argv, "--dataset", f"imagefolder:{new}"], "does not hold the images")
 
 
-def test_resume_without_the_best_set_stops_at_once(tmp_path, capsys, digits_store):
-    """run-best-missing: --resume of a run whose best.safetensors was deleted stops before any work, saying what to
-    do, instead of failing at the very end without result.json."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def mtt_run(tmp_path_factory, digits_store):
+    """(argv, run dir) of a finished 2-iteration MTT run on digits (tests copy the directory before changing it)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
     argv = ["distill", "--method", "mtt", "--dataset", "digits", "--ipc", "1", "--model", "ConvNetD1",
             "--experts", digits_store, "--out", out, "--syn-steps", "2", "--max-start-epoch", "1",
             "--expert-epochs", "1", "--iterations", "2", "--eval-every", "100", "--eval-runs", "1",
             "--eval-epochs", "1", "--final-eval-runs", "1", "--checkpoint-every", "1", "--no-progress",
             "--threads", "1"]
     assert main([str(a) for a in argv]) == 0
+    return argv, out
+
+
+def _copy_run(mtt_run, tmp_path):
+    """A private copy of the finished run, and the argv that resumes it to iteration 3."""
+    argv, src = mtt_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    argv = [out if a == src else a for a in argv]
+    argv[argv.index("--iterations") + 1] = "3"
+    return [*argv, "--resume"], out
+
+
+def test_resume_of_a_crafted_checkpoint_runs_nothing(tmp_path, capsys, mtt_run):
+    """checkpoint-crafted, through the CLI: `--resume` of a checkpoint holding a pickled payload stops with one line
+    and the payload never runs."""
+    argv, out = _copy_run(mtt_run, tmp_path)
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({**STATE, "method": Payload(marker)}, buf)
+    (out / CHECKPOINT).write_bytes(buf.getvalue())
+    capsys.readouterr()
+    one_line(capsys, argv, "is damaged")
+    assert not marker.exists()
+
+
+def test_resume_without_the_best_set_stops_at_once(tmp_path, capsys, mtt_run):
+    """run-best-missing: --resume of a run whose best.safetensors was deleted stops before any work, saying what to
+    do, instead of failing at the very end without result.json."""
+    argv, out = _copy_run(mtt_run, tmp_path)
     capsys.readouterr()
     (out / "best.safetensors").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
-    argv[argv.index("--iterations") + 1] = "3"
-    one_line(capsys, [*argv, "--resume"], "best.safetensors")
+    one_line(capsys, argv, "best.safetensors")
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -500,6 +500,14 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has expert format version {manifest.get('format_version')}, this distillery reads "
                         f"version {FORMAT_VERSION}; retrain with `distillery experts`")
+    layout, pre = manifest.get("layout"), manifest.get("preprocess")
+    if not (_is_int(manifest.get("epochs"), 0) and isinstance(layout, dict) and _is_int(layout.get("num_params"), 1)
+            and isinstance(layout.get("hash"), str) and isinstance(layout.get("names"), list)
+            and isinstance(layout.get("shapes"), list) and isinstance(pre, dict)
+            and isinstance(pre.get("fingerprint"), str) and isinstance(manifest.get("dataset"), str)
+            and isinstance(manifest.get("model"), str)):
+        raise UserError(f"{path} is damaged: its epochs, layout, preprocessing, dataset or model is not what "
+                        "`distillery experts` writes; retrain with `distillery experts` into a fresh dir")
     entries = manifest.get("experts")
     if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("index"), int) and not isinstance(e["index"], bool)
@@ -508,23 +516,12 @@ def _read_manifest(path: Path) -> dict:
                         "`distillery experts` into a fresh dir")
     for e in entries:  # a file named in the manifest is only ever opened inside the store
         inside(path.parent, e.get("file"), str(path), "retrain with `distillery experts` into a fresh dir")
-    layout, pre = manifest.get("layout"), manifest.get("preprocess")
-    fields = {"epochs": _positive_int(manifest.get("epochs")), "dataset": isinstance(manifest.get("dataset"), str),
-              "model": isinstance(manifest.get("model"), str),
-              "layout": isinstance(layout, dict) and isinstance(layout.get("hash"), str)
-              and _positive_int(layout.get("num_params")) and isinstance(layout.get("names"), list)
-              and isinstance(layout.get("shapes"), list) and len(layout["names"]) == len(layout["shapes"]),
-              "preprocess": isinstance(pre, dict) and isinstance(pre.get("fingerprint"), str)
-              and isinstance(pre.get("kind"), str)}
-    bad = [name for name, ok in fields.items() if not ok]
-    if bad:
-        raise UserError(f"{path} is damaged: its {', '.join(bad)} field(s) are not what `distillery experts` writes; "
-                        "retrain with `distillery experts` into a fresh dir")
     return manifest
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_int(value, low: int) -> bool:
+    """An int (not a bool) of at least `low`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _layout_difference(stored: dict, fm: FunctionalModel) -> str | None:

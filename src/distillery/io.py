@@ -123,7 +123,8 @@ def replaced_dir(path: str | os.PathLike, replace: bool, what: str = "--out") ->
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is an existing file, not a folder; choose a folder name")
     if path.is_dir() and any(path.iterdir()) and not replace:
-        raise UserError(f"{what} {path} is not empty; pass --replace to replace it whole, or choose a new folder")
+        raise UserError(f"{what} {path} is not empty; pass --replace (the API: replace=True) to replace it whole, "
+                        "or choose a new folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

@@ -6,14 +6,14 @@ A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `loa
                               location) and a history: one entry per start, restart and resume with what changed
     RUN_DIR/checkpoint.safetensors  method state + loop state, written atomically every `checkpoint_every`
                               iterations: tensors plus a JSON tree, nothing that can run code (`checkpoint.py`)
-    RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused
+    RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused; removed at its end
     RUN_DIR/metrics.csv       one row per iteration (loss, lr, ...) plus val accuracy at evaluations
     RUN_DIR/tb/               TensorBoard scalars (when the tensorboard package is installed)
     RUN_DIR/last.safetensors  the set at the latest evaluation
     RUN_DIR/best.safetensors  the set with the best *validation* accuracy (never selected on test, SPEC P4)
     RUN_DIR/grids/it_XXXXXX.png  an image grid per evaluation
     RUN_DIR/pending/          the set of a validation evaluation still running in the background (`--eval-overlap`)
-                              when the checkpoint was written; a resume runs that evaluation again
+                              when the checkpoint was written; a resume runs that evaluation again (gone at the end)
     RUN_DIR/result.json       at the end: test accuracy of best and last, measured once
 
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
@@ -202,18 +202,24 @@ def lock_run_dir(run_dir: Path) -> None:
     key = run_dir.resolve()
     if fcntl is None or key in _LOCKS:
         return
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise write_error(run_dir / ".lock", err) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(run_dir / ".lock").st_ino:  # removed by a run that just ended
-            raise OSError
-    except OSError:
-        os.close(fd)
-        raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
-                        "(or stop it) or choose another --out") from None
+    while True:
+        try:
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise write_error(run_dir / ".lock", err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
+                            "(or stop it) or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(run_dir / ".lock").st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # a run that just ended removed the file we opened: take the new one
     _LOCKS[key] = fd
 
 
