@@ -145,7 +145,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(tmp_path, capsy
     from distillery.api import export_set
     with pytest.raises(UserError, match="not empty"):  # the API is as strict
         export_set(s, "pt", out)
-    with pytest.raises(UserError, match="folder path"):
+    with pytest.raises(UserError, match="out=None is not a path"):
         export_set(s, "pt", None)
 
 
