@@ -215,7 +215,7 @@ def test_two_experts_commands_share_one_store(tmp_path):
     """experts-concurrent: two `distillery experts` into one store both succeed; the store equals one written by a
     single process, and no snapshot, lock or advice to delete is left behind."""
     from distillery.experts import ExpertStore
-    argv = ["experts", "--dataset", "digits", "--model", "ConvNetD1", "--num-experts", "3", "--epochs", "2",
+    argv = ["experts", "--dataset", "digits", "--model", "ConvNetD1", "--num-experts", "3", "--expert-epochs-train", "2",
             "--threads", "1", "--no-progress"]
     procs = [_cli(*argv, "--out", str(tmp_path / "shared")) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -432,7 +432,7 @@ def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, 
                        "method": "random", "model": "ConvNetD1"}).save(tmp_path / "set.safetensors")
     new = tmp_path / "new"
     old.rename(new)
-    argv = ["evaluate", tmp_path / "set.safetensors", "--runs", "1", "--epochs", "1", "--no-progress"]
+    argv = ["evaluate", tmp_path / "set.safetensors", "--runs", "1", "--eval-epochs", "1", "--no-progress"]
     one_line(capsys, argv, "--dataset imagefolder:NEW_PATH")
     assert main([str(a) for a in [*argv, "--dataset", f"imagefolder:{new}"]]) == 0
     capsys.readouterr()
