@@ -571,14 +571,14 @@ def _signal_in(monkeypatch, target: str, sig: int):
 
 @pytest.mark.parametrize("row,argv,target,sig,needle", [
     ("signal-baseline", ["baseline", "random", "--dataset", "digits", "--ipc", "1", "--no-progress"],
-     "distillery.evaluate:random_real_baseline", signal.SIGINT, "interrupted; `distillery baseline` keeps no"),
+     "distillery.evaluation.dsa:random_real_baseline", signal.SIGINT, "interrupted; `distillery baseline` keeps no"),
     ("signal-experts", ["experts", "--dataset", "digits", "--out", "st", "--no-progress"],
      "distillery.experts:train_experts", signal.SIGTERM,
      "terminated; finished experts and each expert's last finished epoch are kept in st"),
     ("signal-download", ["download", "mnist"], "distillery.data.download:fetch_dataset", signal.SIGTERM,
      "run `distillery download mnist` again"),
-    ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.set_eval:evaluate_synset", signal.SIGINT,
-     "`distillery evaluate` keeps no partial results"),
+    ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.evaluation.score:evaluate_synset",
+     signal.SIGINT, "`distillery evaluate` keeps no partial results"),
 ])
 def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, needle):
     _signal_in(monkeypatch, target, sig)

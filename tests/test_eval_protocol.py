@@ -18,7 +18,7 @@ from distillery.evaluation.protocol import (PUBLISHED_DSA_EPOCHS, EvalProtocol, 
                                             rat_protocol)
 from distillery.experts import train_experts
 from distillery.imports import import_set
-from distillery.set_eval import resolve_protocol
+from distillery.evaluation.score import resolve_protocol
 from distillery.synset import SyntheticSet
 
 LOOP = ["--eval-every", "1", "--eval-runs", "1", "--eval-epochs", "2", "--final-eval-runs", "2", "--health", "off",

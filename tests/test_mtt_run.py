@@ -12,7 +12,7 @@ import torch
 
 from distillery.cli import main
 from distillery.data import load_dataset
-from distillery.evaluate import random_real_baseline
+from distillery.evaluation.dsa import random_real_baseline
 from distillery.synset import SyntheticSet
 
 SMALL = ["--dataset", "digits", "--ipc", "1", "--num-experts", "2", "--expert-epochs-train", "5",

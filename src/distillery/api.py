@@ -17,7 +17,7 @@ from typing import Any
 
 from .data import load_dataset
 from .errors import UserError
-from .evaluate import evaluate_set, random_real_baseline
+from .evaluation.dsa import evaluate_set, random_real_baseline
 from .export import export_set
 from .imports import import_experts, import_set
 from .report import write_report

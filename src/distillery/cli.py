@@ -132,7 +132,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_baseline(args: argparse.Namespace) -> None:
     """Random-real or full-data baseline with the shared evaluation protocol."""
-    from .evaluate import full_data_baseline, random_real_baseline
+    from .evaluation.dsa import full_data_baseline, random_real_baseline
 
     fast = _fast(args)
     ds = _load(args, zca=args.zca)
@@ -188,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process
     from .evaluation.protocol import recorded_protocols
-    from .set_eval import evaluate_synset, model_table, parse_models, record, resolve_protocol
+    from .evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
     from .synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))

@@ -273,7 +273,7 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
     ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
     progress = not args.no_progress
-    from .set_eval import parse_models
+    from .evaluation.score import parse_models
 
     parse_models(config.get("eval_models"), ds.spec)  # a model that cannot take these images: say so now
     if init is not None:

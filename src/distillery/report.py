@@ -314,9 +314,9 @@ def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
     {protocol: {model: record}}."""
     import torch
 
-    from .evaluate import random_real_runs
+    from .evaluation.dsa import random_real_runs
     from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
-    from .set_eval import evaluate_synset, parse_models, set_protocols
+    from .evaluation.score import evaluate_synset, parse_models, set_protocols
     from .synset import SyntheticSet
 
     best = run_dir / "best.safetensors"

@@ -47,13 +47,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
-from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocols
+from .evaluation.background import BackgroundEval, overlap_wanted
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
+from .evaluation.score import evaluate_synset, model_table, parse_models, record, set_protocols
 from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
 from .health import DEFAULT_FIX, HealthMonitor
-from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
 from .options import option
 from .synset import SyntheticSet
 

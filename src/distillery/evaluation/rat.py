@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import Augment
+from ..augment import Augment
+from ..errors import UserError
+from ..methods.bptt import sample_batch
+from ..models import init_seeded
 from .background import check_cancelled
-from .errors import UserError
-from .evaluate import EvalResult, accuracy
-from .evaluation.protocol import EvalProtocol
-from .methods.bptt import sample_batch
-from .models import init_seeded
+from .dsa import EvalResult, accuracy
 from .parallel import map_runs
+from .protocol import EvalProtocol
 
 
 def make_optimizer(params, proto: EvalProtocol) -> torch.optim.Optimizer:

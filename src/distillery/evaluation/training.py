@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import PARAM_FIELDS, Augment, AugParams
+from ..augment import PARAM_FIELDS, Augment, AugParams
+from ..capture import Captured
+from ..models import FunctionalModel
+from ..models.grouped import GroupedConvNet, groupable
 from .background import check_cancelled
-from .capture import Captured
-from .models import FunctionalModel
-from .models.grouped import GroupedConvNet, groupable
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # the evaluation optimiser (SPEC §7): SGD, restarted at the lr decay
 

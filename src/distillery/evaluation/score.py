@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UserError
-from .evaluate import EvalResult, evaluate_set
-from .evaluation.protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol,
-                                  rat_protocol, recorded_protocols)
-from .models import create_model
-from .rat_eval import evaluate_rat
+from ..errors import UserError
+from ..models import create_model
+from .dsa import EvalResult, evaluate_set
+from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol, rat_protocol,
+                       recorded_protocols)
+from .rat import evaluate_rat
 
 PROTOCOLS = tuple(FIELDS)
 

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import Augment
+from ..augment import Augment
+from ..distributed import all_reduce_sum_, rank_and_world
+from ..errors import UserError
+from ..models import FunctionalModel, init_seeded
+from ..models.grouped import groupable
+from ..validate import check_cuda
 from .background import check_cancelled
-from .distributed import all_reduce_sum_, rank_and_world
-from .errors import UserError
-from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
-from .grouped_training import capturable, train_captured, train_together
-from .models import FunctionalModel, init_seeded
-from .models.grouped import groupable
 from .parallel import map_runs
-from .validate import check_cuda
+from .protocol import DEFAULT_EVAL_EPOCHS
+from .training import capturable, train_captured, train_together
 
 _CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
 # Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
@@ -115,7 +115,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
                together: bool | None = None, fast: bool = False) -> list[nn.Module]:
     """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
     grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
-    (`grouped_training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
+    (`training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
     together = TOGETHER.get(x.device.type, False) if together is None else together
     if fast:
         check_cuda("--eval-fast", x.device)
