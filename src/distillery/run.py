@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -415,15 +415,15 @@ class _Run:
             if self.pending is None or old.name != _pending_name(self.pending):
                 old.unlink(missing_ok=True)
 
-    def validate(self, it: int, s: SyntheticSet):
+    def validate(self, it: int, s: SyntheticSet, tick: Callable[[], None] | None = None):
         """The validation evaluation of the set of iteration `it` under its own protocol, with `eval_runs` networks
-        and a seed of its own (None without a validation split)."""
+        and a seed of its own (None without a validation split). `tick`: the background's cancellation check."""
         if not (self.has_val or self.wants_loss):
             return None
         loop = self.loop
         own = set_protocols(s, self.dataset.spec)[0][0].replace(runs=loop.eval_runs, seed=loop.seed * 100003 + it)
         return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
-                               fast=loop.eval_fast == "on")
+                               fast=loop.eval_fast == "on", tick=tick)
 
     def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
@@ -435,7 +435,8 @@ class _Run:
             return
         ensure_dir(self.pending_dir)
         s.save(self.pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
-        self.background.start(lambda: (it, s, self.validate(it, s)))
+        background = self.background
+        background.start(lambda: (it, s, self.validate(it, s, background.check)))
         self.pending = it
 
     def collect(self) -> None:

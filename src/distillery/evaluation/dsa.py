@@ -25,7 +25,6 @@ from ..errors import UserError
 from ..models import FunctionalModel, init_seeded
 from ..models.grouped import groupable
 from ..validate import check_cuda
-from .background import check_cancelled
 from .parallel import map_runs
 from .protocol import DEFAULT_EVAL_EPOCHS
 from .training import capturable, train_captured, train_together
@@ -77,10 +76,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int,
                 epochs: int, lr: float, batch: int = 256, strategy: str = "none", seed: int = 0,
-                progress: tqdm | None = None) -> nn.Module:
+                progress: tqdm | None = None, tick: Callable[[], None] | None = None) -> nn.Module:
     """Train a fresh `model_name` on (x, y) with the SPEC §7 recipe and return it (on x's device).
 
-    `y` may be class ids (int64) or per-image probability/weight vectors (soft or learned labels).
+    `y` may be class ids (int64) or per-image probability/weight vectors (soft or learned labels). `tick()` is
+    called before every epoch (a background evaluation's cancellation check).
     """
     device = x.device
     model = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), seed).to(device=device, dtype=x.dtype)
@@ -90,7 +90,8 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     decay_after = epochs // 2 + 1
     for ep in range(epochs + 1):
-        check_cancelled()
+        if tick is not None:
+            tick()
         order = torch.randperm(len(x), generator=gen, device=device)
         for i in range(0, len(x), batch):
             idx = order[i:i + batch]
@@ -112,7 +113,8 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
 
 def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
                lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
-               together: bool | None = None, fast: bool = False) -> list[nn.Module]:
+               together: bool | None = None, fast: bool = False,
+               tick: Callable[[], None] | None = None) -> list[nn.Module]:
     """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
     grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
     (`training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
@@ -124,7 +126,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
     fast = fast and capturable(template, len(seeds) if group else 1)
     if not (group or fast):  # on the CPU: several runs at once, 1 thread each
         return map_runs(lambda s: train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s,
-                                              progress), seeds, x.device)
+                                              progress, tick), seeds, x.device)
     fm = FunctionalModel(template)
     train = train_captured if fast else train_together
 
@@ -132,9 +134,9 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
         inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
                  for s in members]
         gens = [torch.Generator(device=x.device).manual_seed(s) for s in members]
-        tick = None if progress is None else lambda: progress.update(len(members))
+        on_epoch = None if progress is None else lambda: progress.update(len(members))
         try:
-            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
+            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, on_epoch, tick=tick)
         except FloatingPointError as err:
             raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; "
                             "evaluate with a smaller --lr") from None
@@ -146,7 +148,8 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
                  epochs: int = DEFAULT_EVAL_EPOCHS, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
-                 distributed: bool = False, together: bool | None = None, fast: bool = False) -> EvalResult:
+                 distributed: bool = False, together: bool | None = None, fast: bool = False,
+                 tick: Callable[[], None] | None = None) -> EvalResult:
     """Train `runs` fresh networks on (x, y) with the dsa protocol (MTT/TESLA's evaluate_synset, SPEC §7) and test
     each on `dataset`'s `split` ("val" or "test"). `strategy`: the DSA strategy (default the dataset's).
 
@@ -156,7 +159,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
 
     `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
     runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
-    evaluation.
+    evaluation. `tick()`: called before every epoch of every run (a background evaluation's cancellation check).
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -172,7 +175,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     bar = tqdm(total=len(mine) * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False,
                disable=not (progress and rank == 0))
     nets = train_runs(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
-                      [seed * 1000 + r for r in mine], bar, together, fast)
+                      [seed * 1000 + r for r in mine], bar, together, fast, tick)
     for r, net in zip(mine, nets):
         accs[r] = accuracy(net, target.x, target.y)
     bar.close()

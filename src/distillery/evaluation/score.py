@@ -7,7 +7,7 @@ which protocol produced it, and `resolve_protocol` says where each value came fr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UserError
 from ..models import create_model
@@ -77,16 +77,19 @@ def parse_models(text: str | None, spec) -> list[str]:
 
 
 def evaluate_synset(s, dataset, proto: EvalProtocol | None = None, *, split: str = "test", progress: bool = False,
-                    distributed: bool = False, train_loss: bool = False, fast: bool = False) -> EvalResult:
+                    distributed: bool = False, train_loss: bool = False, fast: bool = False,
+                    tick: Callable[[], None] | None = None) -> EvalResult:
     """Score SyntheticSet `s` under `proto` (default: the set's own protocol): the one place a protocol is dispatched.
 
-    `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal)."""
+    `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal). `tick()`
+    runs before every epoch or step (a background evaluation's cancellation check)."""
     proto = proto or set_protocols(s, dataset.spec)[0][0]
     if proto.name == "rat":
-        return evaluate_rat(s.images, s.labels, dataset, proto, split=split, progress=progress, train_loss=train_loss)
+        return evaluate_rat(s.images, s.labels, dataset, proto, split=split, progress=progress, train_loss=train_loss,
+                            tick=tick)
     return evaluate_set(s.images, s.labels, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
                         batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=split, progress=progress,
-                        distributed=distributed, fast=fast)
+                        distributed=distributed, fast=fast, tick=tick)
 
 
 def record(res: EvalResult) -> dict[str, Any]:

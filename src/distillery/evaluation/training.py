@@ -22,7 +22,6 @@ from ..augment import PARAM_FIELDS, Augment, AugParams
 from ..capture import Captured
 from ..models import FunctionalModel
 from ..models.grouped import GroupedConvNet, groupable
-from .background import check_cancelled
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # the evaluation optimiser (SPEC §7): SGD, restarted at the lr decay
 
@@ -88,7 +87,8 @@ def autograd_step(fm: FunctionalModel, k: int) -> Step | None:
 
 def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
                    batch: int, augment: Augment, gens: list[torch.Generator],
-                   on_epoch: Callable[[], None] | None = None) -> list[Tensor]:
+                   on_epoch: Callable[[], None] | None = None,
+                   tick: Callable[[], None] | None = None) -> list[Tensor]:
     """The SPEC §7 evaluation training of R networks at once as one GroupedConvNet; returns R flat vectors.
 
     Network r starts from inits[r] and draws from gens[r] exactly as `evaluate.train_model` does alone (one order
@@ -101,7 +101,8 @@ def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     for ep in range(epochs + 1):
-        check_cancelled()
+        if tick is not None:  # before every epoch: a background evaluation's cancellation check
+            tick()
         orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
         for i in range(0, len(x), batch):
             idx = [order[i:i + batch] for order in orders]
@@ -187,7 +188,8 @@ class CapturedSGD:
 
 def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
                    batch: int, augment: Augment, gens: list[torch.Generator],
-                   on_epoch: Callable[[], None] | None = None, capture: bool = True) -> list[Tensor]:
+                   on_epoch: Callable[[], None] | None = None, capture: bool = True,
+                   tick: Callable[[], None] | None = None) -> list[Tensor]:
     """`train_together` (one network: `evaluate.train_model`) as replays of captured SGD steps (`CapturedSGD`).
 
     The same draws in the same order, so the result equals plain training up to float rounding; after pass
@@ -202,7 +204,8 @@ def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
                       WEIGHT_DECAY, capture)
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     for ep in range(epochs + 1):
-        check_cancelled()
+        if tick is not None:
+            tick()
         finite = finite & torch.isfinite(sgd.epoch(gens, batch, lr if ep <= epochs // 2 + 1 else lr * 0.1)).all()
         if (ep % 100 == 99 or ep == epochs) and not finite:
             raise FloatingPointError(f"non-finite training loss by epoch {ep}")
