@@ -311,19 +311,22 @@ def cmd_report(args: argparse.Namespace) -> None:
     """Write the self-contained HTML report of a run directory."""
     from pathlib import Path
 
-    from .report import _read_json, write_report
+    from .report import read_json, write_report
 
-    ds = None
+    baseline = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
         from .data import load_dataset
         from .device import resolve_device
 
-        config = _read_json(Path(args.run_dir) / "config.json")
+        from .evaluation.score import measure_baseline
+
+        config = read_json(Path(args.run_dir) / "config.json")
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
                           zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0)
-    print(f"wrote {write_report(args.run_dir, out=args.out, dataset=ds, baseline=args.baseline)}")
+        baseline = measure_baseline(ds, args.run_dir)
+    print(f"wrote {write_report(args.run_dir, out=args.out, baseline=baseline)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

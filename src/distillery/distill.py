@@ -304,8 +304,9 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "distillation") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
+        from .evaluation.score import measure_baseline
         from .report import write_report
 
-        page = write_report(run_dir, dataset=ds, device=device, from_run=True, progress=progress)
+        page = write_report(run_dir, baseline=measure_baseline(ds, run_dir, progress), device=device, from_run=True)
         print(f"report: {page}")
     return result

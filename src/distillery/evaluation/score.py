@@ -7,11 +7,16 @@ which protocol produced it, and `resolve_protocol` says where each value came fr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from ..errors import UserError
 from ..models import create_model
-from .dsa import EvalResult, evaluate_set
+from ..synset import SyntheticSet
+from .dsa import EvalResult, evaluate_set, random_real_runs
 from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol, rat_protocol,
                        recorded_protocols)
 from .rat import evaluate_rat
@@ -112,3 +117,45 @@ def model_table(results: dict[str, EvalResult]) -> str:
         lines.append(f"{model:<{width}}  {100 * res.mean:.2f} ± {100 * res.std:.2f}  ({len(res.accs)} runs, "
                      f"{res.protocol} protocol{f', {res.steps} steps' if res.protocol == 'rat' else ''})")
     return "\n".join(lines)
+
+
+def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]] | None:
+    """The report's random-real baseline of run RUN_DIR: random real images, `ipc` per class (a fresh draw per run,
+    as `random_real_baseline`), under every protocol the best set records (the final test evaluation's, lr 0.01 for
+    dsa) and every model of the final table: {protocol: {model: record}}. None: config.json names no ipc."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict) or not config.get("ipc"):
+        return None
+    best = run_dir / "best.safetensors"
+    s = SyntheticSet.load(best) if best.is_file() else None
+    if s is not None:
+        protocols = set_protocols(s, dataset.spec)[0]
+    else:  # no set to read it from: the run's settings
+        protocols = distilled_protocols({}, None, model=config.get("eval_model") or config.get("model")
+                                        or dataset.spec.default_model, runs=int(config.get("final_eval_runs", 5)),
+                                        seed=int(config.get("seed", 0)),
+                                        epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
+                                        dsa_strategy=dataset.spec.dsa_strategy)
+    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
+    extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
+                                                                                      str) else []
+    own = protocols[0]
+    wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
+    out: dict[str, dict[str, Any]] = {}
+    for proto in wanted:
+        def score(x, y, run_seed, proto=proto):
+            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
+            return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test",
+                                   progress=False)
+
+        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
+        accs, res = [a for r in results for a in r.accs], results[-1]
+        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
+                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
+                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
+                                                       "steps": res.steps}
+    return out
