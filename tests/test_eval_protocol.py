@@ -48,6 +48,8 @@ def check_reproduced(capsys, run_dir, seed: int = 0) -> dict:
         out = evaluate_json(capsys, run_dir / f"{name}.safetensors")
         assert out["accs"] == result[name]["test_accs"] and out["protocol"] == result[name]["protocol"]
         assert set(out["sources"].values()) == {"set"} and out["eval_protocol"]["seed"] == seed
+        recorded = SyntheticSet.load(run_dir / f"{name}.safetensors").meta["eval"]
+        assert [r["eval_protocol"] for r in result[name]["by_protocol"]] == recorded  # result.json says it too
         for rec in result[name]["by_protocol"][1:]:
             other = evaluate_json(capsys, run_dir / f"{name}.safetensors", "--protocol", rec["protocol"])
             assert other["accs"] == rec["test_accs"]

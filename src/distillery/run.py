@@ -528,10 +528,12 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
                      "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
-                     "lr": own.lr, "by_protocol": [record(r) for r in results]}
+                     "lr": own.lr, "by_protocol": [{**record(r), "eval_protocol": p.record()}
+                                                   for r, p in zip(results, protos)]}
         if main:
-            for res in results:
-                print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
+            for res, p in zip(results, protos):
+                print(f"{name} set (iteration {s.meta.get('iteration', 'last')}), {p.describe()} (recorded in the "
+                      f"set): test {res}")
         if models and name == "best":
             table = {m: evaluate_synset(s, dataset, protos[0].replace(model=m), split="test", distributed=True,
                                         fast=fast) for m in models}
