@@ -272,8 +272,19 @@ def _flip_image_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _record_protocol(path: Path, **fields) -> None:
+    """Re-save the set with an evaluation protocol record (a rat one, `fields` changed)."""
+    from distillery.evaluation.protocol import rat_protocol
+
+    s = SyntheticSet.load(path)
+    s.meta["eval"] = [{**rat_protocol("ConvNetD2", 1, 0).record(), **fields}]
+    s.save(path)
+
+
 SET_ROWS = {
     "set-missing": (None, [], "does not exist"),
+    "set-bad-protocol": (lambda p: _record_protocol(p, runs=0), [], "field runs = 0 must be an integer >= 1"),
+    "set-protocol-flag": (_record_protocol, [], "--epochs does not apply to the rat protocol"),
     "set-not-a-set": (lambda p: p.write_bytes(b"garbage, not a set"), [], "not a distillery set file"),
     "set-damaged": (_flip_image_byte, [], "is damaged"),
     "set-other-dataset": (lambda p: None, ["--dataset", "mnist"], "made for dataset digits"),
