@@ -26,7 +26,7 @@ from ..models import FunctionalModel, init_seeded
 from ..models.grouped import groupable
 from ..validate import check_cuda
 from .parallel import map_runs
-from .protocol import DEFAULT_EVAL_EPOCHS
+from .protocol import DEFAULT_EVAL_EPOCHS, EvalProtocol, Scoring
 from .training import capturable, train_captured, train_together
 
 _CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
@@ -182,6 +182,13 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     if distributed:  # each run's accuracy is on one rank, zeros elsewhere: the sum is exact
         accs = all_reduce_sum_(torch.tensor(accs, dtype=torch.float64, device=device)).tolist()
     return EvalResult(accs, model, epochs, lr, split)
+
+
+def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
+    """The dsa protocol object's scoring: `evaluate_set` with every setting of `proto`."""
+    return evaluate_set(x, y, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
+                        batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=how.split,
+                        progress=how.progress, distributed=how.distributed, fast=how.fast, tick=how.tick)
 
 
 def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable[[torch.Tensor, torch.Tensor, int],

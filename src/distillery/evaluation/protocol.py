@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..augment import Augment
 from ..errors import UserError
@@ -107,6 +107,18 @@ class EvalProtocol:
                 value = "all"
             parts.append(f"{f.replace('_', ' ')} {value}" + (f" ({sources[f]})" if f in sources else ""))
         return f"{self.name} protocol: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How an evaluation runs, beside what it computes (`EvalProtocol`); each protocol's `score` takes what applies."""
+
+    split: str = "test"                       # val | test
+    progress: bool = False
+    distributed: bool = False                 # dsa: torchrun ranks share the runs
+    fast: bool = False                        # dsa: training replayed from captured CUDA graphs
+    train_loss: bool = False                  # rat: also the mean CE on the train split (cctype 1 signal)
+    tick: Callable[[], None] | None = None    # before every epoch or step: a background evaluation's cancel check
 
 
 def _int(p: EvalProtocol, field: str, low: int, optional: bool = False) -> None:

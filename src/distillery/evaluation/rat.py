@@ -27,7 +27,7 @@ from ..methods.bptt import sample_batch
 from ..models import init_seeded
 from .dsa import EvalResult, accuracy
 from .parallel import map_runs
-from .protocol import EvalProtocol
+from .protocol import EvalProtocol, Scoring
 
 
 def make_optimizer(params, proto: EvalProtocol) -> torch.optim.Optimizer:
@@ -123,3 +123,8 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol,
     return EvalResult(target_accs[chosen], model, chosen, proto.lr, split, protocol="rat", steps=chosen,
                       val_by_steps={c: float(np.mean(val_accs[c])) for c in proto.steps} if has_val else None,
                       train_loss=float(np.mean(losses)) if losses else None)
+
+
+def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
+    """The rat protocol object's scoring: `evaluate_rat` (single process; no captured graphs)."""
+    return evaluate_rat(x, y, dataset, proto, how.split, how.progress, how.train_loss, how.tick)

@@ -16,12 +16,15 @@ import torch
 from ..errors import UserError
 from ..models import create_model
 from ..synset import SyntheticSet
-from .dsa import EvalResult, evaluate_set, random_real_runs
-from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol, rat_protocol,
-                       recorded_protocols)
-from .rat import evaluate_rat
+from . import dsa, rat
+from .dsa import EvalResult, random_real_runs
+from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols, dsa_protocol,
+                       rat_protocol, recorded_protocols)
 
 PROTOCOLS = tuple(FIELDS)
+# The protocol objects: each trains its networks its own way and scores them; `evaluate_synset` picks one by name.
+SCORERS: dict[str, Callable[[Any, Any, Any, EvalProtocol, Scoring], EvalResult]] = {"dsa": dsa.score,
+                                                                                     "rat": rat.score}
 
 
 def set_protocols(s, spec) -> tuple[list[EvalProtocol], str]:
@@ -89,12 +92,8 @@ def evaluate_synset(s, dataset, proto: EvalProtocol | None = None, *, split: str
     `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal). `tick()`
     runs before every epoch or step (a background evaluation's cancellation check)."""
     proto = proto or set_protocols(s, dataset.spec)[0][0]
-    if proto.name == "rat":
-        return evaluate_rat(s.images, s.labels, dataset, proto, split=split, progress=progress, train_loss=train_loss,
-                            tick=tick)
-    return evaluate_set(s.images, s.labels, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
-                        batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=split, progress=progress,
-                        distributed=distributed, fast=fast, tick=tick)
+    how = Scoring(split, progress, distributed, fast, train_loss, tick)
+    return SCORERS[proto.name](s.images, s.labels, dataset, proto, how)
 
 
 def record(res: EvalResult) -> dict[str, Any]:
