@@ -208,7 +208,8 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
                 gain = f"{100 * (r['test_mean'] - b['test_mean']):+.2f}"
             accs, val = r.get("test_accs"), entry.get("val_acc")
             how = r["protocol"] + (f", {r['steps']} steps" if r.get("steps") else "") + (
-                f", {r['epochs']} epochs" if r.get("epochs") else "")
+                f", {r['epochs']} epochs" if r.get("epochs") else "") + (
+                f", lr {r['lr']:.4g}" if isinstance(r.get("lr"), (int, float)) else "")
             rows.append("<tr>" + "".join([
                 f"<td>{name}</td>", f"<td class='num'>{html.escape(str(entry.get('iteration', '')))}</td>",
                 f"<td class='num'>{_pct(val) if val is not None else ''}</td>",
