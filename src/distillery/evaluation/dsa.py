@@ -27,9 +27,8 @@ from ..models.grouped import groupable
 from ..validate import check_cuda
 from .parallel import map_runs
 from .protocol import DEFAULT_EVAL_EPOCHS, EvalProtocol, Scoring
-from .training import capturable, train_captured, train_together
+from .training import MOMENTUM, WEIGHT_DECAY, capturable, sgd_schedule, train_captured, train_together
 
-_CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
 # Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
 # on the CPU grouped convolutions are not faster; the CUDA row of benchmarks/gpu_suite.py decides.
 TOGETHER = {"cpu": False, "cuda": False}
@@ -87,27 +86,26 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
     model.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     augment = Augment(strategy)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    decay_after = epochs // 2 + 1
-    for ep in range(epochs + 1):
-        if tick is not None:
-            tick()
+    opt = [torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)]
+
+    def epoch(rate: float) -> torch.Tensor:  # the optimiser holds the rate
         order = torch.randperm(len(x), generator=gen, device=device)
         for i in range(0, len(x), batch):
             idx = order[i:i + batch]
             xb = augment(x[idx], gen)
             loss = F.cross_entropy(model(xb), y[idx])
-            optimizer.zero_grad(set_to_none=True)
+            opt[0].zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-        finite = torch.isfinite(loss) if ep == 0 else finite & torch.isfinite(loss)  # stays on the device
-        if (ep % _CHECK_EVERY == _CHECK_EVERY - 1 or ep == epochs) and not finite:  # one host read per 100 epochs
-            raise UserError(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
-                            "evaluate with a smaller --lr")
-        if ep == decay_after:  # the reference code rebuilds the optimiser, so momentum restarts
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
-        if progress is not None:
-            progress.update(1)
+            opt[0].step()
+        return loss.detach()  # the last minibatch's
+
+    def restart(rate: float) -> None:
+        opt[0] = torch.optim.SGD(model.parameters(), lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    try:
+        sgd_schedule(epochs, lr, epoch, restart, None if progress is None else lambda: progress.update(1), tick)
+    except FloatingPointError as err:
+        raise UserError(f"evaluation training diverged ({err}) with lr {lr:g}; evaluate with a smaller --lr") from None
     return model
 
 
