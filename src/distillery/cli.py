@@ -16,8 +16,7 @@ from typing import Any
 
 from .cli_options import check_command_args
 from .errors import UserError
-
-DEFAULT_EVAL_EPOCHS = 300
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
 
 
 # --- shared option groups ---------------------------------------------------------------------------------------

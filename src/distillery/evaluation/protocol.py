@@ -21,10 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..augment import Augment
 from ..errors import UserError
 
-DEFAULT_EVAL_EPOCHS = 300       # dsa training epochs where neither a set nor a flag says otherwise
+DEFAULT_EVAL_EPOCHS = 300       # dsa training epochs where neither a set nor a flag says otherwise: the one default
 DSA_BATCH = 256                 # evaluate_synset's batch_train
 RAT_STEPS = (300, 600, 1000, 3000)  # base.py test(): epoch_list
 PUBLISHED_DSA_EPOCHS = 1000     # MTT/TESLA's --epoch_eval_train (their published numbers)
@@ -149,6 +148,8 @@ def check_protocol(p: EvalProtocol) -> None:
         raise UserError(f"the {p.name} protocol's schedule is '{SCHEDULES[p.name]}', not {p.schedule!r}")
     if not isinstance(p.augment, str):
         raise UserError(f"evaluation protocol field augment = {p.augment!r} must be a strategy string")
+    from ..augment import Augment  # torch; this module stays light enough for the CLI to import
+
     Augment(p.augment)  # unknown or repeated tokens: UserError
     other = [f for f in ("epochs", "batch", "steps", "classes_per_batch", "batch_per_class")
              if f not in FIELDS[p.name] and getattr(p, f) is not None]
