@@ -13,7 +13,7 @@ import argparse
 import torch
 from reference_loops import HEADER, alternate, published_evaluate, row
 
-from distillery.evaluate import train_model
+from distillery.evaluation.dsa import train_model
 
 
 def bench(device: torch.device, epochs: int, rounds: int) -> dict:

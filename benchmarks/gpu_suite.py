@@ -39,9 +39,9 @@ from reference_loops import alternate, published_convnet, published_evaluate, pu
 
 from distillery.augment import Augment
 from distillery.cli import main as cli_main
-from distillery.evaluate import train_runs
+from distillery.evaluation.dsa import train_runs
+from distillery.evaluation.training import CapturedSGD
 from distillery.experts import _make_step, _sgd_epoch
-from distillery.grouped_training import CapturedSGD
 from distillery.io import atomic_write_text
 from distillery.methods.graphed import GraphedUnroll
 from distillery.methods.bptt import InnerOptimizer, meta_gradient

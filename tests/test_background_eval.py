@@ -99,3 +99,23 @@ def test_a_kill_while_an_evaluation_runs_in_the_background_loses_nothing(digits,
     monkeypatch.undo()
     run_distillation(Drifts(digits), digits, tmp_path / "cut", LoopConfig(**LOOP), resume=True, progress=False)
     assert _outcome(tmp_path / "cut") == _outcome(tmp_path / "whole")
+
+
+def test_close_ends_an_evaluation_through_the_tick_it_hands_out():
+    """The training loops know no threads: the evaluation ends because it calls `check` (its `tick`) each epoch."""
+    from distillery.evaluation.background import BackgroundEval
+
+    bg, ticks = BackgroundEval(), []
+
+    def evaluation():
+        while True:  # an evaluation that would never end on its own
+            bg.check()
+            ticks.append(1)
+            time.sleep(0.005)
+
+    bg.start(evaluation)
+    while not ticks:
+        time.sleep(0.005)
+    bg.close()  # cancels and joins
+    assert not bg.busy and not any(t.name == "distillery-eval" for t in threading.enumerate())
+    bg.check()  # cleared: a later evaluation runs on

@@ -1,4 +1,4 @@
-"""Evaluation training from captured CUDA graphs (`grouped_training.train_captured`, `evaluate_set(fast=True)`).
+"""Evaluation training from captured CUDA graphs (`evaluation.training.train_captured`, `evaluate_set(fast=True)`).
 
 CPU: the step that gets captured, run eagerly (`capture=False`), trains one network like `evaluate.train_model` and
 K networks like `train_together` (float64, with DSA, a short last batch and the lr decay). Meta device: the captured
@@ -14,8 +14,8 @@ import torch
 
 from distillery.augment import Augment
 from distillery.errors import UserError
-from distillery.evaluate import train_model, train_runs
-from distillery.grouped_training import (autograd_step, capturable, sgd_static, train_captured, train_together)
+from distillery.evaluation.dsa import train_model, train_runs
+from distillery.evaluation.training import (autograd_step, capturable, sgd_static, train_captured, train_together)
 from distillery.methods.graphed import pack_plan, tesla_pass1_static, tesla_step_static, unrolled_static
 from distillery.methods.trajectory import make_plan
 from distillery.models import FunctionalModel, init_seeded
@@ -169,7 +169,7 @@ def test_capture_warm_up_leaves_the_state_as_it_was(fake_cuda_graphs):
 def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, replay_on_cpu, seeds):
     """The loop around the graphs (static buffers, state updated in place, the momentum restart) under emulated
     replays: the same weights as the eager step, so capture adds nothing but the graph itself."""
-    import distillery.grouped_training as gt
+    import distillery.evaluation.training as gt
 
     monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     x, y = data(torch.float64)
@@ -186,7 +186,7 @@ def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    import distillery.grouped_training as gt
+    import distillery.evaluation.training as gt
     from distillery import experts
 
     monkeypatch.setattr(gt, "Captured", replay_on_cpu)

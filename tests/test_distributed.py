@@ -32,7 +32,7 @@ from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.distributed import barrier
 from distillery.errors import UserError
-from distillery.evaluate import evaluate_set
+from distillery.evaluation.dsa import evaluate_set
 from distillery.experts import ExpertStore, train_experts
 from distillery.methods.mtt import MTT, MTTConfig
 from distillery.synset import SyntheticSet

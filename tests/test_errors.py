@@ -292,8 +292,19 @@ def _flip_image_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _record_protocol(path: Path, **fields) -> None:
+    """Re-save the set with an evaluation protocol record (a rat one, `fields` changed)."""
+    from distillery.evaluation.protocol import rat_protocol
+
+    s = SyntheticSet.load(path)
+    s.meta["eval"] = [{**rat_protocol("ConvNetD2", 1, 0).record(), **fields}]
+    s.save(path)
+
+
 SET_ROWS = {
     "set-missing": (None, [], "does not exist"),
+    "set-bad-protocol": (lambda p: _record_protocol(p, runs=0), [], "field runs = 0 must be an integer >= 1"),
+    "set-protocol-flag": (_record_protocol, [], "--epochs does not apply to the rat protocol"),
     "set-not-a-set": (lambda p: p.write_bytes(b"garbage, not a set"), [], "not a distillery set file"),
     "set-damaged": (_flip_image_byte, [], "is damaged"),
     "set-other-dataset": (lambda p: None, ["--dataset", "mnist"], "made for dataset digits"),
@@ -815,14 +826,14 @@ def _signal_in(monkeypatch, target: str, sig: int):
 
 @pytest.mark.parametrize("row,argv,target,sig,needle", [
     ("signal-baseline", ["baseline", "random", "--dataset", "digits", "--ipc", "1", "--no-progress"],
-     "distillery.evaluate:random_real_baseline", signal.SIGINT, "interrupted; `distillery baseline` keeps no"),
+     "distillery.evaluation.dsa:random_real_baseline", signal.SIGINT, "interrupted; `distillery baseline` keeps no"),
     ("signal-experts", ["experts", "--dataset", "digits", "--out", "st", "--no-progress"],
      "distillery.experts:train_experts", signal.SIGTERM,
      "terminated; finished experts and each expert's last finished epoch are kept in st"),
     ("signal-download", ["download", "mnist"], "distillery.data.download:fetch_dataset", signal.SIGTERM,
      "run `distillery download mnist` again"),
-    ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.set_eval:evaluate_synset", signal.SIGINT,
-     "`distillery evaluate` keeps no partial results"),
+    ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.evaluation.score:evaluate_synset",
+     signal.SIGINT, "`distillery evaluate` keeps no partial results"),
 ])
 def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, needle):
     _signal_in(monkeypatch, target, sig)

@@ -18,7 +18,7 @@ from distillery.evaluation.protocol import (PUBLISHED_DSA_EPOCHS, EvalProtocol, 
                                             rat_protocol)
 from distillery.experts import train_experts
 from distillery.imports import import_set
-from distillery.set_eval import resolve_protocol
+from distillery.evaluation.score import resolve_protocol
 from distillery.synset import SyntheticSet
 
 LOOP = ["--eval-every", "1", "--eval-runs", "1", "--eval-epochs", "2", "--final-eval-runs", "2", "--health", "off",
@@ -48,6 +48,8 @@ def check_reproduced(capsys, run_dir, seed: int = 0) -> dict:
         out = evaluate_json(capsys, run_dir / f"{name}.safetensors")
         assert out["accs"] == result[name]["test_accs"] and out["protocol"] == result[name]["protocol"]
         assert set(out["sources"].values()) == {"set"} and out["eval_protocol"]["seed"] == seed
+        recorded = SyntheticSet.load(run_dir / f"{name}.safetensors").meta["eval"]
+        assert [r["eval_protocol"] for r in result[name]["by_protocol"]] == recorded  # result.json says it too
         for rec in result[name]["by_protocol"][1:]:
             other = evaluate_json(capsys, run_dir / f"{name}.safetensors", "--protocol", rec["protocol"])
             assert other["accs"] == rec["test_accs"]

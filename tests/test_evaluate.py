@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from distillery import evaluate
+from distillery.evaluation import dsa as evaluate
 from distillery.data import load_dataset
-from distillery.evaluate import EvalResult, evaluate_set, random_real_baseline, train_model
+from distillery.evaluation.dsa import EvalResult, evaluate_set, random_real_baseline, train_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch.func import grad_and_value, vmap
 
 from distillery.augment import Augment
 from distillery.experts import _sgd_epoch
-from distillery.grouped_training import augment_each, grouped_step, plain_step
+from distillery.evaluation.training import augment_each, grouped_step, plain_step
 from distillery.models import FunctionalModel, create_model, init_seeded
 from distillery.models.grouped import GroupedConvNet, groupable
 
@@ -81,7 +81,7 @@ def test_expert_epochs_plain_and_grouped_equal_the_torch_func_path() -> None:
 @pytest.mark.parametrize("soft", [False, True])
 def test_evaluation_runs_together_equal_runs_one_by_one(soft: bool) -> None:
     """R = 3 evaluation runs (SPEC §7: momentum, weight decay, the lr drop) trained at once equal 3 separate ones."""
-    from distillery.evaluate import train_runs
+    from distillery.evaluation.dsa import train_runs
 
     x, y = data(20)
     if soft:

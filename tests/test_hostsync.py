@@ -7,7 +7,7 @@ import torch
 
 from distillery.augment import TOKENS, Augment, _choose_token, _token_from_state
 from distillery.errors import UserError
-from distillery.evaluate import train_model
+from distillery.evaluation.dsa import train_model
 
 
 def test_cpu_token_stream_is_unchanged() -> None:

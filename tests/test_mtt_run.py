@@ -14,7 +14,7 @@ from distillery.checkpoint import read_checkpoint
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
-from distillery.evaluate import random_real_baseline
+from distillery.evaluation.dsa import random_real_baseline
 from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet
 

@@ -184,8 +184,7 @@ def test_one_default_for_evaluation_epochs():
     import inspect
 
     from distillery.evaluation.protocol import DEFAULT_EVAL_EPOCHS as EVAL_EPOCHS
-    from distillery.evaluate import evaluate_set, random_real_baseline
-    from distillery.set_eval import evaluate_synset
+    from distillery.evaluation.dsa import evaluate_set, random_real_baseline
 
     assert LoopConfig().eval_epochs == EVAL_EPOCHS
     for func in (evaluate_set, random_real_baseline):

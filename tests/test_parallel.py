@@ -7,10 +7,10 @@ import torch
 
 from distillery.data import load_dataset
 from distillery.errors import UserError
-from distillery.evaluate import evaluate_set, random_real_baseline
-from distillery.parallel import map_runs
+from distillery.evaluation.dsa import evaluate_set, random_real_baseline
+from distillery.evaluation.parallel import map_runs
 from distillery.evaluation.protocol import rat_protocol
-from distillery.rat_eval import evaluate_rat
+from distillery.evaluation.rat import evaluate_rat
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from distillery.methods.bptt import sample_batch
 from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
 from distillery.evaluation.protocol import rat_protocol
-from distillery.rat_eval import train_rat
+from distillery.evaluation.rat import train_rat
 from distillery.run import LoopConfig, run_distillation
-from distillery.set_eval import evaluate_synset, resolve_protocol, set_protocols
+from distillery.evaluation.score import evaluate_synset, resolve_protocol, set_protocols
 from distillery.synset import SyntheticSet
 
 C, IPC = 4, 3

@@ -149,5 +149,7 @@ def test_quiet_and_json_print_one_json_object_last(tmp_path, capsys, example_run
 def test_report_baseline_is_silent_without_progress(example_run, capsys):
     """`distill --no-progress` hands progress=False on to the report's random-real baseline (no bar on stderr)."""
     from distillery.data import load_dataset
-    write_report(example_run, dataset=load_dataset("digits"), progress=False)
+    from distillery.evaluation.score import measure_baseline
+
+    write_report(example_run, baseline=measure_baseline(load_dataset("digits"), example_run, progress=False))
     assert "random real" not in capsys.readouterr().err

@@ -402,7 +402,7 @@ def test_progress_bar_shows_the_latest_validation_accuracy():
     """progress-val: a finished background evaluation shows in the bar before the loop records it."""
     import time
     from types import SimpleNamespace
-    from distillery.background import BackgroundEval
+    from distillery.evaluation.background import BackgroundEval
     from distillery.run import _Run
     bg = BackgroundEval()
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import data as _data
-from . import evaluate as _evaluate
+from .evaluation import dsa as _evaluate
 from . import export as _export
 from . import imports as _imports
 from . import report as _report

@@ -93,7 +93,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_baseline(args: argparse.Namespace) -> None:
     """Random-real or full-data baseline with the shared evaluation protocol."""
-    from .evaluate import full_data_baseline, random_real_baseline
+    from .evaluation.dsa import full_data_baseline, random_real_baseline
 
     fast = _fast(args)
     ds = _load(args, zca=args.zca)
@@ -167,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process
     from .evaluation.protocol import recorded_protocols
-    from .set_eval import evaluate_synset, model_table, parse_models, record, resolve_protocol
+    from .evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
     from .synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
@@ -259,17 +259,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
     from .runfiles import read_config
 
-    ds = None
+    baseline = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
         from .data import load_dataset
         from .device import resolve_device
+
+        from .evaluation.score import measure_baseline
 
         config = read_config(args.run_dir) or {}
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
                           zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0)
-    print(f"wrote {write_report(args.run_dir, out=args.out, dataset=ds, baseline=args.baseline)}")
+        baseline = measure_baseline(ds, args.run_dir)
+    print(f"wrote {write_report(args.run_dir, out=args.out, baseline=baseline)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

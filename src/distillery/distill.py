@@ -320,7 +320,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     run_dir = Path(out)
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
-    from .set_eval import parse_models
+    from .evaluation.score import parse_models
 
     parse_models(config.get("eval_models"), ds.spec)  # a model that cannot take these images: say so now
     if init is not None:
@@ -353,14 +353,15 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "distillation") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
+        from .evaluation.score import measure_baseline
         from .io import atomic_write_text
         from .report import write_report
 
         t = time.time()
-        write_report(run_dir, dataset=ds, device=device, from_run=True, progress=progress)
+        baseline = measure_baseline(ds, run_dir, progress)
         # result.json's `seconds` is the loop with its evaluations; the other parts of the command apart, and in all
         result.update(seconds_experts=setup_seconds, seconds_baseline=time.time() - t,
                       seconds_total=time.time() - started)
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
-        print(f"report: {write_report(run_dir)}")  # the page again, now with every time
+        print(f"report: {write_report(run_dir, baseline=baseline, device=device, from_run=True)}")
     return result

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .evaluate import train_model
+from .evaluation.dsa import train_model
 
 
 def oom_advice(config: dict[str, Any]) -> str:

@@ -76,10 +76,10 @@ from .checks import check_trajectory
 from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
-from .grouped_training import CapturedSGD, augment_each, autograd_step, capturable
+from .evaluation.parallel import map_runs
+from .evaluation.training import CapturedSGD, augment_each, autograd_step, capturable
 from .io import atomic_write_bytes, atomic_write_text, inside
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
-from .parallel import map_runs
 from .validate import check_cuda
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     same trajectories up to float rounding. None picks `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap
     measured 1.2-2x slower per expert (docs/EXPERTS.md), and 1 on CUDA until a GPU measurement says otherwise.
     Memory grows linearly with `parallel` (~1.1 GB per expert for ConvNet on 32x32 at batch 256).
-    `fast` (CUDA only): every minibatch step replays a captured CUDA graph (`grouped_training.CapturedSGD`), equal up
+    `fast` (CUDA only): every minibatch step replays a captured CUDA graph (`evaluation.training.CapturedSGD`), equal up
     to float rounding; for a K > 1 group of a model that cannot be grouped it trains as usual.
     Device: `device`, or where `ds.train.x` lives when None. `progress` shows a bar and prints each expert's
     val/test accuracy. With torch.distributed initialised (torchrun) every rank must call this: rank r trains experts
@@ -373,7 +373,7 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
 
 
 def _make_step(fm: FunctionalModel, k: int) -> Step:
-    """The gradient step of K experts: plain autograd for K = 1 or a grouped ConvNet (grouped_training.py), else
+    """The gradient step of K experts: plain autograd for K = 1 or a grouped ConvNet (evaluation/training.py), else
     vmapped `torch.func.grad` (grad_and_value alone costs 1.3x: GroupNorm's double-differentiable backward)."""
     fast = autograd_step(fm, k)
     if fast is not None:

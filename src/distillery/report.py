@@ -6,9 +6,10 @@ with matplotlib when the `report` extra is installed), the grids of the best and
 (best/last.safetensors), the final table of test accuracy per model with the random-real baseline under the same
 protocol and the gain over it (result.json, report.json), and wall time, device, peak memory and versions.
 
-`distill` calls `write_report(run_dir, dataset=ds, device=device, from_run=True)` at the end of every run: that first measures the random-real
-baseline (same model, epochs, runs and seed as the final test evaluation) and the peak memory into RUN_DIR/report.json,
-then writes RUN_DIR/report.html.
+This module only renders. `distill` measures the random-real baseline at the end of every run
+(`evaluation.score.measure_baseline`: the protocols the best set records, with their model, epochs, runs and seed)
+and calls `write_report(run_dir, baseline=..., device=device, from_run=True)`, which stores it and the peak memory in
+RUN_DIR/report.json, then writes RUN_DIR/report.html; `distillery report --baseline` does the same for a run dir.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
                 gain = f"{100 * (r['test_mean'] - b['test_mean']):+.2f}"
             accs, val = r.get("test_accs"), entry.get("val_acc")
             how = r["protocol"] + (f", {r['steps']} steps" if r.get("steps") else "") + (
-                f", {r['epochs']} epochs" if r.get("epochs") else "")
+                f", {r['epochs']} epochs" if r.get("epochs") else "") + (
+                f", lr {r['lr']:.4g}" if isinstance(r.get("lr"), (int, float)) else "")
             rows.append("<tr>" + "".join([
                 f"<td>{name}</td>", f"<td class='num'>{html.escape(str(entry.get('iteration', '')))}</td>",
                 f"<td class='num'>{_pct(val) if val is not None else ''}</td>",
@@ -291,60 +293,18 @@ def peak_memory(device: Any = None) -> dict[str, float]:
     return out
 
 
-def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
-                     progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Random real images, `ipc` per class (a fresh draw per run, as `random_real_baseline`), under every protocol
-    the best set records (the final test evaluation's, lr 0.01 for dsa) and every model of the final table:
-    {protocol: {model: record}}."""
-    import torch
-
-    from .evaluate import random_real_runs
-    from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
-    from .set_eval import evaluate_synset, parse_models, set_protocols
-    from .synset import SyntheticSet
-
-    best = run_dir / "best.safetensors"
-    s = SyntheticSet.load(best) if best.is_file() else None
-    if s is not None:
-        protocols = set_protocols(s, dataset.spec)[0]
-    else:  # no set to read it from: the run's settings
-        protocols = distilled_protocols({}, None, model=config.get("eval_model") or config.get("model")
-                                        or dataset.spec.default_model, runs=int(config.get("final_eval_runs", 5)),
-                                        seed=int(config.get("seed", 0)),
-                                        epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
-                                        dsa_strategy=dataset.spec.dsa_strategy)
-    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
-    extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
-                                                                                      str) else []
-    own = protocols[0]
-    wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
-    out: dict[str, dict[str, Any]] = {}
-    for proto in wanted:
-        def score(x, y, run_seed, proto=proto):
-            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
-            return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test", progress=False)
-
-        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
-        accs, res = [a for r in results for a in r.accs], results[-1]
-        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
-                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
-                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
-                                                       "steps": res.steps}
-    return out
-
-
-def write_report(run_dir: str | Path, out: str | Path | None = None, dataset=None, device: Any = None,
-                 baseline: bool = True, from_run: bool = False, progress: bool = True) -> Path:
-    """Write RUN_DIR/report.html (or `out`); with `dataset`, first measure the random-real baseline into report.json.
+def write_report(run_dir: str | Path, out: str | Path | None = None, baseline: dict[str, Any] | None = None,
+                 device: Any = None, from_run: bool = False) -> Path:
+    """Write RUN_DIR/report.html (or `out`); it only renders. `baseline`: a random-real baseline measured by the
+    caller (`evaluation.score.measure_baseline`), stored in report.json first.
 
     `from_run`: called by the process that ran the distillation, so its peak memory and device are the run's.
     """
     run_dir = Path(run_dir)
-    if dataset is not None or from_run:
+    if baseline is not None or from_run:
         extra = read_json_file(run_dir, REPORT_JSON) or {}
-        config = read_config(run_dir) or {}
-        if dataset is not None and baseline and config.get("ipc"):
-            extra["random_baseline"] = measure_baseline(dataset, config, run_dir, progress)
+        if baseline is not None:
+            extra["random_baseline"] = baseline
         if from_run:
             extra.update(peak_memory(device))
             if device is not None:

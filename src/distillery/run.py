@@ -40,21 +40,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import TrainingDiverged, UserError
 from .checkpoint import read_checkpoint, write_checkpoint
-from .runfiles import read_config
-from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocols
-from .io import atomic_write_text, ensure_dir, write_error
-from .health import DEFAULT_FIX, HealthMonitor
+from .evaluation.background import BackgroundEval, overlap_wanted
 from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
+from .evaluation.score import evaluate_synset, model_table, parse_models, record, set_protocols
+from .io import atomic_write_text, ensure_dir, write_error
+from .runfiles import read_config
+from .health import DEFAULT_FIX, HealthMonitor
 from .options import option
 from .synset import SyntheticSet
 
@@ -401,16 +401,16 @@ class _Run:
             if self.pending is None or old.name != _pending_name(self.pending):
                 old.unlink(missing_ok=True)
 
-    def validate(self, it: int, s: SyntheticSet):
+    def validate(self, it: int, s: SyntheticSet, tick: Callable[[], None] | None = None):
         """The validation evaluation of the set of iteration `it` under its own protocol, with `eval_runs` networks
-        and a seed of its own (None without a validation split)."""
+        and a seed of its own (None without a validation split). `tick`: the background's cancellation check."""
         if not (self.has_val or self.wants_loss):
             return None
         loop = self.loop
         own = set_protocols(s, self.dataset.spec)[0][0].replace(runs=loop.eval_runs, seed=loop.seed * 100003 + it)
         try:
             return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
-                                   fast=loop.eval_fast == "on")
+                                   fast=loop.eval_fast == "on", tick=tick)
         except TrainingDiverged:  # the set is what diverged: the cause is the distillation's, not an evaluation lr
             raise Diverged(f"networks trained on the set of iteration {it} diverged (its images reach |x| = "
                            f"{float(s.images.abs().max()):.3g})") from None
@@ -425,7 +425,8 @@ class _Run:
             return
         ensure_dir(self.pending_dir)
         s.save(self.pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
-        self.background.start(lambda: (it, s, self.validate(it, s)))
+        background = self.background
+        background.start(lambda: (it, s, self.validate(it, s, background.check)))
         self.pending = it
 
     def latest_val(self) -> float | None:
@@ -525,10 +526,12 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
                      "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
-                     "lr": own.lr, "by_protocol": [record(r) for r in results]}
+                     "lr": own.lr, "by_protocol": [{**record(r), "eval_protocol": p.record()}
+                                                   for r, p in zip(results, protos)]}
         if main:
-            for res in results:
-                print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
+            for res, p in zip(results, protos):
+                print(f"{name} set (iteration {s.meta.get('iteration', 'last')}), {p.describe()} (recorded in the "
+                      f"set): test {res}")
         if models and name == "best":
             table = {m: evaluate_synset(s, dataset, protos[0].replace(model=m), split="test", distributed=True,
                                         fast=fast) for m in models}

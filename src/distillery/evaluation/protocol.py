@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from ..augment import Augment
 from ..errors import UserError
 
-DEFAULT_EVAL_EPOCHS = 300       # dsa training epochs where neither a set nor a flag says otherwise
+DEFAULT_EVAL_EPOCHS = 300       # dsa training epochs where neither a set nor a flag says otherwise: the one default
 DSA_BATCH = 256                 # evaluate_synset's batch_train
 RAT_STEPS = (300, 600, 1000, 3000)  # base.py test(): epoch_list
 PUBLISHED_DSA_EPOCHS = 1000     # MTT/TESLA's --epoch_eval_train (their published numbers)
@@ -110,6 +109,18 @@ class EvalProtocol:
         return f"{self.name} protocol: " + ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How an evaluation runs, beside what it computes (`EvalProtocol`); each protocol's `score` takes what applies."""
+
+    split: str = "test"                       # val | test
+    progress: bool = False
+    distributed: bool = False                 # dsa: torchrun ranks share the runs
+    fast: bool = False                        # dsa: training replayed from captured CUDA graphs
+    train_loss: bool = False                  # rat: also the mean CE on the train split (cctype 1 signal)
+    tick: Callable[[], None] | None = None    # before every epoch or step: a background evaluation's cancel check
+
+
 def _int(p: EvalProtocol, field: str, low: int, optional: bool = False) -> None:
     value = getattr(p, field)
     if value is None and optional:
@@ -138,6 +149,8 @@ def check_protocol(p: EvalProtocol) -> None:
         raise UserError(f"the {p.name} protocol's schedule is '{SCHEDULES[p.name]}', not {p.schedule!r}")
     if not isinstance(p.augment, str):
         raise UserError(f"evaluation protocol field augment = {p.augment!r} must be a strategy string")
+    from ..augment import Augment  # torch; this module stays light enough for the CLI to import
+
     Augment(p.augment)  # unknown or repeated tokens: UserError
     other = [f for f in ("epochs", "batch", "steps", "classes_per_batch", "batch_per_class")
              if f not in FIELDS[p.name] and getattr(p, f) is not None]

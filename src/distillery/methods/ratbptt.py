@@ -7,7 +7,7 @@ the outer optimiser, Boost-DD and several processes.
 
 Budget (`--real-epochs`, the published `--epochs`): passes over the real data, ceil(train size / this process's real
 batch) outer steps each, as published. Sets record the `rat` evaluation protocol (the published test(),
-`distillery.rat_eval`).
+`distillery.evaluation.rat`).
 `--window-mode plateau` is the published cctype 1 curriculum (`Plateau`), driven by the run loop's evaluations.
 
 Window placement (SPEC §6.4): `start ~ U{m, ..., T-W}` (RaT-BPTT) or `start = T-W` (classic truncated BPTT), drawn
@@ -381,7 +381,7 @@ class RaTBPTT:
         meta = {"method": self.name, "dataset": spec.name, "ipc": len(self.images) // spec.num_classes,
                 "num_classes": spec.num_classes, "class_names": list(spec.class_names), "model": self.model_name,
                 "inner_opt": repr(self.inner_opt), "config": asdict(cfg), "seed": cfg.seed,
-                # the evaluation it was distilled for: the published test() (distillery.rat_eval)
+                # the evaluation it was distilled for: the published test() (distillery.evaluation.rat)
                 "protocol": "rat", "rat_eval": {"inner_opt": cfg.inner_opt, "inner_lr": cfg.inner_lr,
                                                 "strategy": cfg.syn_strategy, "task_sampler_nc": cfg.task_sampler_nc,
                                                 "batch_per_class": cfg.batch_per_class,

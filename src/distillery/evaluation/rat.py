@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import Augment
-from .background import check_cancelled
-from .errors import UserError
-from .evaluate import EvalResult, accuracy
-from .evaluation.protocol import EvalProtocol
-from .methods.bptt import sample_batch
-from .models import init_seeded
+from ..augment import Augment
+from ..errors import UserError
+from ..methods.bptt import sample_batch
+from ..models import init_seeded
+from .dsa import EvalResult, accuracy
 from .parallel import map_runs
+from .protocol import EvalProtocol, Scoring
 
 
 def make_optimizer(params, proto: EvalProtocol) -> torch.optim.Optimizer:
@@ -40,7 +39,7 @@ def make_optimizer(params, proto: EvalProtocol) -> torch.optim.Optimizer:
 
 def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, proto: EvalProtocol,
               generator: torch.Generator, on_count: Callable[[int, nn.Module], None] | None = None,
-              ) -> torch.optim.Optimizer:
+              tick: Callable[[], None] | None = None) -> torch.optim.Optimizer:
     """Train `model` in place for max(proto.steps) steps of the published test() loop; call `on_count(steps, model)`
     after each cumulative count. Draws from `generator`, per step: the batch indices, then its augmentation."""
     ipc = len(x) // num_classes
@@ -53,7 +52,8 @@ def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: i
     done = 0
     for count in proto.steps:
         for _ in range(count - done):
-            check_cancelled()
+            if tick is not None:  # before every step: a background evaluation's cancellation check
+                tick()
             idx = sample_batch(num_classes, ipc, nc, bpc, generator)
             xb = x[idx] if augment is None else augment(x[idx], generator)
             loss = F.cross_entropy(model(xb), y[idx])
@@ -81,7 +81,8 @@ def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1
 
 
 def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, split: str = "test",
-                 progress: bool = True, train_loss: bool = False) -> EvalResult:
+                 progress: bool = True, train_loss: bool = False,
+                 tick: Callable[[], None] | None = None) -> EvalResult:
     """`proto.runs` networks trained with the published test() loop; the step count is chosen on the validation
     split."""
     model, runs, seed = proto.model, proto.runs, proto.seed
@@ -106,7 +107,7 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol,
             bar.update(count - last[0])
             last[0] = count
 
-        train_rat(net, x, y, spec.num_classes, proto, gen, measure)
+        train_rat(net, x, y, spec.num_classes, proto, gen, measure, tick)
         return val, tgt, mean_loss(net, dataset.train.x, dataset.train.y) if train_loss else None
 
     per_run = map_runs(one, range(runs), device)  # side by side on the CPU, one thread each
@@ -122,3 +123,8 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol,
     return EvalResult(target_accs[chosen], model, chosen, proto.lr, split, protocol="rat", steps=chosen,
                       val_by_steps={c: float(np.mean(val_accs[c])) for c in proto.steps} if has_val else None,
                       train_loss=float(np.mean(losses)) if losses else None)
+
+
+def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
+    """The rat protocol object's scoring: `evaluate_rat` (single process; no captured graphs)."""
+    return evaluate_rat(x, y, dataset, proto, how.split, how.progress, how.train_loss, how.tick)

@@ -6,7 +6,8 @@ PyTorch may use between the two and running them at once leaves the numbers of b
 depends only on the set and its seed; the method never reads its result) while the wall time becomes about the
 larger of the two instead of their sum. The loop records a result when it arrives, in iteration order; a checkpoint
 written while one runs names it (`run.py`'s pending folder), so a kill loses nothing. When the loop stops early
-(Ctrl-C, an error) it cancels the running evaluation, which ends at its next epoch (`check_cancelled`).
+(Ctrl-C, an error) it cancels the running evaluation, which ends at its next epoch: the evaluation is handed
+`BackgroundEval.check` as its per-epoch `tick` (the training loops know nothing of threads).
 """
 
 from __future__ import annotations
@@ -16,17 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-_CANCEL = threading.Event()  # set while the loop abandons its background evaluation (one run loop per process)
-
-
 class EvalCancelled(Exception):
     """The background evaluation was abandoned by the run loop."""
-
-
-def check_cancelled() -> None:
-    """Called once per epoch (or step) by evaluation training: end a background evaluation the loop abandoned."""
-    if _CANCEL.is_set() and threading.current_thread() is not threading.main_thread():
-        raise EvalCancelled
 
 
 def overlap_wanted(mode: str, device: torch.device, world: int, needs_result: bool) -> bool:
@@ -47,9 +39,16 @@ class BackgroundEval:
         torch.set_num_threads(self.foreground)
         self._thread: threading.Thread | None = None
         self._out: dict[str, Any] = {}
+        self._cancel = threading.Event()  # set while `close` abandons the running evaluation
+
+    def check(self) -> None:
+        """The evaluation's per-epoch (or step) `tick`: end it here once the loop has abandoned it."""
+        if self._cancel.is_set():
+            raise EvalCancelled
 
     def start(self, fn: Callable[[], Any]) -> None:
-        """Run `fn()` in the background; the previous one must have been collected with `result()`."""
+        """Run `fn()` in the background (it should pass `check` to its training as `tick`); the previous one must
+        have been collected with `result()`."""
         if self._thread is not None:
             raise RuntimeError("an evaluation is already running; collect it with result() first")
 
@@ -90,8 +89,8 @@ class BackgroundEval:
     def close(self) -> None:
         """Cancel a still-running evaluation (it ends at its next epoch) and give this thread its threads back."""
         if self._thread is not None:
-            _CANCEL.set()
+            self._cancel.set()
             self._thread.join()
             self._thread = None
-            _CANCEL.clear()
+            self._cancel.clear()
         torch.set_num_threads(self.total)

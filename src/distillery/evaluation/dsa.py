@@ -19,18 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import Augment
-from .background import check_cancelled
-from .distributed import all_reduce_sum_, rank_and_world
-from .errors import TrainingDiverged, UserError
-from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
-from .grouped_training import capturable, train_captured, train_together
-from .models import FunctionalModel, init_seeded
-from .models.grouped import groupable
+from ..augment import Augment
+from ..distributed import all_reduce_sum_, rank_and_world
+from ..errors import TrainingDiverged, UserError
+from ..models import FunctionalModel, init_seeded
+from ..models.grouped import groupable
+from ..validate import check_cuda
 from .parallel import map_runs
-from .validate import check_cuda
+from .protocol import DEFAULT_EVAL_EPOCHS, EvalProtocol, Scoring
+from .training import MOMENTUM, WEIGHT_DECAY, capturable, sgd_schedule, train_captured, train_together
 
-_CHECK_EVERY = 100  # epochs between host reads of the on-device finite flag (a read is a sync on CUDA)
 # Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
 # on the CPU grouped convolutions are not faster; the CUDA row of benchmarks/gpu_suite.py decides.
 TOGETHER = {"cpu": False, "cuda": False}
@@ -77,45 +75,47 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int,
                 epochs: int, lr: float, batch: int = 256, strategy: str = "none", seed: int = 0,
-                progress: tqdm | None = None) -> nn.Module:
+                progress: tqdm | None = None, tick: Callable[[], None] | None = None) -> nn.Module:
     """Train a fresh `model_name` on (x, y) with the SPEC §7 recipe and return it (on x's device).
 
-    `y` may be class ids (int64) or per-image probability/weight vectors (soft or learned labels).
+    `y` may be class ids (int64) or per-image probability/weight vectors (soft or learned labels). `tick()` is
+    called before every epoch (a background evaluation's cancellation check).
     """
     device = x.device
     model = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), seed).to(device=device, dtype=x.dtype)
     model.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     augment = Augment(strategy)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    decay_after = epochs // 2 + 1
-    for ep in range(epochs + 1):
-        check_cancelled()
+    opt = [torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)]
+
+    def epoch(rate: float) -> torch.Tensor:  # the optimiser holds the rate
         order = torch.randperm(len(x), generator=gen, device=device)
         for i in range(0, len(x), batch):
             idx = order[i:i + batch]
             xb = augment(x[idx], gen)
             loss = F.cross_entropy(model(xb), y[idx])
-            optimizer.zero_grad(set_to_none=True)
+            opt[0].zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-        finite = torch.isfinite(loss) if ep == 0 else finite & torch.isfinite(loss)  # stays on the device
-        if (ep % _CHECK_EVERY == _CHECK_EVERY - 1 or ep == epochs) and not finite:  # one host read per 100 epochs
-            raise TrainingDiverged(f"evaluation training diverged (non-finite loss by epoch {ep}) with lr {lr:g}; "
-                            "evaluate with a smaller --lr")
-        if ep == decay_after:  # the reference code rebuilds the optimiser, so momentum restarts
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
-        if progress is not None:
-            progress.update(1)
+            opt[0].step()
+        return loss.detach()  # the last minibatch's
+
+    def restart(rate: float) -> None:
+        opt[0] = torch.optim.SGD(model.parameters(), lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    try:
+        sgd_schedule(epochs, lr, epoch, restart, None if progress is None else lambda: progress.update(1), tick)
+    except FloatingPointError as err:
+        raise TrainingDiverged(f"evaluation training diverged ({err}) with lr {lr:g}; evaluate with a smaller --lr") from None
     return model
 
 
 def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
                lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
-               together: bool | None = None, fast: bool = False) -> list[nn.Module]:
+               together: bool | None = None, fast: bool = False,
+               tick: Callable[[], None] | None = None) -> list[nn.Module]:
     """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
     grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
-    (`grouped_training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
+    (`training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
     together = TOGETHER.get(x.device.type, False) if together is None else together
     if fast:
         check_cuda("--eval-fast", x.device)
@@ -124,7 +124,7 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
     fast = fast and capturable(template, len(seeds) if group else 1)
     if not (group or fast):  # on the CPU: several runs at once, 1 thread each
         return map_runs(lambda s: train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s,
-                                              progress), seeds, x.device)
+                                              progress, tick), seeds, x.device)
     fm = FunctionalModel(template)
     train = train_captured if fast else train_together
 
@@ -132,9 +132,9 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
         inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
                  for s in members]
         gens = [torch.Generator(device=x.device).manual_seed(s) for s in members]
-        tick = None if progress is None else lambda: progress.update(len(members))
+        on_epoch = None if progress is None else lambda: progress.update(len(members))
         try:
-            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, tick)
+            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, on_epoch, tick=tick)
         except FloatingPointError as err:
             raise TrainingDiverged(f"evaluation training diverged ({err}) with lr {lr:g}; "
                             "evaluate with a smaller --lr") from None
@@ -146,7 +146,8 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
                  epochs: int = DEFAULT_EVAL_EPOCHS, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
-                 distributed: bool = False, together: bool | None = None, fast: bool = False) -> EvalResult:
+                 distributed: bool = False, together: bool | None = None, fast: bool = False,
+                 tick: Callable[[], None] | None = None) -> EvalResult:
     """Train `runs` fresh networks on (x, y) with the dsa protocol (MTT/TESLA's evaluate_synset, SPEC §7) and test
     each on `dataset`'s `split` ("val" or "test"). `strategy`: the DSA strategy (default the dataset's).
 
@@ -156,7 +157,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
 
     `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
     runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
-    evaluation.
+    evaluation. `tick()`: called before every epoch of every run (a background evaluation's cancellation check).
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -172,13 +173,20 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     bar = tqdm(total=len(mine) * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False,
                disable=not (progress and rank == 0))
     nets = train_runs(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
-                      [seed * 1000 + r for r in mine], bar, together, fast)
+                      [seed * 1000 + r for r in mine], bar, together, fast, tick)
     for r, net in zip(mine, nets):
         accs[r] = accuracy(net, target.x, target.y)
     bar.close()
     if distributed:  # each run's accuracy is on one rank, zeros elsewhere: the sum is exact
         accs = all_reduce_sum_(torch.tensor(accs, dtype=torch.float64, device=device)).tolist()
     return EvalResult(accs, model, epochs, lr, split)
+
+
+def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
+    """The dsa protocol object's scoring: `evaluate_set` with every setting of `proto`."""
+    return evaluate_set(x, y, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
+                        batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=how.split,
+                        progress=how.progress, distributed=how.distributed, fast=how.fast, tick=how.tick)
 
 
 def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable[[torch.Tensor, torch.Tensor, int],

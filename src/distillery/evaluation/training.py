@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import PARAM_FIELDS, Augment, AugParams
-from .background import check_cancelled
-from .capture import Captured
-from .models import FunctionalModel
-from .models.grouped import GroupedConvNet, groupable
+from ..augment import PARAM_FIELDS, Augment, AugParams
+from ..capture import Captured
+from ..models import FunctionalModel
+from ..models.grouped import GroupedConvNet, groupable
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # the evaluation optimiser (SPEC §7): SGD, restarted at the lr decay
+CHECK_EVERY = 100  # passes between host reads of the on-device finite flag (a read is a sync on CUDA)
 
 # step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,)): experts.py's Step
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -49,6 +49,27 @@ def _concat(params: list[AugParams]) -> AugParams:
     fields = {name: torch.cat([getattr(p, name) for p in params]) for name in PARAM_FIELDS
               if getattr(first, name) is not None}
     return AugParams(first.tokens, first.im_size, sum(p.batch for p in params), **fields)
+
+
+def sgd_schedule(epochs: int, lr: float, epoch: Callable[[float], Tensor], restart: Callable[[float], None],
+                 on_epoch: Callable[[], None] | None = None, tick: Callable[[], None] | None = None) -> None:
+    """The SPEC §7 schedule every evaluation trainer runs (one network, grouped, captured): `epochs + 1` passes,
+    `epoch(rate)` each (it returns the pass's losses, left on the device), the rate lr until pass epochs // 2 + 1
+    and lr / 10 after it, where `restart(lr / 10)` restarts the momentum (the reference code rebuilds its optimiser).
+    `tick()` before and `on_epoch()` after every pass. FloatingPointError on a non-finite loss, read on the host once
+    per 100 passes and after the last."""
+    finite: Tensor | None = None  # on the device: no host read until it is checked
+    for ep in range(epochs + 1):
+        if tick is not None:  # a background evaluation's cancellation check
+            tick()
+        ok = torch.isfinite(epoch(lr if ep <= epochs // 2 + 1 else lr * 0.1)).all()
+        finite = ok if finite is None else finite & ok
+        if (ep % CHECK_EVERY == CHECK_EVERY - 1 or ep == epochs) and not finite:
+            raise FloatingPointError(f"non-finite training loss by epoch {ep}")
+        if ep == epochs // 2 + 1:
+            restart(lr * 0.1)
+        if on_epoch is not None:
+            on_epoch()
 
 
 def plain_step(fm: FunctionalModel) -> Step:
@@ -88,20 +109,20 @@ def autograd_step(fm: FunctionalModel, k: int) -> Step | None:
 
 def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
                    batch: int, augment: Augment, gens: list[torch.Generator],
-                   on_epoch: Callable[[], None] | None = None) -> list[Tensor]:
+                   on_epoch: Callable[[], None] | None = None,
+                   tick: Callable[[], None] | None = None) -> list[Tensor]:
     """The SPEC §7 evaluation training of R networks at once as one GroupedConvNet; returns R flat vectors.
 
-    Network r starts from inits[r] and draws from gens[r] exactly as `evaluate.train_model` does alone (one order
+    Network r starts from inits[r] and draws from gens[r] exactly as `dsa.train_model` does alone (one order
     per epoch, one DSA draw per minibatch): SGD momentum 0.9, weight decay 5e-4, `epochs + 1` passes, lr / 10 with
     a fresh optimizer after pass `epochs // 2 + 1`. Raises FloatingPointError on a non-finite loss (read once per
     100 epochs). `y` may be class ids or per-image probability vectors.
     """
     net = GroupedConvNet(template, len(inits))
     params = net.from_flats(torch.stack(inits).to(x.dtype))
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    finite = torch.ones((), dtype=torch.bool, device=x.device)
-    for ep in range(epochs + 1):
-        check_cancelled()
+    opt = [torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)]
+
+    def epoch(rate: float) -> Tensor:  # the optimiser holds the rate
         orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
         for i in range(0, len(x), batch):
             idx = [order[i:i + batch] for order in orders]
@@ -110,16 +131,15 @@ def train_together(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
             ys = torch.stack([y[j] for j in idx])
             logits = net(params, xs).flatten(0, 1)
             losses = F.cross_entropy(logits, ys.flatten(0, 1), reduction="none").view(len(idx), -1).mean(1)
-            optimizer.zero_grad(set_to_none=True)
+            opt[0].zero_grad(set_to_none=True)
             losses.sum().backward()
-            optimizer.step()
-        finite = finite & torch.isfinite(losses).all()
-        if (ep % 100 == 99 or ep == epochs) and not finite:
-            raise FloatingPointError(f"non-finite training loss by epoch {ep}")
-        if ep == epochs // 2 + 1:  # the reference code rebuilds the optimiser, so momentum restarts
-            optimizer = torch.optim.SGD(params, lr=lr * 0.1, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        if on_epoch is not None:
-            on_epoch()
+            opt[0].step()
+        return losses.detach()  # the last minibatch's
+
+    def restart(rate: float) -> None:
+        opt[0] = torch.optim.SGD(params, lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    sgd_schedule(epochs, lr, epoch, restart, on_epoch, tick)
     return list(net.to_flats([p.detach() for p in params]))
 
 
@@ -187,8 +207,9 @@ class CapturedSGD:
 
 def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tensor, epochs: int, lr: float,
                    batch: int, augment: Augment, gens: list[torch.Generator],
-                   on_epoch: Callable[[], None] | None = None, capture: bool = True) -> list[Tensor]:
-    """`train_together` (one network: `evaluate.train_model`) as replays of captured SGD steps (`CapturedSGD`).
+                   on_epoch: Callable[[], None] | None = None, capture: bool = True,
+                   tick: Callable[[], None] | None = None) -> list[Tensor]:
+    """`train_together` (one network: `dsa.train_model`) as replays of captured SGD steps (`CapturedSGD`).
 
     The same draws in the same order, so the result equals plain training up to float rounding; after pass
     `epochs // 2 + 1` the momentum buffers are zeroed and the rate is lr / 10, as when the reference code rebuilds its
@@ -200,14 +221,5 @@ def train_captured(template: nn.Module, inits: list[Tensor], x: Tensor, y: Tenso
     bufs = torch.zeros_like(flats)
     sgd = CapturedSGD(autograd_step(FunctionalModel(template), len(inits)), augment, x, y, flats, bufs, MOMENTUM,
                       WEIGHT_DECAY, capture)
-    finite = torch.ones((), dtype=torch.bool, device=x.device)
-    for ep in range(epochs + 1):
-        check_cancelled()
-        finite = finite & torch.isfinite(sgd.epoch(gens, batch, lr if ep <= epochs // 2 + 1 else lr * 0.1)).all()
-        if (ep % 100 == 99 or ep == epochs) and not finite:
-            raise FloatingPointError(f"non-finite training loss by epoch {ep}")
-        if ep == epochs // 2 + 1:
-            bufs.zero_()  # momentum restarts with the lr decay
-        if on_epoch is not None:
-            on_epoch()
+    sgd_schedule(epochs, lr, lambda rate: sgd.epoch(gens, batch, rate), lambda rate: bufs.zero_(), on_epoch, tick)
     return list(flats.clone())

@@ -7,16 +7,24 @@ which protocol produced it, and `resolve_protocol` says where each value came fr
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable
 
-from .errors import UserError
-from .evaluate import EvalResult, evaluate_set
-from .evaluation.protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol,
-                                  rat_protocol, recorded_protocols)
-from .models import create_model
-from .rat_eval import evaluate_rat
+import torch
+
+from ..errors import UserError
+from ..models import create_model
+from ..synset import SyntheticSet
+from . import dsa, rat
+from .dsa import EvalResult, random_real_runs
+from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols, dsa_protocol,
+                       rat_protocol, recorded_protocols)
 
 PROTOCOLS = tuple(FIELDS)
+# The protocol objects: each trains its networks its own way and scores them; `evaluate_synset` picks one by name.
+SCORERS: dict[str, Callable[[Any, Any, Any, EvalProtocol, Scoring], EvalResult]] = {"dsa": dsa.score,
+                                                                                     "rat": rat.score}
 
 
 def set_protocols(s, spec) -> tuple[list[EvalProtocol], str]:
@@ -77,16 +85,15 @@ def parse_models(text: str | None, spec) -> list[str]:
 
 
 def evaluate_synset(s, dataset, proto: EvalProtocol | None = None, *, split: str = "test", progress: bool = False,
-                    distributed: bool = False, train_loss: bool = False, fast: bool = False) -> EvalResult:
+                    distributed: bool = False, train_loss: bool = False, fast: bool = False,
+                    tick: Callable[[], None] | None = None) -> EvalResult:
     """Score SyntheticSet `s` under `proto` (default: the set's own protocol): the one place a protocol is dispatched.
 
-    `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal)."""
+    `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal). `tick()`
+    runs before every epoch or step (a background evaluation's cancellation check)."""
     proto = proto or set_protocols(s, dataset.spec)[0][0]
-    if proto.name == "rat":
-        return evaluate_rat(s.images, s.labels, dataset, proto, split=split, progress=progress, train_loss=train_loss)
-    return evaluate_set(s.images, s.labels, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
-                        batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=split, progress=progress,
-                        distributed=distributed, fast=fast)
+    how = Scoring(split, progress, distributed, fast, train_loss, tick)
+    return SCORERS[proto.name](s.images, s.labels, dataset, proto, how)
 
 
 def record(res: EvalResult) -> dict[str, Any]:
@@ -109,3 +116,45 @@ def model_table(results: dict[str, EvalResult]) -> str:
         lines.append(f"{model:<{width}}  {100 * res.mean:.2f} ± {100 * res.std:.2f}  ({len(res.accs)} runs, "
                      f"{res.protocol} protocol{f', {res.steps} steps' if res.protocol == 'rat' else ''})")
     return "\n".join(lines)
+
+
+def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dict[str, dict[str, Any]] | None:
+    """The report's random-real baseline of run RUN_DIR: random real images, `ipc` per class (a fresh draw per run,
+    as `random_real_baseline`), under every protocol the best set records (the final test evaluation's, lr 0.01 for
+    dsa) and every model of the final table: {protocol: {model: record}}. None: config.json names no ipc."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict) or not config.get("ipc"):
+        return None
+    best = run_dir / "best.safetensors"
+    s = SyntheticSet.load(best) if best.is_file() else None
+    if s is not None:
+        protocols = set_protocols(s, dataset.spec)[0]
+    else:  # no set to read it from: the run's settings
+        protocols = distilled_protocols({}, None, model=config.get("eval_model") or config.get("model")
+                                        or dataset.spec.default_model, runs=int(config.get("final_eval_runs", 5)),
+                                        seed=int(config.get("seed", 0)),
+                                        epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
+                                        dsa_strategy=dataset.spec.dsa_strategy)
+    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
+    extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
+                                                                                      str) else []
+    own = protocols[0]
+    wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
+    out: dict[str, dict[str, Any]] = {}
+    for proto in wanted:
+        def score(x, y, run_seed, proto=proto):
+            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
+            return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test",
+                                   progress=False)
+
+        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
+        accs, res = [a for r in results for a in r.accs], results[-1]
+        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
+                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
+                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
+                                                       "steps": res.steps}
+    return out
