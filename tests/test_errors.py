@@ -304,7 +304,7 @@ def _record_protocol(path: Path, **fields) -> None:
 SET_ROWS = {
     "set-missing": (None, [], "does not exist"),
     "set-bad-protocol": (lambda p: _record_protocol(p, runs=0), [], "field runs = 0 must be an integer >= 1"),
-    "set-protocol-flag": (_record_protocol, [], "--epochs does not apply to the rat protocol"),
+    "set-protocol-flag": (_record_protocol, [], "--eval-epochs does not apply to the rat protocol"),
     "set-not-a-set": (lambda p: p.write_bytes(b"garbage, not a set"), [], "not a distillery set file"),
     "set-damaged": (_flip_image_byte, [], "is damaged"),
     "set-other-dataset": (lambda p: None, ["--dataset", "mnist"], "made for dataset digits"),
