@@ -16,7 +16,8 @@ from distillery.augment import Augment
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
-from distillery.init_from import apply_init_set, load_init_set
+from distillery.init_from import load_init_set
+from distillery.methods import Method
 from distillery.methods.bptt import sample_batch
 from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
@@ -144,15 +145,16 @@ def test_rat_set_records_its_protocol_and_init_from(digits, tmp_path):
     s.save(tmp_path / "s.safetensors")
     other = tiny_rat(digits, learn_labels=True, seed=7)
     init = load_init_set(str(tmp_path / "s.safetensors"), {"method": "ratbptt", "dataset": "digits", "ipc": 1})
-    apply_init_set(other, init)
+    other.init_from(init)
     assert torch.equal(other.images.detach(), s.images) and torch.equal(other.labels.detach(), s.labels)
     assert other.images.requires_grad
     with pytest.raises(UserError, match="images per class"):
         load_init_set(str(tmp_path / "s.safetensors"), {"method": "mtt", "dataset": "digits", "ipc": 2})
     with pytest.raises(UserError, match="distilled on digits"):
         load_init_set(str(tmp_path / "s.safetensors"), {"method": "mtt", "dataset": "mnist", "ipc": 1})
-    plain = SimpleNamespace(images=torch.zeros_like(s.images).requires_grad_(True))  # MTT/TESLA: images only
-    apply_init_set(plain, init)
+    plain = Method(digits, None)  # the default: images only
+    plain.images = torch.zeros_like(s.images).requires_grad_(True)
+    plain.init_from(init)
     assert torch.equal(plain.images.detach(), s.images)
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from distillery.data import load_dataset
+from distillery.methods import Method
 from distillery.run import Diverged, LoopConfig, run_distillation
 from distillery.synset import SyntheticSet
 
 
-class BreaksAt:
+class BreaksAt(Method):
     """A stand-in method whose images turn NaN at step `bad` while its logged loss stays finite."""
 
     def __init__(self, ds, bad: int):

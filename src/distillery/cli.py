@@ -246,7 +246,7 @@ _EXPERT_RECIPE = {"momentum": "expert_momentum", "l2": "expert_l2", "decay": "ex
 
 def _add_expert_recipe(p: argparse.ArgumentParser) -> None:
     """--momentum (--mom), --l2, --decay, with the defaults and help of `distill`'s --expert-* options."""
-    from .distill import ExpertConfig
+    from .experts import ExpertConfig
     from .options import describe, option_meta
 
     meta = option_meta(ExpertConfig)
@@ -262,7 +262,7 @@ def _add_expert_recipe(p: argparse.ArgumentParser) -> None:
 
 def _check_expert_recipe(args: argparse.Namespace) -> None:
     """One UserError, naming the flag as typed, for a --momentum / --l2 outside its declared range."""
-    from .distill import ExpertConfig
+    from .experts import ExpertConfig
     from .options import check_value, option_meta
 
     meta = option_meta(ExpertConfig)
@@ -315,7 +315,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
-                          zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0)
+                          zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0,
+                          resolution=config.get("resolution"))  # an image folder at the run's resolution
     print(f"wrote {write_report(args.run_dir, out=args.out, dataset=ds, baseline=args.baseline)}")
 
 
@@ -396,6 +397,7 @@ def _add_interop_parsers(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from .distill import add_distill_args
+    from .methods import list_methods
 
     parser = argparse.ArgumentParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -446,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("presets", help="list named hyperparameter presets")
-    p.add_argument("--method", default=None, choices=["mtt", "tesla", "ratbptt"])
+    p.add_argument("--method", default=None, choices=list_methods())
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("experts", help="train expert trajectories (MTT/TESLA)")

@@ -7,33 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .options import describe, option
+from .methods import get_method, list_methods
+from .options import describe, option, resumable
 from .run import LoopConfig
-
-
-@dataclass
-class ExpertConfig:
-    """The experts an MTT/TESLA run trains and caches when no --experts store is given."""
-
-    num_experts: int = option(10, low=1, help="expert trajectories to train")
-    expert_epochs_train: int = option(50, low=1, help="epochs of every expert (>= max_start_epoch - 1 + expert_epochs)")
-    expert_lr: float = option(0.01, low=0, low_open=True, help="SGD learning rate of the experts")
-    expert_momentum: float = option(0.0, low=0, high=1, high_open=True,
-                                    help="SGD momentum of the experts (MTT buffer.py --mom; published 0)")
-    expert_l2: float = option(0.0, low=0, help="SGD weight decay of the experts (buffer.py --l2; published 0)")
-    expert_decay: bool = option(False, help="expert lr x0.1 once epoch E // 2 + 1 of E is done, momentum restarted "
-                                            "(buffer.py --decay; published off)")
-    # these two also apply to a given --experts store
-    max_files: int | None = option(None, low=1, help="use only the first N groups of 10 experts by index (MTT "
-                                                     "distill.py --max_files: files of 10 experts)")
-    max_experts: int | None = option(None, low=1, help="use only the first N experts of each group of 10 (MTT "
-                                                       "distill.py --max_experts, per file)")
 
 
 @dataclass
@@ -47,14 +28,11 @@ class DataConfig:
 
 
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
-EXPERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExpertConfig)}
 
 
 def _method_configs() -> dict[str, type]:
-    from .methods.mtt import MTTConfig
-    from .methods.ratbptt import RaTBPTTConfig
-
-    return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig}
+    """{method name: its config dataclass}, every registered method."""
+    return {name: get_method(name).config_class for name in list_methods()}
 
 
 def _parse_bool(text: str) -> bool:
@@ -109,7 +87,7 @@ def _method_help(name: str, methods: dict[str, type]) -> str:
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     """Options of `distillery distill`; every default is None so we can tell what the user set."""
-    p.add_argument("--method", required=True, choices=["mtt", "tesla", "ratbptt"])
+    p.add_argument("--method", required=True, choices=list_methods())
     p.add_argument("--preset", default=None, help="a named preset (`distillery presets`); flags override it. "
                    "Default: the preset for this method, dataset and IPC if there is one, else defaults derived "
                    "from the data (docs/DEFAULTS.md)")
@@ -125,7 +103,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                         "its images, and its learned labels when the run learns labels")
     seen = {"seed"}
     methods = _method_configs()
-    groups = [("run loop", LoopConfig), ("experts (MTT/TESLA, when no --experts is given)", ExpertConfig),
+    extra = dict.fromkeys(cls for name in list_methods() for cls in get_method(name).option_classes)
+    groups = [("run loop", LoopConfig), *((cls.__doc__.splitlines()[0], cls) for cls in extra),
               ("data", DataConfig), *((f"{m} options", c) for m, c in methods.items())]
     for title, cls in groups:
         group = p.add_argument_group(title)
@@ -139,30 +118,36 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 def config_classes(method: str) -> list[type]:
     """The option dataclasses whose fields make up a `distill` configuration for `method`."""
-    classes = [_method_configs()[method], LoopConfig, DataConfig]
-    return classes + [ExpertConfig] if method in ("mtt", "tesla") else classes
+    spec = get_method(method)
+    return [spec.config_class, LoopConfig, DataConfig, *spec.option_classes]
 
 
 def config_defaults(method: str) -> dict[str, Any]:
-    """The declared default of each key of a `method` configuration: what a run recorded before the key existed
-    did (`--resume` of such a run accepts the key at this value). `processes` is not an option: one process."""
-    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)}, "processes": 1}
+    """The declared default of each key of a `method` configuration (with the values its name fixes): what a run
+    recorded before the key existed did (`--resume` of such a run accepts the key at this value). `processes` is
+    not an option: one process."""
+    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)},
+            **get_method(method).fixed, "processes": 1}
+
+
+def resume_may_change(method: str) -> frozenset[str]:
+    """The configuration keys `--resume` may change for `method`: its options declared `resumable`."""
+    return resumable(config_classes(method))
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults of the method, then a preset (named, else the one for this method/dataset/IPC) or defaults derived
     from the data, then every flag the user gave; checked as a whole before any data is read."""
     from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
-    from .defaults import data_facts, derive_defaults
+    from .defaults import data_facts
     from .presets import get_preset, preset_for
     from .validate import check_config
 
+    spec = get_method(args.method)
     classes = config_classes(args.method)
     config: dict[str, Any] = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
     config.pop("seed", None)
-    if args.method == "tesla":
-        config["grad"] = "tesla"
-    config.update(method=args.method, dataset=None, zca=None)
+    config.update(spec.fixed, method=args.method, dataset=None, zca=None)
     flags = {key: getattr(args, key) for key in [*config, "experts", "seed"] if getattr(args, key, None) is not None}
     name = args.preset
     dataset = flags.get("dataset")
@@ -182,7 +167,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     facts = data_facts(dataset, flags.get("val_fraction", config["val_fraction"]),
                        flags.get("resolution", config.get("resolution")))
     if name is None:
-        config.update(derive_defaults(args.method, facts, flags.get("ipc", config["ipc"])))
+        config.update(spec.derive_defaults(facts, flags.get("ipc", config["ipc"])))
         config["defaults_from"] = "derived from the data (docs/DEFAULTS.md)"
     config["resolution"] = facts.resolution
     config.update(flags)
@@ -190,6 +175,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if config["zca"] == "none":
         config["zca"] = None
     check_config(config, classes, facts)
+    spec.check_config(config, facts)
     return config
 
 
@@ -198,51 +184,9 @@ def describe_defaults(config: dict[str, Any]) -> str:
     source = config["defaults_from"]
     if not source.startswith("derived"):
         return f"defaults: {source} (flags override it)"
-    keys = ["ipc", "zca", "resolution", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr",
-            "num_experts", "expert_epochs_train", "horizon", "window", "real_batch", "lr", "iterations", "eval_every"]
+    keys = ["ipc", "zca", "resolution", *get_method(config["method"]).derived_keys, "iterations", "eval_every"]
     values = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     return f"no preset for {config['method']} on {config['dataset']} at IPC {config['ipc']}: defaults {source}: {values}"
-
-
-def _experts_for(config: dict[str, Any], ds, device, progress: bool):
-    """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
-    to --max-files / --max-experts."""
-    from .experts import ExpertStore, limit_experts, train_experts
-    from .models import FunctionalModel, create_model
-
-    spec = ds.spec
-    model = config["model"] or spec.default_model
-    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
-    path = config.get("experts")
-    if path is None:
-        cache = Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
-        recipe = {"m": config["expert_momentum"], "wd": config["expert_l2"], "decay": int(config["expert_decay"])}
-        key = (f"{spec.name.replace(':', '_').replace('/', '_')}-{model}-{ds.preprocess.fingerprint()[:10]}"
-               f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
-               + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
-        path = cache / "experts" / key
-        print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
-              f"epochs into the cache {path} (reused by later runs)")
-        train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"], lr=config["expert_lr"],
-                      out_dir=path, device=device, seed=config["seed"], progress=progress,
-                      momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
-                      decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
-    store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
-                             expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
-    return limit_experts(store, config.get("max_files"), config.get("max_experts"))
-
-
-def build_method(config: dict[str, Any], ds, device, progress: bool = True):
-    """Instantiate the method object for the shared loop."""
-    cls = _method_configs()[config["method"]]
-    cfg = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
-    if config["method"] in ("mtt", "tesla"):
-        from .methods.mtt import MTT
-
-        return MTT(ds, _experts_for(config, ds, device, progress), cfg)
-    from .methods.ratbptt import RaTBPTT
-
-    return RaTBPTT(ds, cfg)
 
 
 def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,7 +212,8 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(args.out, config, args.resume, config_defaults(args.method))
+            prepare_run_dir(args.out, config, args.resume, config_defaults(args.method),
+                            resume_may_change(args.method))
     run_dir = Path(args.out)
     ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
@@ -280,18 +225,14 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         from .init_from import check_init_set
 
         check_init_set(init, ds)
-    method = build_method(config, ds, device, progress)
+    method = get_method(config["method"]).build(config, ds, device, progress)
     if init is not None:
-        from .init_from import apply_init_set
-
-        apply_init_set(method, init)
+        method.init_from(init)
         print(f"initialised from {args.init_from}")
     loop = LoopConfig(**{k: config[k] for k in LOOP_DEFAULTS}, seed=config["seed"])
-    if config.get("epochs"):  # RaT-BPTT's budget in passes over the real data (the published --epochs)
-        steps = method.setup.steps_per_epoch
-        loop.iterations = config["epochs"] * steps
-        print(f"budget: {config['epochs']} epochs x {steps} outer steps per pass over the real data = "
-              f"{loop.iterations} iterations")
+    loop.iterations, budget = method.budget(config)
+    if budget:
+        print(budget)
     from .estimate import estimate_run, out_of_memory
 
     if estimate:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (path, name, option). The CLI prints the message without a traceback."""
+
+
+class Diverged(UserError):
+    """The distillation produced NaN/inf (or a non-positive step size); `run_distillation` adds how to go on."""

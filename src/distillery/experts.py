@@ -56,6 +56,7 @@ import json
 import math
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -75,6 +76,7 @@ from .errors import UserError
 from .grouped_training import CapturedSGD, augment_each, autograd_step, capturable
 from .io import atomic_write_bytes, atomic_write_text
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
+from .options import option
 from .parallel import map_runs
 from .validate import check_cuda
 
@@ -104,6 +106,25 @@ _ADDED_KEYS = {"momentum": 0.0, "weight_decay": 0.0}
 # step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,))
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
+
+
+@dataclass
+class ExpertConfig:
+    """The experts an MTT/TESLA run trains and caches when no --experts store is given."""
+
+    num_experts: int = option(10, low=1, help="expert trajectories to train")
+    expert_epochs_train: int = option(50, low=1, help="epochs of every expert (>= max_start_epoch - 1 + expert_epochs)")
+    expert_lr: float = option(0.01, low=0, low_open=True, help="SGD learning rate of the experts")
+    expert_momentum: float = option(0.0, low=0, high=1, high_open=True,
+                                    help="SGD momentum of the experts (MTT buffer.py --mom; published 0)")
+    expert_l2: float = option(0.0, low=0, help="SGD weight decay of the experts (buffer.py --l2; published 0)")
+    expert_decay: bool = option(False, help="expert lr x0.1 once epoch E // 2 + 1 of E is done, momentum restarted "
+                                            "(buffer.py --decay; published off)")
+    # these two also apply to a given --experts store
+    max_files: int | None = option(None, low=1, help="use only the first N groups of 10 experts by index (MTT "
+                                                     "distill.py --max_files: files of 10 experts)")
+    max_experts: int | None = option(None, low=1, help="use only the first N experts of each group of 10 (MTT "
+                                                       "distill.py --max_experts, per file)")
 
 
 def expert_seed(seed: int, k: int) -> int:
