@@ -12,6 +12,7 @@ from distillery.distill import resolve_config
 from distillery.methods import get_method, list_methods
 from distillery.methods.dm import DM, DMConfig, dm_loss
 from distillery.models import create_model, init_seeded
+from distillery.presets import get_preset
 from distillery.set_eval import evaluate_synset
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "distillery"
@@ -88,3 +89,12 @@ def test_short_run_improves_on_the_initial_set_on_validation(digits):
         m.step(it)
     after = evaluate_synset(m.synset(), digits, **kw)
     assert after.mean > before.mean + 0.05, (before.mean, after.mean)  # measured: 0.71 -> 0.91
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_cifar10_presets_are_picked_and_name_only_its_options(ipc):
+    config = resolve_config(build_parser().parse_args(["distill", "--out", "R", "--method", "dm", "--dataset",
+                                                       "cifar10", "--ipc", str(ipc)]))
+    preset = get_preset(f"dm/cifar10-ipc{ipc}")
+    assert config["defaults_from"] == f"preset dm/cifar10-ipc{ipc}" and config["iterations"] == 20000
+    assert set(preset) - {"note"} <= set(config)

@@ -8,6 +8,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,3 +261,23 @@ def test_run_loop_feeds_the_plateau_and_stops_when_it_says_so(digits, tmp_path, 
     assert [it for it, _ in seen] == [0, 1, 2] and all(loss > 0 for _, loss in seen)  # the train-split CE
     assert result["last"]["iteration"] == 2 and "plateau curriculum ended the run at iteration 2" in \
         capsys.readouterr().out
+
+
+def test_rat_set_stores_its_preprocessing_fingerprint(tmp_path, capsys):
+    """A RaT-BPTT set records the fingerprint of its preprocessing, so `evaluate` refuses other preprocessing (an
+    image folder's mean/std are fitted on the train split, which --val-fraction changes)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+                Image.fromarray(pixels, "L").save(tmp_path / split / c / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}", val_fraction=0.25)
+    s = tiny_rat(ds, real_batch=8).synset()
+    assert s.preprocess["meta"]["fingerprint"] == ds.preprocess.fingerprint()
+    s.save(tmp_path / "rat.safetensors")
+    assert main(["evaluate", str(tmp_path / "rat.safetensors"), "--val-fraction", "0.5", "--runs", "1"]) == 2
+    assert "preprocessed differently" in capsys.readouterr().err

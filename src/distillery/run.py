@@ -25,8 +25,8 @@ Resume is exact: all randomness lives in the method's saved state or in streams 
 (seed, iteration), so an interrupted and resumed run gives the same images as an uninterrupted one (with the same
 thread count: a resume with another one is warned about). `--resume` may change what does not alter the state's
 shape or meaning (the options declared `resumable`: learning rates, guard bounds, a larger `--iterations`,
-evaluation and checkpoint cadence); anything else is refused. A directory without a checkpoint (a run stopped before its first
-one) is started again by the same command.
+evaluation and checkpoint cadence); anything else is refused. A directory without a checkpoint (a run stopped
+before its first one) is started again by the same command.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class LoopConfig:
     eval_runs: int = option(3, low=1, resumable=True, help="networks trained per validation evaluation")
     eval_epochs: int = option(300, low=1, resumable=True, help="training epochs of every evaluation network")
     eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
-    eval_models: str | None = option(None, resumable=True, help="models of the final cross-architecture table of the best set, "
-                                                "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
+    eval_models: str | None = option(None, resumable=True,
+                                     help="models of the final cross-architecture table of the best set, e.g. "
+                                          "ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
     final_eval_runs: int = option(5, low=1, resumable=True, help="networks trained per final test evaluation")
     checkpoint_every: int = option(10, low=1, resumable=True, help="write a checkpoint every this many iterations")
     eval_overlap: str = option("auto", choices=("auto", "off"), resumable=True,
