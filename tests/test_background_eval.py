@@ -7,10 +7,11 @@ import time
 import pytest
 import torch
 
+from distillery.checkpoint import read_checkpoint
 from distillery import run as run_module
 from distillery.data import load_dataset
 from distillery.methods import Method
-from distillery.run import LoopConfig, run_distillation
+from distillery.run import CHECKPOINT, LoopConfig, run_distillation
 from distillery.synset import SyntheticSet
 
 
@@ -54,7 +55,7 @@ def threads():
 
 def _outcome(run_dir):
     result = json.loads((run_dir / "result.json").read_text())
-    rows = [(r["it"], r.get("val_acc")) for r in torch.load(run_dir / "checkpoint.pt", weights_only=False)["rows"]]
+    rows = [(r["it"], r.get("val_acc")) for r in read_checkpoint(run_dir / CHECKPOINT)["rows"]]
     return rows, result["best"]["iteration"], result["best"]["test_accs"], result["last"]["test_accs"]
 
 
@@ -93,7 +94,7 @@ def test_a_kill_while_an_evaluation_runs_in_the_background_loses_nothing(digits,
     with pytest.raises(KeyboardInterrupt):
         run_distillation(Drifts(digits, kill=6), digits, tmp_path / "cut", LoopConfig(**LOOP), progress=False)
     assert not any(t.name == "distillery-eval" for t in threading.enumerate())  # cancelled and joined, not left
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "cut" / CHECKPOINT)
     assert ckpt["it"] == 6 and ckpt["pending_eval"] == 4
     assert (tmp_path / "cut" / "pending" / "it_000004.safetensors").is_file()
     monkeypatch.undo()

@@ -19,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from distillery.checkpoint import read_checkpoint
 from distillery.cli import build_parser, main
 from distillery.data import load_dataset
 from distillery.data.download import SOURCES
 from distillery.errors import UserError
 from distillery.experts import train_experts
+from distillery.imports import import_set
+from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet, preprocess_record
 
 
@@ -238,7 +241,7 @@ def test_expert_store_rows(capsys, tmp_path, store, row):
     before = tree(s)
     one_line(capsys, distill_args(s, tmp_path / "run", *extra), needle)
     assert tree(s) == before
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
 
 
 def test_experts_resume_with_other_settings(capsys, tmp_path, store):
@@ -301,6 +304,207 @@ def test_show_into_a_folder(capsys, tmp_path, set_file):
     assert tree(tmp_path) == {}
 
 
+# --- imported files (import-set, import-experts): each part checked where it is read -----------------------------
+class _Payload:
+    """An object whose unpickling would create `ran.txt`: the proof that no imported file is unpickled."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("ran.txt"),))
+
+
+def _digits_set(given: Path, images=None, labels=None, lr=None, name="best") -> Path:
+    """images_NAME.pt (+ labels_NAME.pt, lr_NAME.pt when given) of a 1-per-class digits set, as MTT/DATM save."""
+    given.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.randn(10, 1, 8, 8) if images is None else images, given / f"images_{name}.pt")
+    if labels is not None:
+        torch.save(labels, given / f"labels_{name}.pt")
+    if lr is not None:
+        torch.save(lr, given / f"lr_{name}.pt")
+    return given / f"images_{name}.pt"
+
+
+def _h5(given: Path, fill) -> Path:
+    """A .h5 written by `fill(h5py.File)`."""
+    h5py = pytest.importorskip("h5py")
+    given.mkdir(parents=True, exist_ok=True)
+    with h5py.File(given / "rat.h5", "w") as f:
+        fill(f)
+    return given / "rat.h5"
+
+
+def _h5_external(given: Path) -> Path:
+    _h5(given, lambda f: f.create_dataset("data", data=np.zeros((10, 64), np.float32)))
+    (given / "rat.h5").rename(given / "other.h5")
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(given / "rat.h5", "w") as f:
+        f["data"] = h5py.ExternalLink(str(given / "other.h5"), "/data")
+    return given / "rat.h5"
+
+
+def _nan(shape, at=3):
+    x = torch.randn(shape)
+    x.view(-1)[at] = float("nan")
+    return x
+
+
+IMPORT_SET_ROWS = [
+    ("import-unreadable", "zero-byte", lambda g: _digits_set(g) and (g / "images_best.pt").write_bytes(b""),
+     "cannot read"),
+    ("import-unreadable", "truncated", lambda g: (g / "images_best.pt").write_bytes(
+        _digits_set(g).read_bytes()[:300]), "cannot read"),
+    ("import-unreadable", "pickled-object", lambda g: _digits_set(g, images=[_Payload()]), "cannot read"),
+    ("import-unreadable", "h5-garbage", lambda g: (g.mkdir(), (g / "rat.h5").write_bytes(b"not hdf5" * 20)),
+     "cannot read"),
+    ("import-not-a-tensor", "list", lambda g: _digits_set(g, images=[torch.zeros(10, 1, 8, 8)]), "holds a list"),
+    ("import-not-a-tensor", "string-lr", lambda g: _digits_set(g, lr="0.01"), "holds a str"),
+    ("import-not-a-tensor", "dict-labels", lambda g: _digits_set(g, labels={"y": 1}), "holds a dict"),
+    ("import-not-a-tensor", "lr-vector", lambda g: _digits_set(g, lr=torch.ones(3)), "not one learning rate"),
+    ("import-not-a-tensor", "dict-without-images", lambda g: _digits_set(g, images={"x": torch.zeros(1)}),
+     "without 'images'"),
+    ("import-not-a-tensor", "complex", lambda g: _digits_set(g, images=torch.zeros(10, 1, 8, 8, dtype=torch.cfloat)),
+     "complex"),
+    ("import-h5-layout", "group", lambda g: _h5(g, lambda f: f.create_group("data")), "is a Group"),
+    ("import-h5-layout", "bytes", lambda g: _h5(g, lambda f: f.create_dataset("data", data=np.bytes_(b"abc"))),
+     "'data' holds |S3"),
+    ("import-h5-layout", "scalar", lambda g: _h5(g, lambda f: f.create_dataset("data", data=1.5)), "shape ()"),
+    ("import-h5-layout", "complex", lambda g: _h5(g, lambda f: f.create_dataset(
+        "data", data=np.zeros((10, 64), np.complex64))), "'data' holds complex64"),
+    ("import-h5-layout", "external-link", _h5_external, "a link to another file"),
+    ("import-bad-values", "nan-images", lambda g: _digits_set(g, images=_nan((10, 1, 8, 8))), "1 of the 640 values of the images are NaN/inf"),
+    ("import-bad-values", "huge-images", lambda g: _digits_set(g, images=torch.full((10, 1, 8, 8), 1e30)),
+     "beyond any model space"),
+    ("import-bad-values", "negative-lr", lambda g: _digits_set(g, lr=torch.tensor(-0.01)),
+     "the learning rate -0.01 cannot train"),
+    ("import-bad-values", "nan-lr", lambda g: _digits_set(g, lr=torch.tensor(float("nan"))),
+     "the learning rate nan cannot train"),
+    ("import-bad-values", "nan-soft-labels", lambda g: _digits_set(g, labels=_nan((10, 10))), "NaN/inf"),
+    ("import-bad-values", "label-minus-one", lambda g: _digits_set(g, labels=torch.tensor([-1] + list(range(1, 10)))),
+     "class id -1"),
+    ("import-bad-values", "label-beyond-classes", lambda g: _digits_set(g, labels=torch.arange(1, 11)),
+     "class id 10"),
+    ("import-bad-values", "bool-labels", lambda g: _digits_set(g, labels=torch.ones(10, dtype=torch.bool)),
+     "torch.bool labels"),
+    ("import-bad-values", "nan-h5", lambda g: _h5(g, lambda f: f.create_dataset("data", data=_nan((10, 64)).numpy())),
+     "NaN/inf"),
+]
+
+
+@pytest.mark.parametrize("row,case,make,needle", IMPORT_SET_ROWS, ids=[f"{r[0]}-{r[1]}" for r in IMPORT_SET_ROWS])
+def test_import_set_rows(capsys, tmp_path, row, case, make, needle):
+    given = tmp_path / "given"
+    make(given)
+    file = given / "rat.h5" if (given / "rat.h5").exists() else given / "images_best.pt"
+    before = tree(tmp_path)
+    one_line(capsys, ["import-set", file, "--dataset", "digits", "--out", tmp_path / "out" / "s.safetensors"], needle)
+    assert tree(tmp_path) == before and not Path("ran.txt").exists()  # nothing written, nothing unpickled
+
+
+def test_import_lr_option_is_checked(capsys, tmp_path):
+    """import-bad-values: `--lr` itself must be a finite number > 0 (and replaces a saved lr, which is then unread)."""
+    f = _digits_set(tmp_path / "given", lr="not a number")
+    one_line(capsys, ["import-set", f, "--dataset", "digits", "--lr", "-1", "--out", tmp_path / "s.safetensors"],
+             "--lr -1.0 is out of range")
+    with pytest.raises(UserError, match="--lr: the learning rate nan cannot train"):  # the API checks it as well
+        import_set(f, "digits", lr=float("nan"))
+    assert main(["import-set", str(f), "--dataset", "digits", "--lr", "0.02", "--out",
+                 str(tmp_path / "s.safetensors")]) == 0
+    assert "--lr 0.02 (given" in capsys.readouterr().out
+
+
+def _buffer(epochs=2, experts=1, same=False):
+    """An MTT buffer of ConvNetD1W8 digits experts; `same`: every snapshot the same tensors, as buffer.py on a CPU."""
+    out = []
+    for k in range(experts):
+        net = torch.nn.ModuleList()  # parameters in ConvNetD1W8's order and shapes, from the model itself
+        from distillery.models import init_seeded
+
+        params = [p.detach().clone() for p in init_seeded("ConvNetD1W8", 1, 10, (8, 8), k).parameters()]
+        out.append([params if same else [p + 0.01 * e for p in params] for e in range(epochs + 1)])
+    return out
+
+
+def _nan_buffer():
+    b = _buffer()
+    b[0][1][0][0, 0, 0, 0] = float("nan")
+    return b
+
+
+def _stalled_buffer():
+    b = _buffer()
+    b[0][2] = [p.clone() for p in b[0][1]]
+    return b
+
+
+IMPORT_EXPERT_ROWS = [
+    ("import-degenerate-trajectory", "all-snapshots-equal", lambda: _buffer(same=True),
+     "degenerate trajectory: replay_buffer_0.pt expert 0's snapshots are identical"),
+    ("import-degenerate-trajectory", "one-epoch-still", _stalled_buffer, "snapshots 1 and 2 are identical"),
+    ("import-bad-values", "nan-parameter", _nan_buffer, "NaN/inf"),
+    ("import-not-a-tensor", "buffer-of-strings", lambda: [["a", "b", "c"]], "not a list of parameter tensors"),
+    ("import-not-a-tensor", "buffer-int-params", lambda: [[[p.long() for p in s] for s in _buffer()[0]]],
+     "not a float tensor"),
+]
+
+
+@pytest.mark.parametrize("row,case,make,needle", IMPORT_EXPERT_ROWS,
+                         ids=[f"{r[0]}-{r[1]}" for r in IMPORT_EXPERT_ROWS])
+def test_import_experts_rows(capsys, tmp_path, row, case, make, needle):
+    given = tmp_path / "given"
+    given.mkdir()
+    torch.save(_buffer(), given / "replay_buffer_0.pt")  # a good first file: the bad second one still stops all
+    torch.save(make(), given / "replay_buffer_1.pt")
+    before = tree(tmp_path)
+    line = one_line(capsys, ["import-experts", given, "--dataset", "digits", "--model", "ConvNetD1W8",
+                             "--out", tmp_path / "store"], needle.replace("replay_buffer_0", "replay_buffer_1"))
+    assert tree(tmp_path) == before and not (tmp_path / "store").exists()
+    if "all-snapshots" in case:
+        assert "MTT's buffer.py" in line and "distillery experts" in line
+
+
+def test_import_pixels_are_preprocessed(capsys, tmp_path):
+    """import-pixels: uint8 0..255 images are raw pixels: preprocessed on import, and the import says so."""
+    x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    f = _digits_set(tmp_path / "given", images=x)
+    assert main(["import-set", str(f), "--dataset", "digits", "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert "raw pixels 0..255, preprocessed on import (standard)" in capsys.readouterr().out
+    s = SyntheticSet.load(tmp_path / "s.safetensors")
+    want = load_dataset("digits").preprocess.transform(x.float() / 255)
+    torch.testing.assert_close(s.images, want)
+
+
+def test_import_says_what_it_assumed(capsys, tmp_path):
+    """import-assumed: no labels or lr file beside the images (MTT, TESLA): the import says what it used instead."""
+    f = _digits_set(tmp_path / "given")
+    assert main(["import-set", str(f), "--dataset", "digits", "--out", str(tmp_path / "s.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "labels: class-blocked hard labels: no labels file beside images_best.pt" in out
+    assert "lr: none: no lr file beside images_best.pt (MTT and TESLA save none); `distillery evaluate` trains it " \
+           "with --lr, default 0.01" in out
+
+
+# --- set files with contents distillery never writes (the digest recomputed, so only the contents check sees it) --
+SET_CONTENT_ROWS = {
+    "nan-images": (lambda s: s.images.view(-1).__setitem__(0, float("nan")), "NaN/inf values in 'images'"),
+    "label-out-of-range": (lambda s: s.labels.__setitem__(0, 12), "outside 0..9"),
+    "label-kind": (lambda s: setattr(s, "label_kind", "soft"), "soft labels of shape (10,)"),
+    "negative-lr": (lambda s: setattr(s, "lr", -1.0), "the learning rate -1.0"),
+    "int-images": (lambda s: setattr(s, "images", s.images.long()), "torch.int64 images"),
+    "num-classes": (lambda s: s.meta.update(num_classes="ten"), "num_classes 'ten'"),
+}
+
+
+@pytest.mark.parametrize("case", list(SET_CONTENT_ROWS), ids=[f"set-bad-contents-{c}" for c in SET_CONTENT_ROWS])
+def test_set_bad_contents(capsys, tmp_path, set_file, case):
+    change, needle = SET_CONTENT_ROWS[case]
+    s = SyntheticSet.load(set_file)
+    s.images, s.labels, s.meta = s.images.clone(), s.labels.clone(), dict(s.meta)
+    change(s)
+    s.save(tmp_path / "bad.safetensors")  # save checks nothing: a hand-made file with a fresh digest
+    before = tree(tmp_path)
+    one_line(capsys, ["show", tmp_path / "bad.safetensors", "--out", tmp_path / "grid.png"], needle)
+    assert tree(tmp_path) == before
+
+
 # --- run directories ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_run(tmp_path_factory, store):
@@ -337,7 +541,7 @@ def test_run_dir_rows(capsys, store, finished_run, row):
 
 def test_damaged_checkpoint(capsys, store, finished_run):
     """run-checkpoint-damaged: a checkpoint whose sha256 trailer does not match is refused, not loaded."""
-    path = finished_run / "checkpoint.pt"
+    path = finished_run / CHECKPOINT
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
@@ -350,7 +554,7 @@ def test_damaged_config(capsys, store, finished_run):
     """run-config-damaged."""
     (finished_run / "config.json").write_text("{half")
     before = tree(finished_run)
-    one_line(capsys, distill_args(store, finished_run, "--resume"), "cannot read")
+    one_line(capsys, distill_args(store, finished_run, "--resume"), "config.json in")
     assert tree(finished_run) == before
 
 
@@ -452,7 +656,7 @@ def test_nan_before_the_first_checkpoint(capsys, tmp_path, store, monkeypatch):
     _nan_from(monkeypatch, 0)
     line = one_line(capsys, distill_args(store, out, "--checkpoint-every", "5", "--iterations", "5"),
                     "no checkpoint was written yet")
-    assert "checkpoint.pt" not in line and not (out / "checkpoint.pt").exists()
+    assert CHECKPOINT not in line and not (out / CHECKPOINT).exists()
     monkeypatch.undo()
     assert main([str(a) for a in distill_args(store, out, "--lr-img", "50")]) == 0
     history = json.loads((out / "config.json").read_text())["history"]
@@ -465,17 +669,15 @@ def test_nan_names_the_real_checkpoint_and_resume_lowers_the_lr(capsys, tmp_path
     out = tmp_path / "run"
     _nan_from(monkeypatch, 2)
     line = one_line(capsys, distill_args(store, out, "--iterations", "4"), "iteration 2")
-    assert str(out / "checkpoint.pt") in line and "--resume" in line
-    from distillery.run import read_checkpoint
-
-    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert str(out / CHECKPOINT) in line and "--resume" in line
+    ckpt = read_checkpoint(out / CHECKPOINT)
     assert ckpt["it"] == 2 and torch.isfinite(ckpt["method"]["images"]).all()
     monkeypatch.undo()
     assert main([str(a) for a in distill_args(store, out, "--iterations", "4", "--lr-img", "25", "--resume")]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lr_img"] == 25 and cfg["history"][-1]["changed"]["lr_img"][1] == 25
     assert cfg["history"][-1]["event"] == "resume" and cfg["history"][-1]["iteration"] == 2
-    opt = read_checkpoint(out / "checkpoint.pt")["method"]["opt_img"]
+    opt = read_checkpoint(out / CHECKPOINT)["method"]["opt_img"]
     assert opt["param_groups"][0]["lr"] == 25
 
 
@@ -700,11 +902,12 @@ def test_hints_name_commands_that_exist(capsys):
 
 
 def test_every_row_of_the_table_has_a_test():
-    """docs/ERRORS.md and this file stay in step: each row id appears here as a parameter id or a docstring."""
+    """docs/ERRORS.md and the tests stay in step: each row id appears in a test file as a parameter id or a
+    docstring."""
     doc = (Path(__file__).parents[1] / "docs" / "ERRORS.md").read_text()
     cells = re.findall(r"^\| ([a-z][a-z0-9-]+(?:, [a-z0-9-]+)*) \|", doc, re.M)
     ids = [i for cell in cells for i in cell.split(", ") if i != "id"]
-    here = Path(__file__).read_text()
+    here = "".join(f.read_text() for f in Path(__file__).parent.glob("test_*.py"))
     assert len(ids) > 50 and not [i for i in ids if f'"{i}' not in here], ids
 
 

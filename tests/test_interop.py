@@ -85,6 +85,79 @@ def test_ratbptt_h5_import(tmp_path, synset):
     torch.testing.assert_close(back.labels, learned)
 
 
+def _rat_pth(path, data, labels=None, epoch=7):
+    """The checkpoint RaT-BPTT's base.py saves beside its .h5 (data, Adam state, and labels for a --train_y run)."""
+    emb = torch.nn.Embedding(*data.shape)
+    emb.weight.data = data.clone()
+    params = [emb.weight]
+    if labels is not None:
+        lab = torch.nn.Embedding(*labels.shape)
+        lab.weight.data = labels.clone()
+        params.append(lab.weight)
+    opt = torch.optim.Adam(params, lr=0.001)
+    sum(q.sum() for q in params).backward()
+    opt.step()
+    ck = {"epoch": epoch, "model_state_dict": {"module.data.weight": data.clone()},
+          "optimizer_state_dict": opt.state_dict()}
+    if labels is not None:
+        ck["label_state_dict"] = {"module.label.weight": labels.clone()}
+    torch.save(ck, path)
+
+
+def test_ratbptt_final_h5_takes_the_learned_labels_from_the_pth(tmp_path, synset, capsys):
+    """RaT-BPTT's last .h5 write keeps only data and grad; a --train_y run's labels are in the .pth beside it."""
+    h5py = pytest.importorskip("h5py", reason="h5py (the `h5` extra) is not installed")
+    rows = synset.images.reshape(20, -1)
+    learned = torch.nn.functional.one_hot(synset.labels, 10).float() * 0.7 + 0.03 * torch.rand(20, 10)
+    with h5py.File(tmp_path / "IPC_2.h5", "w") as f:
+        f.create_dataset("grad", data=np.zeros(5, np.float32))
+        f.create_dataset("data", data=rows.numpy())
+    assert main(["import-set", str(tmp_path / "IPC_2.h5"), "--dataset", "digits",
+                 "--out", str(tmp_path / "a.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "labels: class-blocked hard labels: no label in the .h5 and no IPC_2.pth beside it" in out
+    assert "lr: none: RaT-BPTT saves none; `distillery evaluate` trains it with --lr, default 0.01" in out
+    _rat_pth(tmp_path / "IPC_2.pth", rows, learned)
+    back = import_set(tmp_path / "IPC_2.h5", "digits")
+    assert back.label_kind == "learned" and torch.equal(back.labels, learned)
+    assert back.meta["source"]["labels"] == "learned labels from IPC_2.pth"
+    _rat_pth(tmp_path / "IPC_2.pth", rows + 1, learned)  # saved at an earlier evaluation than the final data
+    assert "images differ from the .h5's" in import_set(tmp_path / "IPC_2.h5", "digits").meta["source"]["labels"]
+    _rat_pth(tmp_path / "IPC_2.pth", rows)  # a run without --train_y
+    back = import_set(tmp_path / "IPC_2.h5", "digits")
+    assert back.label_kind == "hard" and "none in IPC_2.pth (a run without --train_y)" in back.meta["source"]["labels"]
+    _rat_pth(tmp_path / "IPC_2.pth", rows, learned[:, :4])
+    with pytest.raises(UserError, match=r"labels of shape \(20, 4\) do not fit 20 images of 10 classes"):
+        import_set(tmp_path / "IPC_2.h5", "digits")
+    nan = learned.clone()
+    nan[3, 3] = float("nan")
+    _rat_pth(tmp_path / "IPC_2.pth", rows, nan)
+    with pytest.raises(UserError, match="IPC_2.pth: 1 of the 200 values of the soft labels are NaN"):
+        import_set(tmp_path / "IPC_2.h5", "digits")
+    (tmp_path / "IPC_2.pth").write_bytes(b"damaged")
+    with pytest.raises(UserError, match="cannot read .*IPC_2.pth.*move it away"):
+        import_set(tmp_path / "IPC_2.h5", "digits")
+
+
+def test_import_says_where_labels_and_lr_came_from(tmp_path, synset):
+    torch.save(synset.images, tmp_path / "images_best.pt")  # MTT and TESLA: no lr file; here no labels file either
+    back = import_set(tmp_path / "images_best.pt", "digits")
+    assert back.lr is None and back.label_kind == "hard"
+    assert back.meta["source"]["labels"] == "class-blocked hard labels: no labels file beside images_best.pt"
+    assert back.meta["source"]["lr"].startswith("none: no lr file beside images_best.pt (MTT and TESLA save none)")
+    assert "default 0.01" in back.meta["source"]["lr"]
+    torch.save(torch.tensor(0.03), tmp_path / "lr_best.pt")
+    assert import_set(tmp_path / "images_best.pt", "digits").meta["source"]["lr"] == "lr from lr_best.pt"
+
+
+def test_whole_number_float_pixels_are_preprocessed(tmp_path, digits):
+    x = torch.randint(0, 256, (10, 1, 8, 8)).float()  # pixels saved as float 0..255, not model-space values
+    torch.save(x, tmp_path / "images_px.pt")
+    back = import_set(tmp_path / "images_px.pt", "digits")
+    torch.testing.assert_close(back.images, digits.preprocess.transform(x / 255))
+    assert back.meta["source"]["images"].startswith("raw pixels 0..255")
+
+
 def test_imagefolder_export_reads_back(tmp_path, synset):
     from PIL import Image
 
@@ -149,7 +222,7 @@ def test_mtt_buffer_with_other_layout_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"parameter 0 has shape \(4, 1, 3, 3\).*features.0.weight is \(8, 1, 3, 3\)"):
         import_experts(tmp_path, "digits", "ConvNetD1W8", tmp_path / "store")
     assert not (tmp_path / "store").exists()
-    torch.save([[[torch.zeros(3)]]], tmp_path / "replay_buffer_0.pt")
+    torch.save([[[torch.zeros(3)], [torch.ones(3)]]], tmp_path / "replay_buffer_0.pt")
     with pytest.raises(UserError, match="another model"):
         import_experts(tmp_path, "digits", "ConvNetD1W8", tmp_path / "store")
 

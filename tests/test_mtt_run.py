@@ -10,9 +10,12 @@ import time
 import pytest
 import torch
 
+from distillery.checkpoint import read_checkpoint
 from distillery.cli import main
 from distillery.data import load_dataset
+from distillery.errors import UserError
 from distillery.evaluate import random_real_baseline
+from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet
 
 SMALL = ["--dataset", "digits", "--ipc", "1", "--num-experts", "2", "--expert-epochs-train", "5",
@@ -37,7 +40,7 @@ def test_mtt_beats_random_real(tmp_path, cache):
     assert result["best"]["test_mean"] >= random.mean + 0.15, (result["best"], random)
     s = SyntheticSet.load(out / "best.safetensors")
     assert s.meta["method"] == "mtt" and s.ipc == 1 and s.lr > 0
-    for name in ("config.json", "metrics.csv", "checkpoint.pt", "last.safetensors"):
+    for name in ("config.json", "metrics.csv", CHECKPOINT, "last.safetensors"):
         assert (out / name).exists()
     assert list((out / "grids").glob("it_*.png"))
 
@@ -50,8 +53,8 @@ def _cmd(out):
 
 def _checkpoint_it(out):
     try:
-        return torch.load(out / "checkpoint.pt", weights_only=False)["it"]
-    except (FileNotFoundError, EOFError, RuntimeError):
+        return read_checkpoint(out / CHECKPOINT)["it"]
+    except UserError:  # not written yet
         return -1
 
 

@@ -9,7 +9,8 @@ from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.evaluate import evaluate_set, random_real_baseline
 from distillery.parallel import map_runs
-from distillery.rat_eval import RatProtocol
+from distillery.evaluation.protocol import rat_protocol
+from distillery.rat_eval import evaluate_rat
 
 
 @pytest.fixture
@@ -68,14 +69,19 @@ def test_map_runs_passes_a_run_error_on(two_threads):
 @pytest.mark.parametrize("protocol", ["dsa", "rat"])
 def test_evaluation_side_by_side_equals_one_by_one(digits, protocol):
     x, y = _set(digits)
-    kwargs = dict(runs=3, epochs=20, split="val", progress=False, protocol=protocol,
-                  rat=RatProtocol(steps=(30, 60)) if protocol == "rat" else None, together=False)
+    proto = rat_protocol(digits.spec.default_model, 3, 0, steps=(30, 60))
+
+    def evaluate():
+        if protocol == "rat":
+            return evaluate_rat(x, y, digits, proto, split="val", progress=False)
+        return evaluate_set(x, y, digits, runs=3, epochs=20, split="val", progress=False, together=False)
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = evaluate_set(x, y, digits, **kwargs)
+        alone = evaluate()
         torch.set_num_threads(2)
-        side = evaluate_set(x, y, digits, **kwargs)
+        side = evaluate()
     finally:
         torch.set_num_threads(before)
     assert side.accs == alone.accs and side.steps == alone.steps and side.val_by_steps == alone.val_by_steps

@@ -22,9 +22,10 @@ from distillery.methods import Method
 from distillery.methods.bptt import sample_batch
 from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
-from distillery.rat_eval import RatProtocol, train_rat
+from distillery.evaluation.protocol import rat_protocol
+from distillery.rat_eval import train_rat
 from distillery.run import LoopConfig, run_distillation
-from distillery.set_eval import evaluate_synset
+from distillery.set_eval import evaluate_synset, resolve_protocol, set_protocols
 from distillery.synset import SyntheticSet
 
 C, IPC = 4, 3
@@ -68,8 +69,7 @@ def test_rat_protocol_trains_exactly_as_the_published_test_loop(inner_opt, nc, b
     ref, ref_net, ref_opt = published_test_loop(net, x, y, counts, inner_opt, lr, nc, bpc, seed=3)
     ours_net = copy.deepcopy(net)
     seen = []
-    proto = RatProtocol(inner_opt=inner_opt, inner_lr=lr, strategy="flip_rotate", task_sampler_nc=nc,
-                        batch_per_class=bpc, steps=counts)
+    proto = rat_protocol("ConvNetD2", 1, 0, inner_opt, lr, "flip_rotate", counts, nc, bpc)
     opt = train_rat(ours_net, x, y, C, proto, torch.Generator().manual_seed(3),
                     lambda count, m: seen.append((count, [p.detach().clone() for p in m.parameters()])))
     assert [c for c, _ in seen] == list(counts)
@@ -110,19 +110,21 @@ def rat_set(ds, steps=(2, 5, 9)):
 def test_rat_step_count_is_chosen_on_validation_never_on_test():
     ds = fake_dataset()
     s = rat_set(ds)
-    res = evaluate_synset(s, ds, runs=2, seed=1)
+    own = set_protocols(s, ds.spec)[0][0].replace(runs=2, seed=1)
+    res = evaluate_synset(s, ds, own)
     assert res.protocol == "rat" and res.model == "ConvNetD2" and res.steps in (2, 5, 9)
     best = max(res.val_by_steps.values())
     assert res.steps == min(c for c, v in res.val_by_steps.items() if v == best)
     # scrambling the test labels changes the test accuracy but not the choice
     scrambled = SimpleNamespace(**{**vars(ds), "test": SimpleNamespace(x=ds.test.x, y=ds.test.y.flip(0))})
-    res2 = evaluate_synset(s, scrambled, runs=2, seed=1)
+    res2 = evaluate_synset(s, scrambled, own)
     assert res2.steps == res.steps and res2.val_by_steps == res.val_by_steps
     # no validation split: nothing to choose on, the longest count
-    res3 = evaluate_synset(s, fake_dataset(val=0), runs=1, seed=1)
+    res3 = evaluate_synset(s, fake_dataset(val=0), own.replace(runs=1))
     assert res3.steps == 9 and res3.val_by_steps is None
     # --protocol dsa overrides the set's own
-    assert evaluate_synset(s, ds, protocol="dsa", runs=1, epochs=2).protocol == "dsa"
+    dsa, _ = resolve_protocol(s, ds.spec, "dsa", {"--runs": ("runs", 1), "--epochs": ("epochs", 2)})
+    assert evaluate_synset(s, ds, dsa).protocol == "dsa"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_rat_set_records_its_protocol_and_init_from(digits, tmp_path):
     m = tiny_rat(digits, learn_labels=True)
     s = m.synset()
     assert s.meta["protocol"] == "rat"
-    assert RatProtocol.from_meta(s.meta) == RatProtocol(strategy="none", steps=(2, 4))
+    assert set_protocols(s, digits.spec)[0][0] == rat_protocol("ConvNetD1", 5, 0, augment="none", steps=(2, 4))
     s.images.add_(1.0)
     s.labels.mul_(0.5)
     s.save(tmp_path / "s.safetensors")

@@ -140,8 +140,8 @@ def test_quiet_and_json_print_one_json_object_last(tmp_path, capsys, example_run
     assert len(out) == 1
     numbers = json.loads(out[0])
     assert numbers["command"] == "baseline" and 0 <= numbers["mean"] <= 1 and numbers["runs"] == 1
-    assert main(["evaluate", str(example_run / "best.safetensors"), "--runs", "1", "--epochs", "2", "--json",
-                 "--no-progress"]) == 0
+    assert main(["evaluate", str(example_run / "best.safetensors"), "--protocol", "dsa", "--runs", "1",
+                 "--epochs", "2", "--json", "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) >= 2 and json.loads(out[-1])["command"] == "evaluate"
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from distillery.checkpoint import read_checkpoint
 from distillery.data import load_dataset
 from distillery.methods import Method
-from distillery.run import Diverged, LoopConfig, run_distillation
+from distillery.run import CHECKPOINT, Diverged, LoopConfig, run_distillation
 from distillery.synset import SyntheticSet
 
 
@@ -36,7 +37,7 @@ def test_nan_images_stop_the_run_and_the_checkpoint_stays_good(tmp_path):
     loop = LoopConfig(iterations=20, eval_every=100, eval_runs=1, eval_epochs=1, checkpoint_every=2)
     with pytest.raises(Diverged, match="synthetic images"):
         run_distillation(BreaksAt(ds, bad=4), ds, tmp_path, loop, progress=False)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / CHECKPOINT)
     assert ckpt["it"] == 4 and torch.isfinite(ckpt["method"]["x"]).all()
 
 

@@ -129,9 +129,10 @@ class Augment:
         return cls("none")
 
     @classmethod
-    def rat(cls, params: DSAParams = DSAParams()) -> Augment:
-        """RaT-BPTT's augmentation (SPEC §3.5): flip or rotate, one per call, per-image, align_corners=False."""
-        return cls("flip_rotate", mode="S", params=params, align_corners=False)
+    def rat(cls, strategy: str = "flip_rotate", params: DSAParams = DSAParams()) -> Augment:
+        """RaT-BPTT's augmentation (SPEC §3.5; default flip or rotate): one token per call, per-image,
+        align_corners=False."""
+        return cls(strategy, mode="S", params=params, align_corners=False)
 
     def __repr__(self) -> str:
         """Constructor-style description for logs and configs."""

@@ -70,6 +70,13 @@ class BackgroundEval:
         """An evaluation has been started and not collected."""
         return self._thread is not None
 
+    def peek(self) -> Any:
+        """The running evaluation's value once it has finished, else None; for display only: the loop still collects
+        it with `result()` at its usual iteration, so what is recorded never depends on timing."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        return self._out.get("value")
+
     def result(self) -> Any:
         """Wait for the running evaluation and return its value (or raise its error)."""
         if self._thread is None:

@@ -155,14 +155,32 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def _load_for_set(args: argparse.Namespace, s) -> Any:
-    """Load the dataset a set was distilled on, with the same preprocessing, and check it matches."""
+    """Load the dataset a set was distilled on, with the same preprocessing, and check it matches; an image folder
+    that moved is named with --dataset imagefolder:NEW (same classes and image size)."""
+    from pathlib import Path
+
     meta = s.preprocess.get("meta", {})
     zca = {"zca-kornia": "kornia", "zca-kip": "kip"}.get(meta.get("kind"))
     made_for = s.meta.get("dataset")
-    if args.dataset and made_for and _dataset_key(args.dataset) != _dataset_key(made_for):
+    folders = [str(n).startswith("imagefolder:") for n in (args.dataset or "", made_for or "")]
+    moved = all(folders) and _dataset_key(args.dataset) != _dataset_key(made_for)
+    if args.dataset and made_for and _dataset_key(args.dataset) != _dataset_key(made_for) and not moved:
         raise UserError(f"{args.set} was made for dataset {made_for}, not {args.dataset}; evaluate it without "
                         f"--dataset (or with --dataset {made_for})")
+    if folders[1] and not args.dataset and not Path(made_for[len("imagefolder:"):]).is_dir():
+        raise UserError(f"{args.set} was distilled on {made_for}, which is gone; if the folder moved, pass "
+                        "--dataset imagefolder:NEW_PATH")
+    if moved and getattr(args, "resolution", None) is None:
+        args.resolution = s.images.shape[-1]  # the set's own size, whatever the folder's images are
     ds = _load(args, dataset=args.dataset or made_for, zca=zca)
+    if moved:  # the same images elsewhere: the classes and image size must be the set's (the fingerprint then
+        # compares the images themselves through the preprocessing fit)
+        want = (s.meta.get("class_names"), s.num_classes, list(s.images.shape[1:]))
+        got = (list(ds.spec.class_names), ds.spec.num_classes, [ds.spec.channels, *ds.spec.im_size])
+        if want != got:
+            raise UserError(f"{args.dataset} does not hold the images {args.set} was distilled on ({made_for}): "
+                            f"classes {got[0]} and images {got[2]}, the set has {want[0]} and {want[2]}; pass the "
+                            "folder it was distilled on")
     theirs, ours = meta.get("fingerprint"), ds.preprocess.fingerprint()
     if theirs and theirs != ours:
         raise UserError(f"{args.set} was made for {made_for} preprocessed differently (another mean/std or ZCA fit: "
@@ -183,10 +201,12 @@ def _dataset_key(name: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Train fresh networks on a distilled set and report test accuracy (torchrun: the runs split across ranks)."""
+    """Train fresh networks on a distilled set under the protocol it records, flags overriding single fields, and
+    report test accuracy (torchrun: the runs split across ranks)."""
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process
-    from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocol
+    from .evaluation.protocol import recorded_protocols
+    from .set_eval import evaluate_synset, model_table, parse_models, record, resolve_protocol
     from .synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
@@ -194,27 +214,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     s = SyntheticSet.load(args.set)
     if args.ipc is not None:
         s = s.prefix(args.ipc)
-    protocol = args.protocol or set_protocol(s.meta)
+    given_fraction = args.val_fraction
+    if args.val_fraction is None:  # the split the set was selected on (its preprocessing was fitted without it)
+        recorded = recorded_protocols(s.meta)
+        args.val_fraction = recorded[0].val_fraction if recorded else 0.1
     ds = _load_for_set(args, s)
-    models = parse_models(args.eval_models, ds.spec) or [args.model or s.meta.get("model") or ds.spec.default_model]
-    epochs = DEFAULT_EVAL_EPOCHS if args.epochs is None else args.epochs
-    results = {m: evaluate_synset(s, ds, protocol=protocol, model=m, runs=args.runs, epochs=epochs, lr=args.lr,
-                                  seed=args.seed, split=args.split, progress=_progress(args), distributed=True,
-                                  fast=fast) for m in models}
+    proto, sources = resolve_protocol(s, ds.spec, args.protocol, {
+        "--model": ("model", args.model), "--runs": ("runs", args.runs), "--seed": ("seed", args.seed),
+        "--epochs": ("epochs", args.epochs), "--lr": ("lr", args.lr), "--val-fraction": ("val_fraction",
+                                                                                         given_fraction)})
+    models = parse_models(args.eval_models, ds.spec) or [proto.model]
+    results = {m: evaluate_synset(s, ds, proto.replace(model=m), split=args.split, progress=_progress(args),
+                                  distributed=True, fast=fast) for m in models}
     if not is_main_process():
         return None
     res = results[models[0]]
-    how = (f"{epochs} epochs, lr {res.lr:.4g}" if protocol == "dsa" else
-           f"{s.meta.get('rat_eval', {}).get('inner_opt', 'adam')} lr {res.lr:.4g}, step count chosen on validation")
-    whose = "as asked" if args.protocol else "the set's own"
+    if args.eval_models:
+        sources = {**sources, "model": "--eval-models"}
     print(f"{args.set} ({s.meta.get('method', '?')}, {ds.spec.name}, {s.ipc} images per class, {s.label_kind} "
-          f"labels), {protocol} protocol, {whose} ({how}):")
+          f"labels), {proto.replace(model=models[0]).describe(sources)}:")
     if args.eval_models:
         print(model_table(results))
     else:
         print(f"on {res.model}: {res}")
     out = {"command": "evaluate", "set": args.set, "dataset": ds.spec.name, "ipc": s.ipc,
-           "label_kind": s.label_kind, "protocol": protocol, **_numbers(res)}
+           "label_kind": s.label_kind, "protocol": proto.name, "eval_protocol": proto.record(), "sources": sources,
+           **_numbers(res)}
     if args.eval_models:
         out["models"] = {m: record(r) for m, r in results.items()}
     return out
@@ -302,16 +327,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the self-contained HTML report of a run directory."""
-    from pathlib import Path
-
-    from .report import _read_json, write_report
+    from .report import write_report
+    from .runfiles import read_config
 
     ds = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
         from .data import load_dataset
         from .device import resolve_device
 
-        config = _read_json(Path(args.run_dir) / "config.json")
+        config = read_config(args.run_dir) or {}
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
@@ -325,19 +349,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_set
     from .synset import SyntheticSet
 
-    files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag)
+    files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag, replace=args.replace)
     print(f"wrote {len(files)} files into {args.out} ({args.format})")
 
 
 def cmd_import_set(args: argparse.Namespace) -> None:
     """Convert an MTT/TESLA/DATM images_*.pt or a RaT-BPTT .h5 into a distillery set."""
+    from .evaluation.protocol import EvalProtocol
     from .imports import import_set
 
     s = import_set(args.file, args.dataset, zca=args.zca, data_dir=args.data_dir, val_fraction=args.val_fraction,
                    lr=args.lr)
     s.save(args.out)
+    source = s.meta["source"]
     print(f"wrote {args.out}: {len(s.images)} images ({s.ipc} per class), {s.label_kind} labels, lr {s.lr}, "
-          f"images taken to be in {s.meta['source']['space']} space (--zca {args.zca or 'none'})")
+          f"images taken to be in {source['space']} space (--zca {args.zca or 'none'})")
+    for part in ("images", "labels", "lr"):  # where each part came from, and what was assumed
+        if part in source:
+            print(f"  {part}: {source[part]}")
+    origin = "RaT-BPTT test()" if s.meta["source"]["format"] == "ratbptt-h5" else "MTT/TESLA evaluate_synset"
+    print(f"evaluation recorded as the source code's ({origin}): "
+          f"{EvalProtocol.from_record(s.meta['eval'][0]).describe()}; `distillery evaluate` uses it (flags override)")
 
 
 def cmd_import_experts(args: argparse.Namespace) -> None:
@@ -363,7 +395,8 @@ def _add_interop_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a set as pt tensors, an image folder or an ECCV-2024 submission")
     p.add_argument("set", help="a .safetensors distilled set")
     p.add_argument("--format", required=True, choices=["pt", "imagefolder", "eccv2024"])
-    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--out", required=True, help="directory to write into (new or empty, unless --replace)")
+    p.add_argument("--replace", action="store_true", help="replace a non-empty --out whole (its old files go)")
     p.add_argument("--tag", default="best", help="pt: file names images_TAG.pt, labels_TAG.pt, lr_TAG.pt")
     p.set_defaults(func=cmd_export)
 
@@ -424,19 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set", help="a .safetensors distilled set")
     p.add_argument("--ipc", type=int, default=None, help="evaluate only the first K images per class (boosted sets)")
     p.add_argument("--dataset", default=None, help="override the dataset stored in the set")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="validation share of the training files (default: the one the set records, else 0.1)")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--protocol", default=None, choices=["dsa", "rat"],
                    help="dsa: MTT/TESLA's evaluate_synset (SGD, DSA, --epochs, --lr); rat: RaT-BPTT's test() "
                         "(inner optimiser, flip_rotate, 300/600/1000/3000 steps chosen on validation). "
-                        "Default: the protocol the set was distilled for")
+                        "Default: the protocol the set records, with every setting it records (model, epochs, lr, "
+                        "runs, seed, ...); each flag below overrides one of them")
     p.add_argument("--eval-models", default=None, metavar="M1,M2,...",
                    help="the cross-architecture table: one row per model, e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,"
                         "ResNet18 (default: --model, else the set's distillation model)")
     _add_eval(p)
     _add_common(p)
     _add_output(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, runs=None, seed=None)  # not given: the set's own
 
     p = sub.add_parser("show", help="write a PNG grid of a distilled set")
     p.add_argument("set")
@@ -483,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "runs", 0) is None:
-        args.runs = 5 if args.command != "baseline" or args.kind == "random" else 1
+    if args.command == "baseline" and args.runs is None:
+        args.runs = 5 if args.kind == "random" else 1
     if getattr(args, "threads", None):
         import torch
 

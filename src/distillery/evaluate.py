@@ -23,6 +23,7 @@ from .augment import Augment
 from .background import check_cancelled
 from .distributed import all_reduce_sum_, rank_and_world
 from .errors import UserError
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
 from .grouped_training import capturable, train_captured, train_together
 from .models import FunctionalModel, init_seeded
 from .models.grouped import groupable
@@ -143,15 +144,11 @@ def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int,
 
 
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
-                 epochs: int = 300, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
+                 epochs: int = DEFAULT_EVAL_EPOCHS, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
-                 distributed: bool = False, protocol: str = "dsa", rat=None, train_loss: bool = False,
-                 together: bool | None = None, fast: bool = False) -> EvalResult:
-    """Train `runs` fresh networks on (x, y) and test each on `dataset`'s `split` ("val" or "test").
-
-    `protocol`: "dsa" = MTT/TESLA's evaluate_synset (SPEC §7; `epochs`, `lr`, `batch`, `strategy` apply) or "rat"
-    = RaT-BPTT's published test() (`distillery.rat_eval`; `rat` is its RatProtocol, default the published settings;
-    the step count is chosen on the validation split; single process).
+                 distributed: bool = False, together: bool | None = None, fast: bool = False) -> EvalResult:
+    """Train `runs` fresh networks on (x, y) with the dsa protocol (MTT/TESLA's evaluate_synset, SPEC §7) and test
+    each on `dataset`'s `split` ("val" or "test"). `strategy`: the DSA strategy (default the dataset's).
 
     `together`: train the runs at once as one grouped ConvNet (equal to one by one up to float rounding); None =
     `TOGETHER` for the device. `fast` (CUDA only): train from captured CUDA graphs (`train_runs`), equal up to float
@@ -159,19 +156,12 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
 
     `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
     runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
-    evaluation (the "rat" protocol is not split: every rank computes all of it).
+    evaluation.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     spec = dataset.spec
     model = model or spec.default_model
-    if protocol == "rat":
-        from .rat_eval import RatProtocol, evaluate_rat
-
-        return evaluate_rat(x, y, dataset, model, runs, rat or RatProtocol(), seed=seed, split=split,
-                            progress=progress, train_loss=train_loss)
-    if protocol != "dsa":
-        raise UserError(f"unknown --protocol '{protocol}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
     strategy = spec.dsa_strategy if strategy is None else strategy
     target = dataset.val if split == "val" else dataset.test
     device = target.x.device
@@ -210,7 +200,7 @@ def random_real_runs(dataset, ipc: int, runs: int, seed: int, evaluate: Callable
     return results
 
 
-def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = 300,
+def random_real_baseline(dataset, ipc: int, runs: int = 5, model: str | None = None, epochs: int = DEFAULT_EVAL_EPOCHS,
                          lr: float = 0.01, seed: int = 0, split: str = "test", progress: bool = True,
                          fast: bool = False) -> EvalResult:
     """Random real images (`ipc` per class, a fresh draw per run) evaluated with the same protocol."""

@@ -25,6 +25,8 @@ Store format (format_version 1), a directory:
                              state) and, with momentum, `momentum` (P,), so an interrupted run resumes from the
                              last finished epoch; removed once the
                              expert's shard is written
+    .partial/expert_0007.lock  flock-ed by the one process training expert 7 (removed when it is done): two
+                             commands sharing a store or the cache split the experts and wait for each other
 
 manifest.json keys: format ("distillery-experts"), format_version, dataset, model, channels, num_classes,
 im_size [h, w], preprocess {kind, fingerprint} (from `ds.preprocess`; ZCA and non-ZCA experts never mix, SPEC
@@ -54,6 +56,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,11 +73,12 @@ from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from .augment import Augment
+from .checks import check_trajectory
 from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .grouped_training import CapturedSGD, augment_each, autograd_step, capturable
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, inside
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 from .options import option
 from .parallel import map_runs
@@ -197,8 +201,12 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         })
     done = {e["index"] for e in manifest["experts"]}
     mine = range(rank, num_experts, world)  # this process's experts: r, r + G, r + 2G, ...
-    for k in done.intersection(mine):  # snapshots left behind by a run killed right after an expert's manifest entry
-        shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
+    for k in sorted(done.intersection(mine)):  # snapshots left by a run killed right after an expert's manifest entry
+        if not _partial_dir(out, k).exists():
+            continue
+        with _expert_locks(out, [k], wait=False) as held:
+            if held:
+                shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
     todo = [k for k in mine if k not in done]
     train = (ds.train.x.to(device), ds.train.y.to(device))
     augment = Augment(spec.dsa_strategy)
@@ -207,29 +215,56 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
     bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
-    def run_group(group: list[int]) -> None:
-        own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one per thread
-        finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
-                              momentum, weight_decay, fast)
-        for k, final in zip(group, finals):
-            entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
-            if progress:
-                val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
-                tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+    def run_group(group: list[int], wait: bool = False) -> list[int]:
+        """Train `group` under its experts' locks; the experts another process holds now are returned (`wait`:
+        wait for them instead), those another process finished are skipped."""
+        with _expert_locks(out, group, wait=wait) as held:
+            if not held:
+                return group
+            with _manifest_lock(out):
+                finished = {e["index"] for e in _read_manifest(out / MANIFEST)["experts"]}
+            for k in finished.intersection(group):
+                shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
+                bar.update(epochs)
+            group = [k for k in group if k not in finished]
+            if not group:
+                return []
+            own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one a thread
+            finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
+                                  momentum, weight_decay, fast)
+            for k, final in zip(group, finals):
+                entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
+                if progress:
+                    val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
+                    tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+        return []
 
-    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another
-    map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
+    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another. Experts
+    # another process is training (two commands sharing a store or the cache) are left to it, then waited for.
+    busy = map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
+    for group in filter(None, busy):
+        tqdm.write(f"experts {group} are being trained by another process into {out}; waiting for it")
+        run_group(group, wait=True)
     bar.close()
     barrier()  # every rank's experts are finished before anyone opens the store or tidies up
     partial = out / PARTIAL
     if is_main_process() and partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
+        try:
+            partial.rmdir()
+        except OSError:  # another process has just started an expert there
+            pass
     store = ExpertStore.open(out)
     missing = sorted(set(range(num_experts)) - {e["index"] for e in store.experts})
     if missing:  # torchrun over machines that do not share `out`: each sees only its own experts
         raise UserError(f"{out} lacks experts {missing[:5]} that other processes trained; on several machines put "
                         "the store (--out, or $DISTILLERY_CACHE) on a file system all of them see")
     return store
+
+
+def finished_experts(path: str | Path) -> set[int]:
+    """Indices of the experts the store at `path` has finished (empty when there is no store yet)."""
+    manifest = Path(path) / MANIFEST
+    return {e["index"] for e in _read_manifest(manifest)["experts"]} if manifest.is_file() else set()
 
 
 def _start_manifest(out: Path, fresh: dict) -> dict:
@@ -258,6 +293,49 @@ def _manifest_lock(out: Path) -> Iterator[None]:
     with open(out / LOCK, "a") as handle:  # the lock file stays empty; closing it releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+@contextmanager
+def _expert_locks(out: Path, group: list[int], wait: bool) -> Iterator[bool]:
+    """Hold exclusive flocks on `.partial/expert_K.lock` for every K in `group` (taken in index order, so two
+    processes never deadlock); yield False at once, holding none, if another process holds one and not `wait`.
+
+    Only the holder of expert K's lock touches `.partial/expert_K/`, so processes sharing a store never write, resume
+    from or delete each other's snapshots. A lock file is removed when its expert is done; one removed between our
+    open and our flock is opened again (the inode check)."""
+    fds: list[int] = []
+    try:
+        for k in sorted(group):
+            path = out / PARTIAL / f"expert_{k:04d}.lock"
+            while True:
+                try:
+                    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                except FileNotFoundError:  # another process removed the empty .partial between the two calls
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    os.close(fd)
+                    for held in fds:
+                        os.close(held)
+                    fds = []
+                    yield False
+                    return
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    fds.append(fd)
+                    break
+                os.close(fd)
+        yield True
+        for k in group:  # finished or skipped: the lock files go (still held, so nobody is waiting on a stale one)
+            (out / PARTIAL / f"expert_{k:04d}.lock").unlink(missing_ok=True)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _record_expert(out: Path, entry: dict) -> None:
@@ -443,7 +521,31 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has expert format version {manifest.get('format_version')}, this distillery reads "
                         f"version {FORMAT_VERSION}; retrain with `distillery experts`")
+    entries = manifest.get("experts")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("index"), int) and not isinstance(e["index"], bool)
+            and e["index"] >= 0 and isinstance(e.get("sha256"), str) for e in entries):
+        raise UserError(f"{path} is damaged: its expert list is not what `distillery experts` writes; retrain with "
+                        "`distillery experts` into a fresh dir")
+    for e in entries:  # a file named in the manifest is only ever opened inside the store
+        inside(path.parent, e.get("file"), str(path), "retrain with `distillery experts` into a fresh dir")
+    layout, pre = manifest.get("layout"), manifest.get("preprocess")
+    fields = {"epochs": _positive_int(manifest.get("epochs")), "dataset": isinstance(manifest.get("dataset"), str),
+              "model": isinstance(manifest.get("model"), str),
+              "layout": isinstance(layout, dict) and isinstance(layout.get("hash"), str)
+              and _positive_int(layout.get("num_params")) and isinstance(layout.get("names"), list)
+              and isinstance(layout.get("shapes"), list) and len(layout["names"]) == len(layout["shapes"]),
+              "preprocess": isinstance(pre, dict) and isinstance(pre.get("fingerprint"), str)
+              and isinstance(pre.get("kind"), str)}
+    bad = [name for name, ok in fields.items() if not ok]
+    if bad:
+        raise UserError(f"{path} is damaged: its {', '.join(bad)} field(s) are not what `distillery experts` writes; "
+                        "retrain with `distillery experts` into a fresh dir")
     return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _layout_difference(stored: dict, fm: FunctionalModel) -> str | None:
@@ -555,6 +657,8 @@ class ExpertStore:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != want:
             raise _corrupt(path, "its sha256 does not match manifest.json")
+        check_trajectory(load_bytes(data)["trajectory"], f"expert shard {path}",
+                         "retrain that expert: delete the shard and rerun the command that trained it")
         _VERIFIED.add(key)
         return data
 

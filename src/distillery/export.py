@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text
+from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text, replaced_dir
 from .synset import SyntheticSet
 
 FORMATS = ("pt", "imagefolder", "eccv2024")
@@ -30,24 +31,33 @@ ECCV2024 = {"cifar100": ("cifar100.pt", (0.5071, 0.4866, 0.4409), (0.2673, 0.256
             "tiny-imagenet": ("tinyimagenet.pt", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
-def export_set(s: SyntheticSet, fmt: str, out: str | Path, tag: str = "best") -> list[Path]:
-    """Write `s` in format `fmt` into directory `out`; return the files written."""
+def export_set(s: SyntheticSet, fmt: str, out: str | Path, tag: str = "best", replace: bool = False) -> list[Path]:
+    """Write `s` in format `fmt` into directory `out`; return the files written.
+
+    A non-empty `out` is refused unless `replace`; the export is written into a temp folder beside `out` which then
+    takes its place whole, so `out` never mixes old and new files and a failed export leaves it as it was."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if fmt == "pt" and not re.fullmatch(r"[\w.-]+", tag):
+        raise UserError(f"--tag {tag!r} must be letters, digits, '_', '-' or '.'")
+    if fmt == "eccv2024" and s.meta.get("dataset") not in ECCV2024:
+        raise UserError(f"the ECCV-2024 challenge has tracks for cifar100 and tiny-imagenet only, this set is "
+                        f"'{s.meta.get('dataset')}'; export it with --format pt or imagefolder")
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise UserError(f"out must be a folder path, got {out!r}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; exports are written into a directory, pass a new directory path")
-    if fmt == "pt":
-        files = _export_pt(s, out, tag)
-    elif fmt == "imagefolder":
-        files = _export_imagefolder(s, out)
-    else:
-        files = _export_eccv2024(s, out)
-    info = {"format": fmt, "dataset": s.meta.get("dataset"), "num_classes": s.num_classes, "ipc": s.ipc,
-            "label_kind": s.label_kind, "lr": s.lr, "preprocessing": _preprocess_meta(s),
-            "files": [str(f.relative_to(out)) for f in files]}
-    atomic_write_text(out / "export.json", json.dumps(info, indent=1))
-    return files + [out / "export.json"]
+    with replaced_dir(out, replace) as tmp:
+        if fmt == "pt":
+            files = _export_pt(s, tmp, tag)
+        elif fmt == "imagefolder":
+            files = _export_imagefolder(s, tmp)
+        else:
+            files = _export_eccv2024(s, tmp)
+        rel = [str(f.relative_to(tmp)) for f in files] + ["export.json"]
+        info = {"format": fmt, "dataset": s.meta.get("dataset"), "num_classes": s.num_classes, "ipc": s.ipc,
+                "label_kind": s.label_kind, "lr": s.lr, "preprocessing": _preprocess_meta(s), "files": rel[:-1]}
+        atomic_write_text(tmp / "export.json", json.dumps(info, indent=1))
+    return [out / r for r in rel]
 
 
 def _preprocess_meta(s: SyntheticSet) -> dict[str, Any]:
@@ -57,8 +67,6 @@ def _preprocess_meta(s: SyntheticSet) -> dict[str, Any]:
 
 def _export_pt(s: SyntheticSet, out: Path, tag: str) -> list[Path]:
     """images/labels/lr tensors as the published codes save them, in the set's model space."""
-    if not re.fullmatch(r"[\w.-]+", tag):
-        raise UserError(f"--tag {tag!r} must be letters, digits, '_', '-' or '.'")
     files = [out / f"images_{tag}.pt", out / f"labels_{tag}.pt"]
     atomic_save_torch(s.images.detach().cpu().float().contiguous(), files[0])
     atomic_save_torch(s.labels.detach().cpu().contiguous(), files[1])
@@ -103,11 +111,7 @@ def _export_imagefolder(s: SyntheticSet, out: Path) -> list[Path]:
 
 def _export_eccv2024(s: SyntheticSet, out: Path) -> list[Path]:
     """The challenge's `res/` folder: one images tensor in its mean/std space, class-blocked (labels by position)."""
-    dataset = s.meta.get("dataset")
-    if dataset not in ECCV2024:
-        raise UserError(f"the ECCV-2024 challenge has tracks for cifar100 and tiny-imagenet only, this set is "
-                        f"'{dataset}'; export it with --format pt or imagefolder")
-    name, mean, std = ECCV2024[dataset]
+    name, mean, std = ECCV2024[s.meta["dataset"]]
     x01 = s.display_images()
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     images = ((x01 - mean_t) / std_t).float().contiguous()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -95,3 +97,56 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def inside(root: str | os.PathLike, rel: str, what: str, fix: str = "restore it from a copy") -> Path:
+    """`root / rel` for a relative path read from metadata, refused (as damaged `what`) unless it stays inside root.
+
+    A manifest or sidecar is user-writable: an absolute path, `..` or a symlink out of the store must not make a
+    reader open, or an error message advise deleting, a file elsewhere."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        raise UserError(f"{what} is damaged: it names {rel!r}, not a file inside {root}; {fix}")
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if path == base or base not in path.parents:
+        raise UserError(f"{what} is damaged: it names {rel!r}, outside {root}; {fix}")
+    return Path(root) / rel
+
+
+@contextmanager
+def replaced_dir(path: str | os.PathLike, replace: bool, what: str = "--out") -> Iterator[Path]:
+    """Yield a private temp folder beside `path` to write into; on success it becomes `path` whole.
+
+    A non-empty `path` is refused unless `replace` (then the old folder goes only once the new one is complete); on
+    failure the temp folder is removed and `path` is untouched."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is an existing file, not a folder; choose a folder name")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise UserError(f"{what} {path} is not empty; pass --replace to replace it whole, or choose a new folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / "old")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:  # put the old folder back
+                os.replace(old / "old", path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -13,8 +13,7 @@ no validation split (`--val-fraction 0`) there is nothing to choose on: the long
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,56 +21,33 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .augment import Augment
 from .background import check_cancelled
 from .errors import UserError
 from .evaluate import EvalResult, accuracy
+from .evaluation.protocol import EvalProtocol
 from .methods.bptt import sample_batch
-from .methods.ratbptt import _augmentation
 from .models import init_seeded
 from .parallel import map_runs
 
-RAT_STEPS = (300, 600, 1000, 3000)  # base.py test(): epoch_list
 
-
-@dataclass(frozen=True)
-class RatProtocol:
-    """Settings of the published test(): the distillation's inner optimiser, augmentation and batch rule."""
-
-    inner_opt: str = "adam"
-    inner_lr: float = 1e-3
-    strategy: str = "flip_rotate"
-    task_sampler_nc: int | None = None
-    batch_per_class: int | None = None
-    steps: tuple[int, ...] = RAT_STEPS
-
-    @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "RatProtocol":
-        """The protocol a RaT-BPTT set records in its metadata (`rat_eval`), else the published defaults."""
-        rec = dict(meta.get("rat_eval") or {})
-        if "steps" in rec:
-            rec["steps"] = tuple(int(c) for c in rec["steps"])
-        return cls(**{k: rec[k] for k in ("inner_opt", "inner_lr", "strategy", "task_sampler_nc",
-                                           "batch_per_class", "steps") if k in rec})
-
-
-def make_optimizer(params, proto: RatProtocol) -> torch.optim.Optimizer:
+def make_optimizer(params, proto: EvalProtocol) -> torch.optim.Optimizer:
     """base.py / distill_higher.py `init_train`: Adam(lr) or SGD(lr, momentum 0.9, weight decay 5e-4)."""
-    if proto.inner_opt == "adam":
-        return torch.optim.Adam(params, lr=proto.inner_lr)
-    if proto.inner_opt == "sgd":
-        return torch.optim.SGD(params, lr=proto.inner_lr, momentum=0.9, weight_decay=5e-4)
-    raise UserError(f"unknown inner optimizer '{proto.inner_opt}' in the set's rat protocol; use adam or sgd")
+    if proto.optimizer == "adam":
+        return torch.optim.Adam(params, lr=proto.lr)
+    return torch.optim.SGD(params, lr=proto.lr, momentum=0.9, weight_decay=5e-4)  # the protocol checked the name
 
 
-def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, proto: RatProtocol,
+def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, proto: EvalProtocol,
               generator: torch.Generator, on_count: Callable[[int, nn.Module], None] | None = None,
               ) -> torch.optim.Optimizer:
     """Train `model` in place for max(proto.steps) steps of the published test() loop; call `on_count(steps, model)`
     after each cumulative count. Draws from `generator`, per step: the batch indices, then its augmentation."""
     ipc = len(x) // num_classes
-    nc = proto.task_sampler_nc or num_classes
+    nc = proto.classes_per_batch or num_classes
     bpc = proto.batch_per_class or ipc
-    augment = _augmentation(proto.strategy)
+    augment = Augment.rat(proto.augment)
+    augment = augment if augment.tokens else None  # no augmentation draws no random numbers
     optimizer = make_optimizer(model.parameters(), proto)
     model.train()
     done = 0
@@ -86,7 +62,7 @@ def train_rat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: i
             optimizer.step()
         if not torch.isfinite(loss):
             raise UserError(f"rat evaluation training diverged (loss {loss.item()}) by step {count} with "
-                            f"{proto.inner_opt} lr {proto.inner_lr:g}; evaluate with --protocol dsa or a smaller lr")
+                            f"{proto.optimizer} lr {proto.lr:g}; evaluate with --protocol dsa or a smaller --lr")
         done = count
         if on_count is not None:
             on_count(count, model)
@@ -104,10 +80,11 @@ def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1
     return total / max(1, len(x))
 
 
-def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, model: str, runs: int, proto: RatProtocol,
-                 seed: int = 0, split: str = "test", progress: bool = True,
-                 train_loss: bool = False) -> EvalResult:
-    """`runs` networks trained with the published test() loop; the step count is chosen on the validation split."""
+def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, split: str = "test",
+                 progress: bool = True, train_loss: bool = False) -> EvalResult:
+    """`proto.runs` networks trained with the published test() loop; the step count is chosen on the validation
+    split."""
+    model, runs, seed = proto.model, proto.runs, proto.seed
     spec = dataset.spec
     device = dataset.test.x.device
     x, y = x.to(device), y.to(device)
@@ -142,6 +119,6 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, model: str, runs: in
         chosen = proto.steps[means.index(max(means))]
     else:
         chosen = proto.steps[-1]
-    return EvalResult(target_accs[chosen], model, chosen, proto.inner_lr, split, protocol="rat", steps=chosen,
+    return EvalResult(target_accs[chosen], model, chosen, proto.lr, split, protocol="rat", steps=chosen,
                       val_by_steps={c: float(np.mean(val_accs[c])) for c in proto.steps} if has_val else None,
                       train_loss=float(np.mean(losses)) if losses else None)

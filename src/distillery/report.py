@@ -14,7 +14,6 @@ then writes RUN_DIR/report.html.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -26,6 +25,7 @@ from typing import Any
 
 from .errors import UserError
 from .io import atomic_write_text
+from .runfiles import read_config, read_json_file, read_metrics, read_result
 
 REPORT_JSON = "report.json"
 _HIDDEN_CONFIG = ("environment", "history")
@@ -42,35 +42,14 @@ code{background:#f3f3f3;padding:1px 4px}
 
 
 # --- reading the run directory ------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's object, or {} when it is missing or unreadable (a run stopped early)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """metrics.csv as {column: [(iteration, value), ...]} for every numeric column other than `it`."""
+def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """metrics.csv (checked by `runfiles.read_metrics`) as {column: [(iteration, value), ...]} for every column
+    other than `it`; {} when there is none yet."""
     series: dict[str, list[tuple[float, float]]] = {}
-    try:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    it = float(row.get("it", ""))
-                except ValueError:
-                    continue
-                for key, text in row.items():
-                    if key in (None, "it") or text in (None, ""):
-                        continue
-                    try:
-                        value = float(text)
-                    except ValueError:
-                        continue
-                    series.setdefault(key, []).append((it, value))
-    except OSError:
-        pass
+    for row in read_metrics(run_dir) or []:
+        for key, value in row.items():
+            if key != "it":
+                series.setdefault(key, []).append((row["it"], value))
     return series
 
 
@@ -239,6 +218,11 @@ def _run_info(config: dict[str, Any], result: dict[str, Any], extra: dict[str, A
     items: list[tuple[str, Any]] = []
     if isinstance(result.get("seconds"), (int, float)):
         items.append(("wall time (distillation loop + final evaluation)", f"{result['seconds']:.1f} s"))
+    for key, label in (("seconds_experts", "wall time, experts (trained or checked) and method setup"),
+                       ("seconds_baseline", "wall time, random-real baseline and report"),
+                       ("seconds_total", "wall time, the whole command")):
+        if isinstance(result.get(key), (int, float)):
+            items.append((label, f"{result[key]:.1f} s"))
     device = extra.get("device") or result.get("device") or config.get("device")
     if device:
         items.append(("device", device))
@@ -259,9 +243,9 @@ def build_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the --out of a `distillery distill` run")
-    config = _read_json(run_dir / "config.json")
-    result = _read_json(run_dir / "result.json")
-    extra = _read_json(run_dir / REPORT_JSON)
+    config = read_config(run_dir) or {}
+    result = read_result(run_dir) or {}
+    extra = read_json_file(run_dir, REPORT_JSON) or {}
     if not config and not result and not (run_dir / "metrics.csv").exists():
         raise UserError(f"{run_dir} holds no config.json, metrics.csv or result.json; pass a run directory")
     title = f"distillery run {run_dir.name}"
@@ -273,7 +257,7 @@ def build_report(run_dir: str | Path) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>{html.escape(what)}" + (f"; defaults from {html.escape(str(source))}" if source else "") + "</p>",
              "<h2>Result</h2>", _table(result, extra, config),
-             "<h2>Curves</h2>", _plots(_read_metrics(run_dir / "metrics.csv")),
+             "<h2>Curves</h2>", _plots(_read_metrics(run_dir)),
              "<h2>Distilled sets</h2>", _grid(run_dir, "best"), _grid(run_dir, "last"),
              "<h2>Run</h2>", _kv_table(_run_info(config, result, extra))]
     if history:
@@ -310,36 +294,42 @@ def peak_memory(device: Any = None) -> dict[str, float]:
 def measure_baseline(dataset, config: dict[str, Any], run_dir: Path,
                      progress: bool = True) -> dict[str, dict[str, Any]]:
     """Random real images, `ipc` per class (a fresh draw per run, as `random_real_baseline`), under every protocol
-    and model the final test evaluation used, with its runs, epochs and seed: {protocol: {model: record}}."""
+    the best set records (the final test evaluation's, lr 0.01 for dsa) and every model of the final table:
+    {protocol: {model: record}}."""
     import torch
 
     from .evaluate import random_real_runs
-    from .set_eval import evaluate_synset, parse_models, report_protocols
+    from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
+    from .set_eval import evaluate_synset, parse_models, set_protocols
     from .synset import SyntheticSet
 
     best = run_dir / "best.safetensors"
     s = SyntheticSet.load(best) if best.is_file() else None
-    meta = s.meta if s is not None else {}
-    main_model = config.get("eval_model") or meta.get("model") or config.get("model") or dataset.spec.default_model
-    protocols = report_protocols(meta)
+    if s is not None:
+        protocols = set_protocols(s, dataset.spec)[0]
+    else:  # no set to read it from: the run's settings
+        protocols = distilled_protocols({}, None, model=config.get("eval_model") or config.get("model")
+                                        or dataset.spec.default_model, runs=int(config.get("final_eval_runs", 5)),
+                                        seed=int(config.get("seed", 0)),
+                                        epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
+                                        dsa_strategy=dataset.spec.dsa_strategy)
+    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
     extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
                                                                                       str) else []
-    runs, epochs, seed = int(config.get("final_eval_runs", 5)), int(config.get("eval_epochs", 300)), \
-        int(config.get("seed", 0))
+    own = protocols[0]
+    wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
     out: dict[str, dict[str, Any]] = {}
-    wanted = [(p, main_model) for p in protocols] + [(protocols[0], m) for m in extra_models if m != main_model]
-    for protocol, model in wanted:
-        def score(x, y, run_seed, protocol=protocol, model=model):
-            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, meta)
-            return evaluate_synset(real, dataset, protocol=protocol, model=model, runs=1, epochs=epochs, lr=0.01,
-                                   seed=run_seed, split="test", progress=False)
+    for proto in wanted:
+        def score(x, y, run_seed, proto=proto):
+            real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
+            return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test", progress=False)
 
-        results = random_real_runs(dataset, int(config["ipc"]), runs, seed, score, progress)
+        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
         accs, res = [a for r in results for a in r.accs], results[-1]
-        out.setdefault(protocol, {})[model] = {"test_mean": float(sum(accs) / len(accs)),
-                                               "test_std": float(torch.tensor(accs).std(unbiased=False)),
-                                               "test_accs": accs, "lr": 0.01, "epochs": epochs,
-                                               "steps": getattr(res, "steps", None)}
+        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
+                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
+                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
+                                                       "steps": res.steps}
     return out
 
 
@@ -351,8 +341,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset=Non
     """
     run_dir = Path(run_dir)
     if dataset is not None or from_run:
-        extra = _read_json(run_dir / REPORT_JSON)
-        config = _read_json(run_dir / "config.json")
+        extra = read_json_file(run_dir, REPORT_JSON) or {}
+        config = read_config(run_dir) or {}
         if dataset is not None and baseline and config.get("ipc"):
             extra["random_baseline"] = measure_baseline(dataset, config, run_dir, progress)
         if from_run:

@@ -5,8 +5,8 @@ may override the loop's hooks (`health_fix`, `wants_eval_train_loss`, `observe_e
 
     RUN_DIR/config.json       the resolved configuration, the environment (threads, versions, command line, data
                               location) and a history: one entry per start, restart and resume with what changed
-    RUN_DIR/checkpoint.pt     method state + loop state, written atomically every `checkpoint_every` iterations,
-                              with a sha256 trailer that loading checks
+    RUN_DIR/checkpoint.safetensors  method state + loop state, written atomically every `checkpoint_every`
+                              iterations: tensors plus a JSON tree, nothing that can run code (`checkpoint.py`)
     RUN_DIR/.lock             flock-ed while a process runs in RUN_DIR, so a second one is refused
     RUN_DIR/metrics.csv       one row per iteration (loss, lr, ...) plus val accuracy at evaluations
     RUN_DIR/tb/               TensorBoard scalars (when the tensorboard package is installed)
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import hashlib
 import io
 import json
 import math
@@ -51,9 +50,12 @@ from . import __version__
 from .background import BackgroundEval, overlap_wanted
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import Diverged, UserError
-from .set_eval import evaluate_synset, model_table, parse_models, record, report_protocols, set_protocol
-from .io import atomic_write_bytes, atomic_write_text, ensure_dir, write_error
+from .checkpoint import read_checkpoint, write_checkpoint
+from .runfiles import read_config
+from .set_eval import evaluate_synset, model_table, parse_models, record, set_protocols
+from .io import atomic_write_text, ensure_dir, write_error
 from .health import HealthMonitor
+from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
 from .options import option, resumable
 from .synset import SyntheticSet
 
@@ -65,10 +67,9 @@ try:
 except ImportError:  # not POSIX: run directories are not locked
     fcntl = None
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 PENDING = "pending"  # the set of an evaluation still running in the background when a checkpoint was written
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
-_CHECKSUM = b"\ndistillery-sha256:"
 _LOCKS: dict[Path, int] = {}
 
 
@@ -80,7 +81,8 @@ class LoopConfig:
     eval_every: int = option(100, low=1, resumable=True,
                              help="evaluate on the validation split every this many iterations")
     eval_runs: int = option(3, low=1, resumable=True, help="networks trained per validation evaluation")
-    eval_epochs: int = option(300, low=1, resumable=True, help="training epochs of every evaluation network")
+    eval_epochs: int = option(DEFAULT_EVAL_EPOCHS, low=1, resumable=True,
+                              help="training epochs of every evaluation network")
     eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
     eval_models: str | None = option(None, resumable=True,
                                      help="models of the final cross-architecture table of the best set, e.g. "
@@ -135,7 +137,7 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT
     new = json.loads(json.dumps(config, sort_keys=True, default=str))
     defaults = json.loads(json.dumps(dict(defaults), sort_keys=True, default=str))  # compared as stored
-    old = _read_config(cfg_path)
+    old = read_config(run_dir)
     env = environment()
     history = old.get("history", []) if old else []
     if old is None or not ckpt_path.exists():
@@ -161,7 +163,13 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
             hint = f" (for options the run predates, their defaults: {', '.join(predates)})" if predates else ""
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
                             f"means; use the run's original values{hint} or a new --out")
-        it = read_checkpoint(ckpt_path)["it"]
+        ckpt = read_checkpoint(ckpt_path)
+        it = ckpt["it"]
+        best = run_dir / "best.safetensors"
+        if ckpt["best_val"] >= 0 and not best.is_file():  # the final report needs it; only a restore brings it back
+            raise UserError(f"{best}, the best set of the run so far (validation {100 * ckpt['best_val']:.1f} %), is "
+                            f"missing, and the final report needs it; restore it from a copy, or start the run "
+                            f"again with a new --out")
         if new.get("iterations", it) < it:
             raise UserError(f"--iterations {new['iterations']} is below iteration {it} of the checkpoint in "
                             f"{run_dir}; pass --iterations {it} or more")
@@ -181,17 +189,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _read_config(path: Path) -> dict[str, Any] | None:
-    """The stored config.json, None if there is none."""
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({err}); restore it, or delete the run directory to start over") \
-            from None
-
-
 def lock_run_dir(run_dir: Path) -> None:
     """Hold an exclusive flock on RUN_DIR/.lock for this process (until `unlock_run_dir` or exit)."""
     key = run_dir.resolve()
@@ -203,6 +200,8 @@ def lock_run_dir(run_dir: Path) -> None:
         raise write_error(run_dir / ".lock", err) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(run_dir / ".lock").st_ino:  # removed by a run that just ended
+            raise OSError
     except OSError:
         os.close(fd)
         raise UserError(f"run directory {run_dir} is in use by another distillery process; wait for it to end "
@@ -214,33 +213,8 @@ def unlock_run_dir(run_dir: Path) -> None:
     """Release the lock `lock_run_dir` took (no-op if this process holds none)."""
     fd = _LOCKS.pop(Path(run_dir).resolve(), None)
     if fd is not None:
+        Path(run_dir, ".lock").unlink(missing_ok=True)  # still held: nobody else is inside; the file goes too
         os.close(fd)
-
-
-def write_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """`torch.save` atomically, followed by a sha256 trailer of the saved bytes."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    body = buf.getvalue()
-    atomic_write_bytes(path, body + _CHECKSUM + hashlib.sha256(body).hexdigest().encode())
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint after checking its sha256 trailer; a damaged one is a UserError saying what to do."""
-    fix = "delete it to start the run again from iteration 0 with the same command, or restore it from a copy"
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read checkpoint {path} ({err.strerror}); {fix}") from None
-    body, sep, digest = raw.rpartition(_CHECKSUM)
-    if not sep:  # written before checkpoints carried a checksum: torch.load still finds damage in most cases
-        body = raw
-    elif hashlib.sha256(body).hexdigest().encode() != digest:
-        raise UserError(f"checkpoint {path} is damaged (its sha256 does not match); {fix}")
-    try:
-        return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises many kinds on a damaged file
-        raise UserError(f"checkpoint {path} is damaged ({type(err).__name__}); {fix}") from None
 
 
 class _Logger:
@@ -325,8 +299,12 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     ckpt_path = run_dir / CHECKPOINT
     start, best_val, rows, resumed_pending = 0, -1.0, [], None
     if resume and ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path)
-        method.load_state_dict(ckpt["method"])
+        ckpt = read_checkpoint(ckpt_path, template=method.state_dict())
+        try:
+            method.load_state_dict(ckpt["method"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:  # consistent, yet not this state
+            raise UserError(f"checkpoint {ckpt_path} is damaged ({type(err).__name__} restoring the method state); "
+                            "delete it to start the run again from iteration 0 with the same command") from None
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
         resumed_pending = ckpt.get("pending_eval")
         print(f"resuming {run_dir} from iteration {start}")
@@ -350,7 +328,9 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
             _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
             run.logger.log(it, logs)
             run.health.after_step(it, logs)
-            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()}, "val": f"{100 * run.val:.1f}"}, refresh=False)
+            shown = run.latest_val()
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items()},
+                             **({"val": f"{100 * shown:.1f}"} if shown is not None else {})}, refresh=False)
             bar.update(1)
             if (it + 1) % loop.checkpoint_every == 0:
                 run.save_checkpoint(it + 1)
@@ -361,6 +341,8 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     if run.stop_at is not None and main:
         print(f"the plateau curriculum ended the run at iteration {run.stop_at} (window start at its cap, no progress)")
     run.save_checkpoint(loop.iterations if run.stop_at is None else run.stop_at)
+    if main and run.pending_dir.is_dir() and not any(run.pending_dir.iterdir()):
+        run.pending_dir.rmdir()  # no evaluation is pending at the end
     barrier()  # rank 0 has written best and last; every rank reads them for its share of the final runs
     result = final_report(dataset, run_dir, loop)
     if not main:
@@ -405,17 +387,19 @@ class _Run:
                 old.unlink(missing_ok=True)
 
     def validate(self, it: int, s: SyntheticSet):
-        """The validation evaluation of the set of iteration `it` (None without a validation split)."""
+        """The validation evaluation of the set of iteration `it` under its own protocol, with `eval_runs` networks
+        and a seed of its own (None without a validation split)."""
         if not (self.has_val or self.wants_loss):
             return None
         loop = self.loop
-        return evaluate_synset(s, self.dataset, model=loop.eval_model, runs=loop.eval_runs, epochs=loop.eval_epochs,
-                               seed=loop.seed * 100003 + it, split="val", distributed=True,
-                               train_loss=self.wants_loss, fast=loop.eval_fast == "on")
+        own = set_protocols(s, self.dataset.spec)[0][0].replace(runs=loop.eval_runs, seed=loop.seed * 100003 + it)
+        return evaluate_synset(s, self.dataset, own, split="val", distributed=True, train_loss=self.wants_loss,
+                               fast=loop.eval_fast == "on")
 
     def evaluate(self, it: int, s: SyntheticSet | None = None) -> None:
         """Start the validation evaluation of iteration `it`: in place, or in the background (then `collect`)."""
-        s = self.method.synset() if s is None else s
+        s = record_protocols(self.method.synset() if s is None else s, self.loop, self.dataset.spec,
+                             self.dataset.val_fraction)
         _check_finite(it, self.run_dir, images=s.images)
         if self.background is None:
             self.record_eval(it, s, self.validate(it, s))
@@ -424,6 +408,14 @@ class _Run:
         s.save(self.pending_dir / _pending_name(it))  # a checkpoint written before the result can resume it
         self.background.start(lambda: (it, s, self.validate(it, s)))
         self.pending = it
+
+    def latest_val(self) -> float | None:
+        """The latest validation accuracy for the progress bar: a finished background evaluation's before it is
+        recorded; None before the first one (or without a validation split)."""
+        done = self.background.peek() if self.background is not None else None
+        if done is not None and done[2] is not None and self.has_val:
+            return done[2].mean
+        return self.val if self.has_val and self.val >= 0 else None
 
     def collect(self) -> None:
         """Wait for the background evaluation, if one runs, and record it."""
@@ -459,6 +451,19 @@ class _Run:
             self.health.after_eval(it, self.val)
 
 
+def record_protocols(s: SyntheticSet, loop: LoopConfig, spec, val_fraction: float) -> SyntheticSet:
+    """Record in `s` the whole protocol it is selected and scored under (`evaluation.protocol`): the method's
+    protocol completed with the run's evaluation settings. A set that records one already keeps it."""
+    if "eval" in s.meta:
+        return s
+    protos = distilled_protocols(s.meta, s.lr, model=loop.eval_model or s.meta.get("model") or spec.default_model,
+                                 runs=loop.final_eval_runs, seed=loop.seed, epochs=loop.eval_epochs,
+                                 dsa_strategy=spec.dsa_strategy, val_fraction=val_fraction)
+    meta = {k: v for k, v in s.meta.items() if k not in ("protocol", "rat_eval")}  # now in the records
+    s.meta = {**meta, "eval": [p.record() for p in protos]}
+    return s
+
+
 def _pending_name(it: int) -> str:
     """File name, under RUN_DIR/pending/, of the set whose evaluation at iteration `it` runs in the background."""
     return f"it_{it:06d}.safetensors"
@@ -467,7 +472,7 @@ def _pending_name(it: int) -> str:
 def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:
     """This process's environment with the data location, also added to config.json's latest history entry."""
     env = environment(data)
-    cfg = _read_config(run_dir / "config.json")
+    cfg = read_config(run_dir)
     if cfg is not None and cfg.get("history"):
         cfg["environment"] = cfg["history"][-1]["environment"] = env
         atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
@@ -475,8 +480,9 @@ def _record_environment(run_dir: Path, data: str | None) -> dict[str, Any]:
 
 
 def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
-    """Test accuracy of the best-on-validation set and of the last set, each measured once, under the set's own
-    protocol (RaT-BPTT sets also under dsa, each labelled); the cross-architecture table of the best set."""
+    """Test accuracy of the best-on-validation set and of the last set, each measured once, under the protocols the
+    set records (its own first; RaT-BPTT sets also dsa, each labelled): what `distillery evaluate SET` reproduces.
+    The cross-architecture table of the best set: its own protocol on each model."""
     main = is_main_process()
     has_val = len(dataset.val.y) > 0
     out: dict[str, Any] = {"selection": "best on the validation split" if has_val else
@@ -486,16 +492,17 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
     models = parse_models(loop.eval_models, dataset.spec)
     fast = loop.eval_fast == "on"
     for name in ("best", "last") if has_val else ("best",):
-        s = SyntheticSet.load(run_dir / f"{name}.safetensors")
+        s = record_protocols(SyntheticSet.load(run_dir / f"{name}.safetensors"), loop, dataset.spec,
+                             dataset.val_fraction)
         if name == "last" and s.meta.get("iteration") is not None and s.meta["iteration"] == out["best"]["iteration"]:
             # the best set is the last one: the same images under the same seeds give the same numbers
             out["last"] = {k: v for k, v in out["best"].items() if k != "models"}
             if main:
                 print(f"last set = best set (iteration {s.meta.get('iteration')}): measured once, above")
             continue
-        results = [evaluate_synset(s, dataset, protocol=p, model=loop.eval_model, runs=loop.final_eval_runs,
-                                   epochs=loop.eval_epochs, seed=loop.seed, split="test", distributed=True, fast=fast)
-                   for p in report_protocols(s.meta)]  # torchrun: every rank trains its share of the dsa runs
+        protos = set_protocols(s, dataset.spec)[0]
+        results = [evaluate_synset(s, dataset, p, split="test", distributed=True, fast=fast)
+                   for p in protos]  # torchrun: every rank trains its share of the dsa runs
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
                      "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
@@ -504,11 +511,11 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
             for res in results:
                 print(f"{name} set (iteration {s.meta.get('iteration', 'last')}) on {res.model}: test {res}")
         if models and name == "best":
-            table = {m: evaluate_synset(s, dataset, model=m, runs=loop.final_eval_runs, epochs=loop.eval_epochs,
-                                        seed=loop.seed, split="test", distributed=True, fast=fast) for m in models}
+            table = {m: evaluate_synset(s, dataset, protos[0].replace(model=m), split="test", distributed=True,
+                                        fast=fast) for m in models}
             out[name]["models"] = {m: record(r) for m, r in table.items()}
             if main:
-                print(f"cross-architecture table of the best set ({set_protocol(s.meta)} protocol):")
+                print(f"cross-architecture table of the best set ({protos[0].name} protocol):")
                 print(model_table(table))
     if not has_val:
         out["last"] = out["best"]

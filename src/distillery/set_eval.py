@@ -1,9 +1,8 @@
-"""Evaluate a distilled set the way it was distilled for, and the cross-architecture table.
+"""Evaluate a distilled set under the protocol it records (`evaluation.protocol`), and the cross-architecture table.
 
-A set records its protocol in its metadata (`protocol`: "dsa" for MTT/TESLA, "rat" for RaT-BPTT, with the
-settings under `rat_eval`); a set without one is "dsa". By default it is evaluated on the model it was distilled
-with (MTT's `eval_mode S`), with its learned step size where it has one (else lr 0.01). RaT-BPTT sets are also
-reported under the dsa protocol, so that they can be compared with MTT/TESLA numbers; each number says which.
+A set saved by a run or an import records its evaluation protocols (`eval`, its own first); one built in code gets
+the protocol its method distills for with the default settings. Flags override single fields; every number says
+which protocol produced it, and `resolve_protocol` says where each value came from.
 """
 
 from __future__ import annotations
@@ -12,21 +11,54 @@ from typing import Any
 
 from .errors import UserError
 from .evaluate import EvalResult, evaluate_set
+from .evaluation.protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, distilled_protocols, dsa_protocol,
+                                  rat_protocol, recorded_protocols)
 from .models import create_model
-from .rat_eval import RatProtocol
+from .rat_eval import evaluate_rat
 
-PROTOCOLS = ("dsa", "rat")
-
-
-def set_protocol(meta: dict[str, Any]) -> str:
-    """The protocol a set was distilled for (sets from before protocols were recorded: dsa)."""
-    return str(meta.get("protocol") or "dsa")
+PROTOCOLS = tuple(FIELDS)
 
 
-def report_protocols(meta: dict[str, Any]) -> list[str]:
-    """The protocols a final report uses: the set's own first; RaT-BPTT sets also get dsa."""
-    own = set_protocol(meta)
-    return [own] + [p for p in PROTOCOLS if p != own and own == "rat"]
+def set_protocols(s, spec) -> tuple[list[EvalProtocol], str]:
+    """(the set's protocols, its own first; "set") or, for a set that records none, (its method's protocols with
+    the default settings; "default")."""
+    recorded = recorded_protocols(s.meta)
+    if recorded:
+        return recorded, "set"
+    return distilled_protocols(s.meta, s.lr, model=s.meta.get("model") or spec.default_model, runs=5, seed=0,
+                               epochs=DEFAULT_EVAL_EPOCHS, dsa_strategy=spec.dsa_strategy), "default"
+
+
+def resolve_protocol(s, spec, name: str | None = None,
+                     overrides: dict[str, tuple[str, Any]] | None = None) -> tuple[EvalProtocol, dict[str, str]]:
+    """The protocol to score set `s` with, and where each field came from ("set", "default" or the flag).
+
+    `name`: a protocol other than the set's own (its record if the set has one, else that protocol's defaults with
+    the set's model, runs and seed). `overrides`: {flag: (field, value)}, None values skipped; a flag whose field
+    the protocol lacks is a UserError (before any training). `s` must have been checked (`SyntheticSet.load`)."""
+    protos, origin = set_protocols(s, spec)
+    name = name or protos[0].name
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown --protocol '{name}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
+    proto = next((p for p in protos if p.name == name), None)
+    sources = dict.fromkeys(FIELDS[name], origin)
+    if proto is None:
+        own = protos[0]
+        proto = (dsa_protocol(own.model, own.runs, own.seed, s.lr if s.lr is not None else 0.01, spec.dsa_strategy,
+                              val_fraction=own.val_fraction)
+                 if name == "dsa" else rat_protocol(own.model, own.runs, own.seed, val_fraction=own.val_fraction))
+        shared = ("model", "runs", "seed", "val_fraction")
+        sources = {f: origin if f in shared else "default" for f in FIELDS[name]}
+    changes = {}
+    for flag, (field, value) in (overrides or {}).items():
+        if value is None:
+            continue
+        if field not in FIELDS[name]:
+            raise UserError(f"{flag} does not apply to the {name} protocol (it has {', '.join(FIELDS[name])}); "
+                            f"drop {flag}" + (" or pass --protocol dsa" if name == "rat" else ""))
+        changes[field] = value
+        sources[field] = flag
+    return (proto.replace(**changes) if changes else proto), sources
 
 
 def parse_models(text: str | None, spec) -> list[str]:
@@ -44,21 +76,17 @@ def parse_models(text: str | None, spec) -> list[str]:
     return names
 
 
-def evaluate_synset(s, dataset, *, protocol: str | None = None, model: str | None = None, runs: int = 5,
-                    epochs: int = 300, lr: float | None = None, seed: int = 0, split: str = "test",
-                    progress: bool = False, distributed: bool = False, train_loss: bool = False,
-                    fast: bool = False) -> EvalResult:
-    """Evaluate SyntheticSet `s` under `protocol` (default: the set's) on `model` (default: its distillation model).
+def evaluate_synset(s, dataset, proto: EvalProtocol | None = None, *, split: str = "test", progress: bool = False,
+                    distributed: bool = False, train_loss: bool = False, fast: bool = False) -> EvalResult:
+    """Score SyntheticSet `s` under `proto` (default: the set's own protocol): the one place a protocol is dispatched.
 
-    `epochs`/`lr`/`fast` are the dsa protocol's; the rat protocol takes its settings from the set (`RatProtocol`)."""
-    protocol = protocol or set_protocol(s.meta)
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown --protocol '{protocol}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
-    lr = lr if lr is not None else (s.lr if s.lr is not None else 0.01)
-    rat = RatProtocol.from_meta(s.meta) if protocol == "rat" else None
-    return evaluate_set(s.images, s.labels, dataset, model or s.meta.get("model"), runs=runs, epochs=epochs, lr=lr,
-                        seed=seed, split=split, progress=progress, distributed=distributed and protocol == "dsa",
-                        protocol=protocol, rat=rat, train_loss=train_loss, fast=fast and protocol == "dsa")
+    `distributed`/`fast` apply to the dsa protocol; `train_loss` to the rat protocol (its cctype 1 signal)."""
+    proto = proto or set_protocols(s, dataset.spec)[0][0]
+    if proto.name == "rat":
+        return evaluate_rat(s.images, s.labels, dataset, proto, split=split, progress=progress, train_loss=train_loss)
+    return evaluate_set(s.images, s.labels, dataset, proto.model, runs=proto.runs, epochs=proto.epochs, lr=proto.lr,
+                        batch=proto.batch, strategy=proto.augment, seed=proto.seed, split=split, progress=progress,
+                        distributed=distributed, fast=fast)
 
 
 def record(res: EvalResult) -> dict[str, Any]:

@@ -4,7 +4,8 @@ File layout (`*.safetensors`):
     tensors  `images` (n, C, H, W) float32 in model space, `labels` (n,) int64 or (n, K) float32,
              and the preprocessing tensors under `preprocess.<name>` (mean/std, ZCA matrices).
     metadata (the safetensors string header) `distillery` = JSON with label_kind, lr, preprocess meta, and `meta`
-             (method, dataset, ipc, config, seed, library version, ...).
+             (method, dataset, ipc, config, seed, library version, ...) with `eval`, the evaluation protocols
+             the set was selected and is scored under (`evaluation.protocol`, checked field by field at load).
 Loading gives back the same tensors bit for bit.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import UserError
+from .evaluation.protocol import recorded_protocols
 from .io import atomic_write_bytes
 
 LABEL_KINDS = ("hard", "soft", "learned")
@@ -97,7 +100,11 @@ class SyntheticSet:
         if not path.is_file():
             raise UserError(f"distilled set '{path}' does not exist; pass the .safetensors file a run wrote "
                             "(e.g. RUN_DIR/best.safetensors)")
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read distilled set '{path}' ({e.strerror or e}); check the path and its "
+                            "permissions") from None
         try:
             tensors = st_load(raw)
             header_len = int.from_bytes(raw[:8], "little")
@@ -110,10 +117,7 @@ class SyntheticSet:
         if "sha256" in metadata and metadata["sha256"] != _digest(tensors, text):  # older sets carry none
             raise UserError(f"distilled set '{path}' is damaged (its sha256 does not match its contents); "
                             "use another copy, or the run's other set (best/last.safetensors)")
-        pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
-        return cls(images=tensors["images"], labels=tensors["labels"], label_kind=header["label_kind"],
-                   lr=header["lr"], preprocess={"tensors": pre_tensors, "meta": header["preprocess_meta"]},
-                   meta=header["meta"])
+        return _checked(path, tensors, header)
 
     # --- display -----------------------------------------------------------------------------------------------
     def display_images(self) -> torch.Tensor:
@@ -139,6 +143,67 @@ class SyntheticSet:
 
         return render_grid(self.display_images(), self.num_classes, self.ipc, max_per_class,
                            self.meta.get("class_names"), scale)
+
+
+def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> SyntheticSet:
+    """The set a file holds, after checking every part that training, evaluation and display use: a file that parses
+    but holds something else (another writer, a hand edit with a recomputed digest) is refused here, in one line."""
+    from .data.preprocess import Preprocess
+
+    def bad(what: str) -> UserError:
+        return UserError(f"distilled set '{path}' {what}; it was not written by distillery or was changed after: use "
+                         "another copy, or the run's other set (best/last.safetensors)")
+
+    if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("meta", "preprocess_meta")):
+        raise bad("has no distillery header (label_kind, lr, meta, preprocess_meta)")
+    if "images" not in tensors or "labels" not in tensors:
+        raise bad(f"holds no {'images' if 'images' not in tensors else 'labels'} tensor")
+    images, labels, meta = tensors["images"], tensors["labels"], header["meta"]
+    if not images.is_floating_point() or images.ndim != 4 or len(images) == 0:
+        raise bad(f"holds {images.dtype} images of shape {tuple(images.shape)}, not float (N, C, H, W) with N > 0")
+    kind, lr = header.get("label_kind"), header.get("lr")
+    if kind not in LABEL_KINDS:
+        raise bad(f"has label_kind {kind!r}, not one of {', '.join(LABEL_KINDS)}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise bad(f"has the learning rate {lr!r}, not a finite number > 0")
+    num_classes = meta.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise bad(f"has num_classes {num_classes!r} in its metadata")
+    if kind == "hard":
+        if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise bad(f"holds {labels.dtype} hard labels of shape {tuple(labels.shape)}, not integer class ids (N,)")
+        top = num_classes if num_classes is not None else len(images)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= top):
+            raise bad(f"holds class ids {int(labels.min())}..{int(labels.max())}, outside 0..{top - 1}")
+    elif labels.ndim != 2 or not labels.is_floating_point() or (num_classes is not None
+                                                                and labels.shape[1] != num_classes):
+        raise bad(f"holds {labels.dtype} {kind} labels of shape {tuple(labels.shape)}, not float (N, "
+                  f"{num_classes if num_classes is not None else 'K'})")
+    if len(labels) != len(images):
+        raise bad(f"holds {len(images)} images but {len(labels)} labels")
+    classes = num_classes if num_classes is not None else (labels.shape[1] if labels.ndim == 2
+                                                           else int(labels.max()) + 1)
+    if len(images) % classes:
+        raise bad(f"holds {len(images)} images, not the same number for each of its {classes} classes")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise bad(f"holds NaN/inf values in '{name}'")
+    for key, want in (("dataset", str), ("model", str), ("class_names", list)):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], want):
+            raise bad(f"has a {type(meta[key]).__name__} as its {key}")
+    pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
+    pre_meta = header["preprocess_meta"]
+    if pre_meta:
+        try:
+            Preprocess.from_state_dict({**{k: v for k, v in pre_meta.items() if k != "fingerprint"}, **pre_tensors})
+        except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            raise bad(f"holds a preprocessing that cannot be rebuilt ({reason})") from None
+    recorded_protocols(meta, f"distilled set '{path}'")  # every field of the recorded evaluation checked too
+    return SyntheticSet(images=images, labels=labels, label_kind=kind, lr=lr,
+                        preprocess={"tensors": pre_tensors, "meta": pre_meta}, meta=meta)
 
 
 def preprocess_record(pre) -> dict[str, Any]:

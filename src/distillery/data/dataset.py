@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from . import formats, imagenet
 from .download import SOURCES, fetch_dataset
 from .formats import RawSplit, to_float01
 from .imagenet import SUBSETS
-from .preprocess import Preprocess, images_digest, make_preprocess
+from .preprocess import Preprocess, check_fitted, images_digest, make_preprocess
 from .registry import (
     IMAGEFOLDER_PREFIX,
     DatasetSpec,
@@ -71,8 +72,9 @@ class Dataset:
     """Train / val / test splits in model space, the fitted preprocessing, and per-class real-image sampling."""
 
     def __init__(self, spec: DatasetSpec, preprocess: Preprocess, train: Split, val: Split, test: Split,
-                 location: str) -> None:
+                 location: str, val_fraction: float = 0.1) -> None:
         self.spec = spec
+        self.val_fraction = val_fraction  # share of the training files held out as `val` (sets record it)
         self.preprocess = preprocess
         self.train, self.val, self.test = train, val, test
         self.location = location  # where the files were read from, for logs and run metadata
@@ -133,7 +135,7 @@ def load_dataset(name: str, data_dir: str | None = None, device: str | torch.dev
 
     val = split(raw_train.images[val_idx], raw_train.labels[val_idx])
     test = split(raw_test.images, raw_test.labels)
-    return Dataset(spec, preprocess, train, val, test, location)
+    return Dataset(spec, preprocess, train, val, test, location, val_fraction)
 
 
 def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Preprocess:
@@ -142,15 +144,24 @@ def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Pre
     pre = make_preprocess(spec.mean, spec.std, zca)
     if zca is None:
         return pre.fit(x_train01)
-    path = formats.cache_dir() / "zca" / f"{pre.kind}-{images_digest(x_train01)[:32]}.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["preprocess"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return Preprocess.from_state_dict({**meta, **tensors}).to(x_train01.device)
-    except (OSError, KeyError, ValueError, SafetensorError):  # no cache yet, or a damaged one: fit again
-        pre.fit(x_train01)
-    atomic_write_bytes(path, st_save(pre.tensors(), metadata={"preprocess": json.dumps(pre.meta())}))
+    digest = images_digest(x_train01)
+    path = formats.cache_dir() / "zca" / f"{pre.kind}-{digest[:32]}.safetensors"
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["preprocess"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            cached = Preprocess.from_state_dict({**meta, **tensors})
+            check_fitted(cached, pre, x_train01.shape[1:], digest)
+            return cached.to(x_train01.device)
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.warn(f"the ZCA cache {path} is damaged ({why}); fitting the whitening again", stacklevel=3)
+    pre.fit(x_train01)
+    try:  # a private temp file, renamed: another process reads the old file or the whole new one
+        atomic_write_bytes(path, st_save(pre.tensors(), metadata={"preprocess": json.dumps(pre.meta())}))
+    except UserError as err:
+        warnings.warn(f"could not cache the ZCA fit ({err}); it will be fitted again next time", stacklevel=3)
     return pre
 
 

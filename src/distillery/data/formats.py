@@ -18,7 +18,6 @@ import os
 import pickle
 import struct
 import warnings
-import zipfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -419,20 +418,34 @@ def _decode_cached(tag: str, files: list[str], labels: np.ndarray, classes: list
     path = cache_dir() / f"{tag}-{len(files)}-{digest}.npz"
 
     if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as cached:
-                return RawSplit(cached["images"], cached["labels"], [str(c) for c in cached["classes"]])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable cache file: decode again and overwrite it
+        cached = _read_decoded(path, (len(files), resolution, resolution, channels), labels, classes)
+        if cached is not None:
+            return cached
     images = _decode_all(tag, files, resolution, channels, crop)
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, classes=np.array(classes))
     try:
-        atomic_write_bytes(path, buffer.getvalue())
-    except OSError as e:
-        warnings.warn(f"could not cache decoded images at {path}: {e}; they will be decoded again next time",
-                      stacklevel=3)
+        atomic_write_bytes(path, buffer.getvalue())  # a private temp file, renamed: readers see old or whole
+    except UserError as e:
+        warnings.warn(f"could not cache decoded images ({e}); they will be decoded again next time", stacklevel=3)
     return RawSplit(images, labels, list(classes))
+
+
+def _read_decoded(path: Path, shape: tuple[int, ...], labels: np.ndarray, classes: list[str]) -> RawSplit | None:
+    """The decoded-image cache file `path` if it holds exactly what was decoded (uint8 images of `shape`, the
+    same labels and classes); otherwise a warning and None, so the images are decoded again and the file rewritten."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            images, got_labels, got_classes = cached["images"], cached["labels"], [str(c) for c in cached["classes"]]
+        if images.dtype != np.uint8 or images.shape != shape:
+            raise ValueError(f"images are {images.dtype} {images.shape}, expected uint8 {shape}")
+        if not np.array_equal(got_labels, labels) or got_classes != list(classes):
+            raise ValueError("its labels or class names differ from the files'")
+    except Exception as e:  # noqa: BLE001 - the npz reader raises many kinds (even tokenize errors); rebuild
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(f"the decoded-image cache {path} is damaged ({why}); decoding the images again", stacklevel=4)
+        return None
+    return RawSplit(images, got_labels.astype(np.int64), got_classes)
 
 
 # ---------------------------------------------------------------- scikit-learn digits

@@ -350,3 +350,21 @@ class KipZCA(_ZCA):
         pre.shape, pre.fit_data = list(meta["shape"]), meta["fit_data"]
         pre.W, pre.W_inv = tensors["W"], tensors["W_inv"]
         return pre
+
+
+def check_fitted(pre: Preprocess, like: Preprocess, shape: Sequence[int], fit_data: str) -> None:
+    """Raise ValueError unless `pre` (read back from a cache) is `like`'s kind and parameters, fitted on images of
+    `shape` whose digest is `fit_data`, with finite float32 (D,) or (D, D) tensors, D = prod(shape)."""
+    if type(pre) is not type(like) or not isinstance(pre, _ZCA) or pre._params != like._params:
+        raise ValueError(f"it holds another preprocessing ({pre.kind})")
+    if list(pre.shape) != list(shape) or pre.fit_data != fit_data:
+        raise ValueError("it was fitted on other images")
+    dim = 1
+    for n in shape:
+        dim *= int(n)
+    for name, t in pre._fitted_tensors().items():
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) not in ((dim,), (dim, dim)) \
+                or (name != "mu" and t.dim() != 2):
+            raise ValueError(f"{name} is not a float32 matrix of size {dim}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds NaN/inf")

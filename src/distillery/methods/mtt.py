@@ -43,7 +43,7 @@ from ..augment import Augment
 from ..defaults import DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import Diverged, UserError
-from ..experts import ExpertConfig, ExpertStore, limit_experts, train_experts
+from ..experts import ExpertConfig, ExpertStore, finished_experts, limit_experts, train_experts
 from ..models import FunctionalModel, create_model, has_batchnorm
 from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
@@ -281,7 +281,7 @@ class MTT(Method):
     def synset(self) -> SyntheticSet:
         """The current distilled set, with α as its training learning rate."""
         spec = self.ds.spec
-        kind = "hard" if self.cfg.labels == "hard" else "soft"
+        kind = "soft" if self.labels.is_floating_point() else "hard"  # --labels expert: hard until the first step
         meta = {"method": "tesla" if self.cfg.grad == "tesla" else "mtt", "dataset": spec.name,
                 "ipc": self.cfg.ipc, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
                 "model": self.cfg.model or spec.default_model, "dsa_strategy": self.augment.strategy,
@@ -346,12 +346,15 @@ def experts_for(config: dict[str, Any], ds, device, progress: bool) -> ExpertSto
                f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
                + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
         path = cache / "experts" / key
-        print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
-              f"epochs into the cache {path} (reused by later runs)")
-        train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"], lr=config["expert_lr"],
-                      out_dir=path, device=device, seed=config["seed"], progress=progress,
-                      momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
-                      decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
+        if finished_experts(path) >= set(range(config["num_experts"])):
+            print(f"no --experts given: using cached experts at {path}")
+        else:
+            print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
+                  f"epochs into the cache {path} (reused by later runs)")
+            train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"],
+                          lr=config["expert_lr"], out_dir=path, device=device, seed=config["seed"], progress=progress,
+                          momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
+                          decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
     store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
                              expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
     return limit_experts(store, config.get("max_files"), config.get("max_experts"))
