@@ -14,7 +14,6 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 SMALL_TRAIN = 10_000        # training images below which a run uses the small-data (CPU) settings
 MAX_RESOLUTION = 64         # image folders: native resolution, capped here (larger images are downscaled)

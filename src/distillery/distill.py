@@ -120,8 +120,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 def config_classes(method: str) -> list[type]:
     """The option dataclasses whose fields make up a `distill` configuration for `method`."""
-    spec = get_method(method)
-    return [spec.config_class, LoopConfig, DataConfig, *spec.option_classes]
+    method_cls = get_method(method)
+    return [method_cls.config_class, LoopConfig, DataConfig, *method_cls.option_classes]
 
 
 def config_defaults(method: str) -> dict[str, Any]:
@@ -145,11 +145,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     from .presets import get_preset, preset_for
     from .validate import check_config
 
-    spec = get_method(args.method)
+    method_cls = get_method(args.method)
     classes = config_classes(args.method)
     config: dict[str, Any] = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
     config.pop("seed", None)
-    config.update(spec.fixed, method=args.method, dataset=None, zca=None)
+    config.update(method_cls.fixed, method=args.method, dataset=None, zca=None)
     flags = {key: getattr(args, key) for key in [*config, "experts", "seed"] if getattr(args, key, None) is not None}
     name = args.preset
     dataset = flags.get("dataset")
@@ -169,7 +169,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     facts = data_facts(dataset, flags.get("val_fraction", config["val_fraction"]),
                        flags.get("resolution", config.get("resolution")))
     if name is None:
-        config.update(spec.derive_defaults(facts, flags.get("ipc", config["ipc"])))
+        config.update(method_cls.derive_defaults(facts, flags.get("ipc", config["ipc"])))
         config["defaults_from"] = "derived from the data (docs/DEFAULTS.md)"
     config["resolution"] = facts.resolution
     config.update(flags)
@@ -177,7 +177,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if config["zca"] == "none":
         config["zca"] = None
     check_config(config, classes, facts)
-    spec.check_config(config, facts)
+    method_cls.check_config(config, facts)
     return config
 
 
