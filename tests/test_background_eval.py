@@ -10,11 +10,12 @@ import torch
 from distillery.checkpoint import read_checkpoint
 from distillery import run as run_module
 from distillery.data import load_dataset
+from distillery.methods import Method
 from distillery.run import CHECKPOINT, LoopConfig, run_distillation
 from distillery.synset import SyntheticSet
 
 
-class Drifts:
+class Drifts(Method):
     """A stand-in method: the set moves by a draw keyed by the iteration (exact on resume); stops at `kill`."""
 
     def __init__(self, ds, kill: int | None = None):

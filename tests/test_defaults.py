@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from distillery.cli import build_parser, main
-from distillery.defaults import MAX_RESOLUTION, DataFacts, data_facts, derive_defaults
+from distillery.defaults import MAX_RESOLUTION, DataFacts, data_facts
 from distillery.distill import config_classes, given_from_args, resolve_config
 from distillery.health import STOP_AFTER, VAL_STOP, WARN_AFTER, HealthMonitor, Stalled
+from distillery.methods import get_method, list_methods
 from distillery.presets import get_preset, preset_for
 from distillery.validate import check_config
 
@@ -45,7 +46,7 @@ def test_bare_command_uses_the_matching_preset():
 @pytest.mark.parametrize("method", ["mtt", "ratbptt"])
 def test_rule_on_digits_reproduces_the_validation_tuned_preset(method):
     """The small-data branch of the rule is the digits preset (chosen on validation), derived from the facts."""
-    derived = derive_defaults(method, data_facts("digits"), 1)
+    derived = get_method(method).derive_defaults(data_facts("digits"), 1)
     preset = get_preset(f"{method}/digits-ipc1")
     # iterations: the MTT preset stops at 100, where its val peaked; the rule keeps 200 for data it has not seen
     # (the digits-as-16x16-PNG run of the README was still best at its last iteration, 200)
@@ -78,7 +79,7 @@ def test_image_folder_run_resolves_at_its_own_resolution(tmp_path):
     assert config["max_start_epoch"] - 1 + config["expert_epochs"] <= config["expert_epochs_train"]
 
 
-@pytest.mark.parametrize("method", ["mtt", "tesla", "ratbptt"])
+@pytest.mark.parametrize("method", list_methods())
 @pytest.mark.parametrize("n_train, channels, size, classes, ipc", [
     (60, 1, 8, 3, 1), (1078, 1, 8, 10, 10), (5000, 3, 32, 10, 50), (45000, 3, 32, 10, 10),
     (45000, 3, 32, 100, 1), (90000, 3, 64, 200, 10)])
@@ -86,13 +87,16 @@ def test_derived_defaults_pass_every_check(method, n_train, channels, size, clas
     facts = DataFacts("toy", channels, (size, size), classes, n_train, max(ipc, n_train // classes),
                       "color_crop_cutout_flip_scale_rotate", None)
     config = {f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)}
-    config.update(method=method, experts=None, **derive_defaults(method, facts, ipc))
+    config.update(get_method(method).fixed, method=method, experts=None,
+                  **get_method(method).derive_defaults(facts, ipc))
     check_config(config, config_classes(method), facts)
-    if method != "ratbptt":
+    get_method(method).check_config(config, facts)
+    if method in ("mtt", "tesla"):
         assert 10 <= config["syn_steps"] <= 50
         assert config["batch_syn"] is None or config["batch_syn"] <= ipc * classes
     assert config["zca"] in (None, "kornia", "kip")
-    assert (config["zca"] is not None) == (channels == 3 and n_train >= 10_000 and size <= 32)
+    if method != "dm":  # DM matches embeddings of unwhitened images, as its reference code
+        assert (config["zca"] is not None) == (channels == 3 and n_train >= 10_000 and size <= 32)
 
 
 def test_health_warns_then_stops_a_pinned_step_size(capsys, tmp_path):

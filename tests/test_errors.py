@@ -749,13 +749,14 @@ def test_extend_a_finished_run(capsys, store, finished_run):
 
 def test_resume_with_other_thread_count_warns(capsys, finished_run):
     """resume-threads: a resume with another thread count says results will differ in the last bits."""
+    from distillery.distill import resume_may_change
     from distillery.run import prepare_run_dir, unlock_run_dir
 
     config = json.loads((finished_run / "config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("environment", "history")}
     torch.set_num_threads(2)
     try:
-        prepare_run_dir(finished_run, config, resume=True)
+        prepare_run_dir(finished_run, config, resume=True, may_change=resume_may_change(config["method"]))
     finally:
         torch.set_num_threads(1)
         unlock_run_dir(finished_run)
@@ -766,13 +767,15 @@ def test_resume_with_other_thread_count_warns(capsys, finished_run):
 
 def test_resume_may_turn_the_fast_paths_off(finished_run):
     """capture-failed: its fix, `--fast off` (or `--norm-kernel torch`) with `--resume`, is accepted and recorded."""
+    from distillery.distill import resume_may_change
     from distillery.run import prepare_run_dir, unlock_run_dir
 
     config = json.loads((finished_run / "config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("environment", "history")}
     assert config["fast"] == "off" and config["norm_kernel"] == "torch"
     try:
-        prepare_run_dir(finished_run, {**config, "fast": "on", "norm_kernel": "triton"}, resume=True)
+        prepare_run_dir(finished_run, {**config, "fast": "on", "norm_kernel": "triton"}, resume=True,
+                        may_change=resume_may_change(config["method"]))
     finally:
         unlock_run_dir(finished_run)
     history = json.loads((finished_run / "config.json").read_text())["history"]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from distillery.augment import Augment
 from distillery.cli import build_parser, main
 from distillery.data import Split, load_dataset
-from distillery.distill import _experts_for, given_from_args, resolve_config
+from distillery.distill import given_from_args, resolve_config
+from distillery.methods.mtt import experts_for
 from distillery.errors import UserError
 from distillery.experts import ExpertStore, expert_seed, limit_experts, train_experts
 from distillery.models import init_seeded
@@ -140,7 +141,7 @@ def test_distill_flags_reach_the_experts(digits, tmp_path):
     assert (config["expert_momentum"], config["expert_l2"], config["expert_decay"]) == (0.5, 1e-4, True)
     assert (config["max_experts"], config["max_files"]) == (1, None)
     config.update(num_experts=2, expert_epochs_train=2)
-    store = _experts_for(config, digits, torch.device("cpu"), progress=False)
+    store = experts_for(config, digits, torch.device("cpu"), progress=False)
     assert store.num_experts == 1 and store.experts[0]["index"] == 0  # 2 trained, 1 used
     assert store.root.name.endswith("-m0.5-wd0.0001-decay1")  # its own cache entry, not the published recipe's
     assert (store.manifest["momentum"], store.manifest["weight_decay"], store.manifest["decay"]) == (0.5, 1e-4, True)

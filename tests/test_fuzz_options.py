@@ -18,7 +18,9 @@ import distillery.data
 from distillery import api
 from distillery.cli import build_parser, main
 from distillery.cli_options import CommandOptions
-from distillery.distill import DistillOptions, ExpertConfig, config_classes, method_names
+from distillery.distill import DistillOptions, config_classes
+from distillery.experts import ExpertConfig
+from distillery.methods import list_methods
 from distillery.errors import UserError
 from distillery.options import base_type, option_meta
 
@@ -52,7 +54,7 @@ def declarations(command: str) -> dict[str, tuple[dict[str, Any], str | None]]:
     """{dest: (declared metadata, the distill method that takes it)} for every declared option of `command`."""
     found: dict[str, tuple[dict[str, Any], str | None]] = {}
     if command == "distill":
-        for method in method_names():
+        for method in list_methods():
             for cls in config_classes(method):
                 for name, meta in option_meta(cls).items():
                     found.setdefault(name, (meta, method))

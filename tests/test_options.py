@@ -8,10 +8,10 @@ import pytest
 import distillery.data
 from distillery.cli import main
 from distillery.cli_options import CommandOptions
-from distillery.distill import DataConfig, ExpertConfig, config_classes
+from distillery.distill import DataConfig, config_classes
 from distillery.errors import UserError
-from distillery.methods.mtt import MTTConfig
-from distillery.methods.ratbptt import RaTBPTTConfig
+from distillery.experts import ExpertConfig
+from distillery.methods import get_method, list_methods
 from distillery.options import check_options, check_value, check_values, describe, option
 from distillery.run import LoopConfig
 
@@ -50,7 +50,8 @@ def test_describe_and_defaults():
 
 def test_every_config_field_declares_its_range():
     """New fields must be option(...) fields: the CLI generates flags, help and checks from them."""
-    for cls in (MTTConfig, RaTBPTTConfig, LoopConfig, ExpertConfig, DataConfig, CommandOptions):
+    methods = [get_method(name).config_class for name in list_methods()]
+    for cls in (*methods, LoopConfig, ExpertConfig, DataConfig, CommandOptions):
         plain = [f.name for f in dataclasses.fields(cls) if "option" not in f.metadata]
         assert not plain, f"{cls.__name__} fields without option(...): {plain}"
         check_options(cls())  # the declared defaults are inside their own ranges
@@ -150,7 +151,8 @@ def test_every_command_builds_its_parser_from_declarations():
     declaration (its help, default and range come from it)."""
     from distillery.cli import build_parser
     from distillery.cli_options import COMMANDS
-    from distillery.distill import DistillOptions, method_names
+    from distillery.distill import DistillOptions
+    from distillery.methods import list_methods
 
     declared = {f.name for cls in (CommandOptions, ExpertConfig, DistillOptions, *config_classes("mtt"),
                                    *config_classes("ratbptt")) for f in dataclasses.fields(cls)}
@@ -162,7 +164,7 @@ def test_every_command_builds_its_parser_from_declarations():
         assert len(dests) == len(set(dests)), command
     for command in ("distill", "presets"):  # the --method choices: one list
         method = next(a for a in parser.commands[command]._actions if a.dest == "method")
-        assert list(method.choices) == method_names()
+        assert list(method.choices) == list_methods()
 
 
 def test_the_three_epochs_have_distinct_names():

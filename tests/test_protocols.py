@@ -8,6 +8,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ from distillery.augment import Augment
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
-from distillery.init_from import apply_init_set, load_init_set
+from distillery.init_from import load_init_set
+from distillery.methods import Method
 from distillery.methods.bptt import sample_batch
 from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
@@ -146,15 +148,16 @@ def test_rat_set_records_its_protocol_and_init_from(digits, tmp_path):
     s.save(tmp_path / "s.safetensors")
     other = tiny_rat(digits, learn_labels=True, seed=7)
     init = load_init_set(str(tmp_path / "s.safetensors"), {"method": "ratbptt", "dataset": "digits", "ipc": 1})
-    apply_init_set(other, init)
+    other.init_from(init)
     assert torch.equal(other.images.detach(), s.images) and torch.equal(other.labels.detach(), s.labels)
     assert other.images.requires_grad
     with pytest.raises(UserError, match="images per class"):
         load_init_set(str(tmp_path / "s.safetensors"), {"method": "mtt", "dataset": "digits", "ipc": 2})
     with pytest.raises(UserError, match="distilled on digits"):
         load_init_set(str(tmp_path / "s.safetensors"), {"method": "mtt", "dataset": "mnist", "ipc": 1})
-    plain = SimpleNamespace(images=torch.zeros_like(s.images).requires_grad_(True))  # MTT/TESLA: images only
-    apply_init_set(plain, init)
+    plain = Method(digits, None)  # the default: images only
+    plain.images = torch.zeros_like(s.images).requires_grad_(True)
+    plain.init_from(init)
     assert torch.equal(plain.images.detach(), s.images)
 
 
@@ -260,3 +263,23 @@ def test_run_loop_feeds_the_plateau_and_stops_when_it_says_so(digits, tmp_path, 
     assert [it for it, _ in seen] == [0, 1, 2] and all(loss > 0 for _, loss in seen)  # the train-split CE
     assert result["last"]["iteration"] == 2 and "plateau curriculum ended the run at iteration 2" in \
         capsys.readouterr().out
+
+
+def test_rat_set_stores_its_preprocessing_fingerprint(tmp_path, capsys):
+    """A RaT-BPTT set records the fingerprint of its preprocessing, so `evaluate` refuses other preprocessing (an
+    image folder's mean/std are fitted on the train split, which --val-fraction changes)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+                Image.fromarray(pixels, "L").save(tmp_path / split / c / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}", val_fraction=0.25)
+    s = tiny_rat(ds, real_batch=8).synset()
+    assert s.preprocess["meta"]["fingerprint"] == ds.preprocess.fingerprint()
+    s.save(tmp_path / "rat.safetensors")
+    assert main(["evaluate", str(tmp_path / "rat.safetensors"), "--val-fraction", "0.5", "--runs", "1"]) == 2
+    assert "preprocessed differently" in capsys.readouterr().err

@@ -236,6 +236,9 @@ class FakePreprocess:
     def tensors(self):
         return {}
 
+    def fingerprint(self):
+        return "fake"
+
 
 def fake_dataset(n_per_class: int = 20, num_classes: int = C) -> SimpleNamespace:
     """The parts of distillery.data.Dataset the method uses (contract of docs/ARCHITECTURE.md)."""

@@ -153,3 +153,29 @@ def test_report_baseline_is_silent_without_progress(example_run, capsys):
 
     write_report(example_run, baseline=measure_baseline(load_dataset("digits"), example_run, progress=False))
     assert "random real" not in capsys.readouterr().err
+
+
+def test_report_baseline_loads_an_image_folder_at_the_runs_resolution(tmp_path, monkeypatch):
+    """`report RUN --baseline` measures the baseline on the data the run distilled: same resolution, not 32 px."""
+    from PIL import Image
+
+    import distillery.report
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (20, 20), color=40 * i).save(tmp_path / "data" / split / c / f"{i}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"dataset": f"imagefolder:{tmp_path / 'data'}", "resolution": 12,
+                                                 "zca": None, "val_fraction": 0.25}))
+    seen = {}
+
+    def fake_write_report(run_dir, out=None, dataset=None, baseline=False):
+        seen["im_size"] = tuple(dataset.spec.im_size)
+        return run / "report.html"
+
+    monkeypatch.setattr(distillery.report, "write_report", fake_write_report)
+    assert main(["report", str(run), "--baseline", "--device", "cpu"]) in (0, None)
+    assert seen["im_size"] == (12, 12)

@@ -5,11 +5,12 @@ import torch
 
 from distillery.checkpoint import read_checkpoint
 from distillery.data import load_dataset
+from distillery.methods import Method
 from distillery.run import CHECKPOINT, Diverged, LoopConfig, run_distillation
 from distillery.synset import SyntheticSet
 
 
-class BreaksAt:
+class BreaksAt(Method):
     """A stand-in method whose images turn NaN at step `bad` while its logged loss stays finite."""
 
     def __init__(self, ds, bad: int):

@@ -20,6 +20,7 @@ from safetensors.torch import save as save_tensors
 from distillery.checkpoint import read_checkpoint, write_checkpoint
 from distillery.cli import main
 from distillery.errors import UserError
+from distillery.methods import Method
 from distillery.run import CHECKPOINT
 
 
@@ -359,7 +360,7 @@ def test_good_run_files_make_a_report(tmp_path):
     assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
 
 
-class _Drifts:
+class _Drifts(Method):
     """A stand-in method: the set moves by a draw keyed by the iteration."""
 
     def __init__(self, ds):

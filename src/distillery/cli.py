@@ -270,7 +270,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not config.get("dataset"):
             raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
         ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
-                          zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0)
+                          zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0,
+                          resolution=config.get("resolution"))  # an image folder at the run's resolution
         baseline = measure_baseline(ds, args.run_dir)
     print(f"wrote {write_report(args.run_dir, out=args.out, baseline=baseline)}")
 
@@ -334,7 +335,9 @@ _FUNCS = {"datasets": cmd_datasets, "download": cmd_download, "baseline": cmd_ba
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand, built from the declarations (`cli_options.COMMANDS`, and for
     `distill` and `experts` the configuration classes)."""
-    from .distill import EXPERTS_COMMAND_ALIASES, ExpertConfig, add_distill_args, method_names
+    from .distill import add_distill_args
+    from .experts import EXPERTS_COMMAND_ALIASES, ExpertConfig
+    from .methods import list_methods
 
     parser = OneLineParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=text)
         if command == "distill":
             add_distill_args(p)
-        add_command(p, command, choices={"method": method_names()} if command == "presets" else None)
+        add_command(p, command, choices={"method": list_methods()} if command == "presets" else None)
         if command == "experts":
             add_options(p, ExpertConfig, EXPERTS_COMMAND_ALIASES, aliases=EXPERTS_COMMAND_ALIASES)
         p.set_defaults(func=_FUNCS[command])
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:  # declared ranges first: nothing is read or trained with a value that cannot work
-        from .distill import ExpertConfig
+        from .experts import ExpertConfig
 
         typed = {a.dest: s for a in parser.commands[args.command]._actions for s in a.option_strings
                  if s in (sys.argv[1:] if argv is None else argv)}  # name an option as the user spelled it

@@ -2,7 +2,7 @@
 
 `data_facts` reads only what the rule needs, cheaply and before any image is decoded: the registry for named
 datasets (train sizes are fixed facts of the standard files), folder listings and a few image headers for
-`imagefolder:` sets. `derive_defaults` turns those facts into option values for MTT, TESLA and RaT-BPTT.
+`imagefolder:` sets. Each method's `derive_defaults` (methods/) turns those facts into its option values.
 
 The rule has two regimes. Small data (under `SMALL_TRAIN` training images, e.g. digits or a few thousand images of
 your own) gets the CPU-sized settings of our digits presets, whose values were chosen on the validation split;
@@ -11,11 +11,9 @@ large data gets the published CIFAR rows (SPEC §4.6, §6.9), scaled by classes,
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 SMALL_TRAIN = 10_000        # training images below which a run uses the small-data (CPU) settings
 MAX_RESOLUTION = 64         # image folders: native resolution, capped here (larger images are downscaled)
@@ -97,44 +95,12 @@ def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = No
                      _held_out(smallest, val_fraction), spec.dsa_strategy, None)
 
 
-def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
-    """Option values for `method` on data described by `facts` at `ipc` images per class (docs/DEFAULTS.md)."""
-    small = facts.n_train < SMALL_TRAIN
-    classes = facts.num_classes
-    pixels = facts.im_size[0] * facts.im_size[1]
-    # whitening pays off on large colour sets up to 32x32 (the MTT/RaT CIFAR rows); above, the covariance is
-    # too big (64x64x3: 12288^2 floats) and the published Tiny/ImageNet rows do without it
-    zca = facts.channels == 3 and not small and pixels <= 32 * 32
-    out: dict[str, Any] = {"ipc": ipc, "model": None}
-    if method in ("mtt", "tesla"):
-        steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
-        max_start_epoch = 5 if small else 12
-        # small: train only the epochs the run reads (constant lr: the same epochs as longer experts); large: the
-        # published 50, so a store can serve other settings too
-        expert_epochs_train = max_start_epoch - 1 + 2 if small else 50
-        n_syn = ipc * classes
-        out.update(
-            zca="kornia" if zca else None,
-            num_experts=5 if small else 20, expert_epochs_train=expert_epochs_train, expert_lr=0.01,
-            expert_epochs=2, max_start_epoch=max_start_epoch,
-            # as many student steps as the expert took in its 2 epochs, within the published range 10..50
-            syn_steps=max(10, min(50, 2 * steps_per_epoch)),
-            lr_img=100.0 * max(1.0, classes / 10) * max(1.0, pixels / 1024) * (10 if ipc >= 50 else 1),
-            lr_lr=1e-5, lr_teacher=0.01, batch_syn=None if n_syn <= 256 else 256,
-            iterations=200 if small else 5000, eval_every=50 if small else 100,
-            eval_epochs=300 if small else 1000, eval_runs=3, final_eval_runs=5)
-        if method == "tesla":
-            out["grad"] = "tesla"
-        return out
-    flip = "flip" in facts.dsa_strategy
-    if small:
-        out.update(zca=None, horizon=40, window=10, min_start=0, real_batch=min(256, facts.n_train), lr=1e-2,
-                   iterations=150, eval_every=50, eval_epochs=300, eval_runs=3, final_eval_runs=5,
-                   rat_eval_steps="300,600,1000")  # as ratbptt/digits-ipc1: 3000 steps cost 2.6x the run
-    else:
-        out.update(zca="kip" if zca else None, horizon=200, window=60, min_start=0, real_batch=5000, lr=1e-3,
-                   learn_labels=classes >= 100, iterations=60000, eval_every=500, eval_epochs=1000, eval_runs=3,
-                   final_eval_runs=5)
-    out.update(window_mode="random", inner_opt="adam", inner_lr=1e-3,
-               syn_strategy="flip_rotate" if flip else "rotate", real_strategy="flip_rotate" if flip else "rotate")
-    return out
+def is_small(facts: DataFacts) -> bool:
+    """Whether the data gets the small-data (CPU) settings rather than the published large-data rows."""
+    return facts.n_train < SMALL_TRAIN
+
+
+def whitening_pays_off(facts: DataFacts) -> bool:
+    """ZCA pays off on large colour sets up to 32x32 (the MTT/RaT CIFAR rows); above, the covariance is too big
+    (64x64x3: 12288^2 floats) and the published Tiny/ImageNet rows do without it."""
+    return facts.channels == 3 and not is_small(facts) and facts.im_size[0] * facts.im_size[1] <= 32 * 32

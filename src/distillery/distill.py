@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,41 +15,17 @@ from typing import Any, Mapping
 
 from .cli_options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
-from .options import check_known, check_values, flag, option
+from .methods import get_method, list_methods
+from .options import check_known, check_values, flag, option, resumable
 from .run import LoopConfig
 
 
-@dataclass
-class ExpertConfig:
-    """The experts an MTT/TESLA run trains and caches when no --experts store is given."""
-
-    num_experts: int = option(10, low=1, help="expert trajectories to train")
-    expert_epochs_train: int = option(50, low=1, help="epochs of every expert (>= max_start_epoch - 1 + expert_epochs)")
-    expert_lr: float = option(0.01, low=0, low_open=True, help="SGD learning rate of the experts")
-    expert_momentum: float = option(0.0, low=0, high=1, high_open=True,
-                                    help="SGD momentum of the experts (MTT buffer.py --mom; published 0)")
-    expert_l2: float = option(0.0, low=0, help="SGD weight decay of the experts (buffer.py --l2; published 0)")
-    expert_decay: bool = option(False, help="expert lr x0.1 once epoch E // 2 + 1 of E is done, momentum restarted "
-                                            "(buffer.py --decay; published off)")
-    # these two also apply to a given --experts store
-    max_files: int | None = option(None, low=1, help="use only the first N groups of 10 experts by index (MTT "
-                                                     "distill.py --max_files: files of 10 experts)")
-    max_experts: int | None = option(None, low=1, help="use only the first N experts of each group of 10 (MTT "
-                                                       "distill.py --max_experts, per file)")
-
-
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
-# `distillery experts` takes these ExpertConfig options, also under further spellings (MTT buffer.py's and ours)
-EXPERTS_COMMAND_ALIASES = {"num_experts": (), "expert_epochs_train": ("--train-epochs",), "expert_lr": ("--lr",),
-                           "expert_momentum": ("--momentum", "--mom"), "expert_l2": ("--l2",),
-                           "expert_decay": ("--decay",)}
-
-
 @dataclass
 class DistillOptions:
     """`distill`'s options that say what to run and where, beside the configuration values."""
 
-    method: str = option("", help="the distillation method")  # choices: method_names(), known at run time
+    method: str = option("", help="the distillation method")  # choices: list_methods(), known at run time
     out: str | None = option(None, none_unset=True, help="run directory")
     preset: str | None = option(None, help="a named preset (`distillery presets`); flags override it. Default: the "
                                            "preset for this method, dataset and IPC if there is one, else defaults "
@@ -66,15 +41,8 @@ class DistillOptions:
 
 
 def _method_configs() -> dict[str, type]:
-    from .methods.mtt import MTTConfig
-    from .methods.ratbptt import RaTBPTTConfig
-
-    return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig}
-
-
-def method_names() -> list[str]:
-    """The methods `distill --method` takes."""
-    return list(_method_configs())
+    """{method name: its config dataclass}, every registered method."""
+    return {name: get_method(name).config_class for name in list_methods()}
 
 
 def _method_help(name: str, methods: dict[str, type]) -> str:
@@ -93,12 +61,13 @@ def _method_help(name: str, methods: dict[str, type]) -> str:
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     """Options of `distillery distill`: a flag not given is absent from the parsed namespace, so we can tell what
     the user set (`resolve_config`)."""
-    add_options(p, DistillOptions, ["method", "out"], required=["method", "out"], choices={"method": method_names()})
+    add_options(p, DistillOptions, ["method", "out"], required=["method", "out"], choices={"method": list_methods()})
     add_options(p, DistillOptions, ["preset", "resume", "estimate", "experts", "init_from"])
     add_options(p, CommandOptions, ["dataset", "zca", "seed"], unset=True)
     seen = {"seed"}
     methods = _method_configs()
-    groups = [("run loop", LoopConfig), ("experts (MTT/TESLA, when no --experts is given)", ExpertConfig),
+    extra = dict.fromkeys(cls for name in list_methods() for cls in get_method(name).option_classes)
+    groups = [("run loop", LoopConfig), *((cls.__doc__.splitlines()[0], cls) for cls in extra),
               ("data", DataConfig), *((f"{m} options", c) for m, c in methods.items())]
     for title, cls in groups:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
@@ -109,14 +78,21 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 def config_classes(method: str) -> list[type]:
     """The option dataclasses whose fields make up a `distill` configuration for `method`."""
-    classes = [_method_configs()[method], LoopConfig, DataConfig]
-    return classes + [ExpertConfig] if method in ("mtt", "tesla") else classes
+    method_cls = get_method(method)
+    return [method_cls.config_class, LoopConfig, DataConfig, *method_cls.option_classes]
 
 
 def config_defaults(method: str) -> dict[str, Any]:
-    """The declared default of each key of a `method` configuration: what a run recorded before the key existed
-    did (`--resume` of such a run accepts the key at this value). `processes` is not an option: one process."""
-    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)}, "processes": 1}
+    """The declared default of each key of a `method` configuration (with the values its name fixes): what a run
+    recorded before the key existed did (`--resume` of such a run accepts the key at this value). `processes` is
+    not an option: one process."""
+    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)},
+            **get_method(method).fixed, "processes": 1}
+
+
+def resume_may_change(method: str) -> frozenset[str]:
+    """The configuration keys `--resume` may change for `method`: its options declared `resumable`."""
+    return resumable(config_classes(method))
 
 
 def given_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +102,7 @@ def given_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_keys() -> set[str]:
     """Every configuration key some method's `distill` takes."""
-    return {f.name for m in method_names() for cls in config_classes(m) for f in dataclasses.fields(cls)}
+    return {f.name for m in list_methods() for cls in config_classes(m) for f in dataclasses.fields(cls)}
 
 
 def _api_spell(name: str) -> str:
@@ -140,18 +116,19 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     checked for types and ranges against the declarations first, the whole configuration before any data is read.
     `api`: name keys as keywords (`lr_img=`) rather than flags in messages."""
     from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
-    from .defaults import data_facts, derive_defaults
+    from .defaults import data_facts
     from .presets import get_preset, preset_for
     from .validate import check_config
 
     spell = _api_spell if api else flag
-    if method not in method_names():
-        raise UserError(f"unknown {'method' if api else '--method'} {method!r}; one of {', '.join(method_names())}")
+    if method not in list_methods():
+        raise UserError(f"unknown {'method' if api else '--method'} {method!r}; one of {', '.join(list_methods())}")
+    method_cls = get_method(method)
     classes = config_classes(method)
     own = {f.name for cls in classes for f in dataclasses.fields(cls)} | {"dataset", "zca", "experts", "seed"}
     for key in given:  # a value another method takes: refused rather than silently unused
         if key not in own:
-            users = [m for m in method_names()
+            users = [m for m in list_methods()
                      if key in {f.name for c in config_classes(m) for f in dataclasses.fields(c)}]
             if not users:
                 check_known([key], sorted(own), f"distill --method {method}", spell)
@@ -164,9 +141,7 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     check_values(DistillOptions, {k: v for k, v in given.items() if k == "experts"}, spell)
     config: dict[str, Any] = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
     config.pop("seed", None)
-    if method == "tesla":
-        config["grad"] = "tesla"
-    config.update(method=method, dataset=None, zca=None)
+    config.update(method_cls.fixed, method=method, dataset=None, zca=None)
     flags = dict(given)
     name = preset
     dataset = flags.get("dataset")
@@ -187,7 +162,7 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     facts = data_facts(dataset, flags.get("val_fraction", config["val_fraction"]),
                        flags.get("resolution", config.get("resolution")))
     if name is None:
-        config.update(derive_defaults(method, facts, flags.get("ipc", config["ipc"])))
+        config.update(method_cls.derive_defaults(facts, flags.get("ipc", config["ipc"])))
         config["defaults_from"] = "derived from the data (docs/DEFAULTS.md)"
     if "real_epochs" in config:  # RaT-BPTT: the budget is --real-epochs passes or --iterations, never both
         if "iterations" in flags and flags.get("real_epochs") is not None:
@@ -205,6 +180,7 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     if name is not None and "zca" not in flags:
         _check_store_preprocessing(config, name)
     check_config(config, classes, facts)
+    method_cls.check_config(config, facts)
     return config
 
 
@@ -234,54 +210,9 @@ def describe_defaults(config: dict[str, Any]) -> str:
     source = config["defaults_from"]
     if not source.startswith("derived"):
         return f"defaults: {source} (flags override it)"
-    keys = ["ipc", "zca", "resolution", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr",
-            "num_experts", "expert_epochs_train", "horizon", "window", "real_batch", "lr", "iterations", "eval_every"]
+    keys = ["ipc", "zca", "resolution", *get_method(config["method"]).derived_keys, "iterations", "eval_every"]
     values = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     return f"no preset for {config['method']} on {config['dataset']} at IPC {config['ipc']}: defaults {source}: {values}"
-
-
-def _experts_for(config: dict[str, Any], ds, device, progress: bool):
-    """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
-    to --max-files / --max-experts."""
-    from .experts import ExpertStore, finished_experts, limit_experts, train_experts
-    from .models import FunctionalModel, create_model
-
-    spec = ds.spec
-    model = config["model"] or spec.default_model
-    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
-    path = config.get("experts")
-    if path is None:
-        cache = Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
-        recipe = {"m": config["expert_momentum"], "wd": config["expert_l2"], "decay": int(config["expert_decay"])}
-        key = (f"{spec.name.replace(':', '_').replace('/', '_')}-{model}-{ds.preprocess.fingerprint()[:10]}"
-               f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
-               + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
-        path = cache / "experts" / key
-        if finished_experts(path) >= set(range(config["num_experts"])):
-            print(f"no --experts given: using cached experts at {path}")
-        else:
-            print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
-                  f"epochs into the cache {path} (reused by later runs)")
-            train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"],
-                          lr=config["expert_lr"], out_dir=path, device=device, seed=config["seed"], progress=progress,
-                          momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
-                          decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
-    store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
-                             expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
-    return limit_experts(store, config.get("max_files"), config.get("max_experts"))
-
-
-def build_method(config: dict[str, Any], ds, device, progress: bool = True):
-    """Instantiate the method object for the shared loop."""
-    cls = _method_configs()[config["method"]]
-    cfg = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
-    if config["method"] in ("mtt", "tesla"):
-        from .methods.mtt import MTT
-
-        return MTT(ds, _experts_for(config, ds, device, progress), cfg)
-    from .methods.ratbptt import RaTBPTT
-
-    return RaTBPTT(ds, cfg)
 
 
 def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -316,7 +247,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(out, config, resume, config_defaults(method))
+            prepare_run_dir(out, config, resume, config_defaults(method), resume_may_change(method))
     run_dir = Path(out)
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
@@ -328,19 +259,15 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
 
         check_init_set(init, ds)
     t = time.time()
-    method_obj = build_method(config, ds, device, progress)
+    method_obj = get_method(method).build(config, ds, device, progress)
     setup_seconds = time.time() - t  # MTT/TESLA: training (or checking) the experts
     if init is not None:
-        from .init_from import apply_init_set
-
-        apply_init_set(method_obj, init)
+        method_obj.init_from(init)
         print(f"initialised from {init_from}")
     loop = LoopConfig(**{k: config[k] for k in LOOP_DEFAULTS}, seed=config["seed"])
-    if config.get("real_epochs"):  # RaT-BPTT's budget in passes over the real data (the published --epochs)
-        steps = method_obj.setup.steps_per_epoch
-        loop.iterations = config["real_epochs"] * steps
-        print(f"budget: --real-epochs {config['real_epochs']} x {steps} outer steps per pass over the real data = "
-              f"{loop.iterations} iterations (--real-epochs none runs --iterations instead)")
+    loop.iterations, budget = method_obj.budget(config)
+    if budget:
+        print(budget)
     from .estimate import estimate_run, out_of_memory
 
     if estimate:

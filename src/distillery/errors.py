@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """Training a network on a set went non-finite; a caller that knows which option made the set says so."""
+
+
+class Diverged(UserError):
+    """The distillation produced NaN/inf (or a non-positive step size); `run_distillation` adds how to go on."""

@@ -18,15 +18,12 @@ import torch
 
 from .errors import UserError
 from .evaluation.dsa import train_model
+from .methods import get_method
 
 
 def oom_advice(config: dict[str, Any]) -> str:
-    """The settings that lower this run's GPU memory, in the order to try them."""
-    if config["method"] == "ratbptt":
-        return (f"lower --window (now {config.get('window')}: memory grows with it), --real-chunk (now "
-                f"{config.get('real_chunk')}) or --real-batch, or use fewer images per class")
-    return (f"lower --batch-syn (now {config.get('batch_syn') or 'all images'}), or use --grad tesla (memory flat "
-            f"in --syn-steps) or --grad checkpointed (now --grad {config.get('grad')})")
+    """The settings that lower this run's GPU memory, in the order to try them (the method's `oom_advice`)."""
+    return get_method(config["method"]).oom_advice(config)
 
 
 def out_of_memory(config: dict[str, Any], where: str) -> UserError:

@@ -152,7 +152,7 @@ def read_pt_set(path: Path, read_lr: bool = True) -> PublishedSet:
         return PublishedSet(images, labels, lr, "pt-dict",
                             "labels from its 'labels'" if labels is not None else "class-blocked hard labels: the "
                             f"dict in {path.name} has no 'labels'",
-                            f"lr from its 'lr'" if lr is not None else f"none: the dict in {path.name} has no 'lr'",
+                            "lr from its 'lr'" if lr is not None else f"none: the dict in {path.name} has no 'lr'",
                             pixels)
     images, pixels = _images(obj, path)
     labels_path, lr_path = _companion(path, "labels"), _companion(path, "lr") if read_lr else None

@@ -1,30 +1,19 @@
 """`distill --init-from SET`: start a distillation from a saved set (RaT-BPTT's `--ckptname`), for every method.
 
-The set must come from the same dataset, with the same preprocessing and the same images per class (for a boosted
-RaT-BPTT run: the first block). The run takes the set's images; a RaT-BPTT run that learns labels also takes the
-set's learned labels. Everything else (optimiser states, the MTT step size) starts afresh, as in the published code.
+The set must come from the same dataset, with the same preprocessing and the images per class the run starts with
+(`Method.start_ipc`: for a boosted RaT-BPTT run, the first block). The method takes what it needs from the set
+(`Method.init_from`: the images; a RaT-BPTT run that learns labels also the learned labels). Everything else
+(optimiser states, the MTT step size) starts afresh, as in the published code.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
 from .errors import UserError
+from .methods import get_method
 from .synset import SyntheticSet
-
-
-def _first_block_ipc(config: dict[str, Any]) -> int:
-    """Images per class the run starts with (a boosted RaT-BPTT run starts with its first block)."""
-    blocks = config.get("boost_blocks")
-    if config.get("method") == "ratbptt" and blocks:
-        try:
-            return int(str(blocks).split(",")[0])
-        except ValueError:
-            raise UserError(f"--boost-blocks '{blocks}' is not a comma-separated list of integers") from None
-    return int(config["ipc"])
 
 
 def load_init_set(path: str, config: dict[str, Any]) -> SyntheticSet:
@@ -36,7 +25,7 @@ def load_init_set(path: str, config: dict[str, Any]) -> SyntheticSet:
     if dataset and wanted and dataset != wanted:
         raise UserError(f"--init-from {path} was distilled on {dataset}, this run is on {config['dataset']}; "
                         "use a set of the same dataset")
-    ipc = _first_block_ipc(config)
+    ipc = get_method(config["method"]).start_ipc(config)
     if s.ipc != ipc:
         raise UserError(f"--init-from {path} has {s.ipc} images per class, this run starts with {ipc}; "
                         f"pass --ipc {s.ipc} or a set with {ipc} images per class")
@@ -55,15 +44,3 @@ def check_init_set(s: SyntheticSet, dataset) -> None:
             ("fingerprint" in theirs and theirs["fingerprint"] != dataset.preprocess.fingerprint()):
         raise UserError("--init-from set was made with another preprocessing (mean/std or ZCA fit) than this run's; "
                         "use the same --zca and --val-fraction it was distilled with")
-
-
-def apply_init_set(method, s: SyntheticSet) -> None:
-    """Copy the set into the method's images (a method with its own `init_from` also takes what else it needs)."""
-    if hasattr(method, "init_from"):
-        method.init_from(s)
-        return
-    if tuple(s.images.shape) != tuple(method.images.shape):
-        raise UserError(f"--init-from set has images {tuple(s.images.shape)}, this run needs "
-                        f"{tuple(method.images.shape)}; use a set of the same dataset and ipc")
-    with torch.no_grad():
-        method.images.copy_(s.images.to(method.images.device))

@@ -25,18 +25,30 @@ from .errors import UserError
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
            choices: Iterable[Any] | None = None, none_ok: bool = False, help: str = "",
            high_open: bool = False, none_unset: bool = False, aliases: Iterable[str] = (), switch: bool = False,
-           positional: bool = False) -> Any:
+           positional: bool = False, resumable: bool = False) -> Any:
     """A dataclass field whose metadata records the allowed values (`low <= v <= high`; `low < v` if low_open,
     `v < high` if high_open). None passes if `none_ok` or the default is None; messages offer `none` as a value
-    unless `none_unset` (None then only stands for a flag that was not given and cannot be typed).
+    unless `none_unset` (None then only stands for a flag that was not given and cannot be typed). `resumable`:
+    `--resume` may change it (it steers the optimisation or the loop, not what a checkpoint's state means).
 
     Command-line shape: `aliases` are further spellings (a published flag), `switch` a flag without a value
     (store_true), `positional` an argument without a flag."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
             "none_ok": none_ok or default is None, "none_typed": (none_ok or default is None) and not none_unset,
             "choices": tuple(choices) if choices is not None else None, "help": help,
-            "aliases": tuple(aliases), "switch": switch, "positional": positional}
+            "aliases": tuple(aliases), "switch": switch, "positional": positional, "resumable": resumable}
     return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """Option `name` of dataclass `cls` with another default: a subclass field that keeps its one declaration."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata=field.metadata)
+
+
+def resumable(classes: Iterable[type]) -> frozenset[str]:
+    """The options of these dataclasses that `--resume` may change (declared with `resumable=True`)."""
+    return frozenset(name for cls in classes for name, meta in option_meta(cls).items() if meta.get("resumable"))
 
 
 def flag(name: str) -> str:

@@ -42,6 +42,14 @@ def _rat(dataset: str, ipc: int, model: str, bpc: int, nc: int | None, learn_lab
             "real_epochs": 60000, "window_resample": "epoch", "inner_adam": "higher"}
 
 
+def _dm(ipc: int, published: float) -> dict[str, Any]:
+    """DM's CIFAR-10 row (SPEC §10.5, `[DC-code] main_DM.py` defaults): 20000 iterations, evaluated every 2000."""
+    return {"method": "dm", "dataset": "cifar10", "ipc": ipc, "model": "ConvNet", "zca": None, "pix_init": "real",
+            "lr_img": 1.0, "batch_real": 256, "dsa": True, "iterations": 20000, "eval_every": 2000,
+            "eval_epochs": 1000, "note": f"SPEC §10.5 ([DC-code] main_DM.py); published {published} (ConvNet, "
+                                         "DM row of [PAD-T1], SPEC §8.3)"}
+
+
 # Small CPU presets of our own for scikit-learn's 8x8 digits (tuned on the validation split, not on test).
 _DIGITS = {"dataset": "digits", "ipc": 1, "model": "ConvNetD2", "zca": None, "iterations": 200, "eval_every": 50,
            "eval_runs": 3, "eval_epochs": 300, "final_eval_runs": 5}
@@ -79,6 +87,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tesla/cifar100-ipc50": _tesla("cifar100", 50, 80, 2, 40, 1000, 1e-5, 0.01, 125, True, "ConvNet"),
     "tesla/imagenet1k-ipc1": _tesla("imagenet-1k", 1, 10, 3, 10, 10000, 1e-4, 0.01, 100, False, "ConvNetD4",
                                     labels="expert", num_experts=50),
+    # --- DM, SPEC §10.5 ----------------------------------------------------------------------------------------
+    "dm/cifar10-ipc1": _dm(1, 26.0),
+    "dm/cifar10-ipc10": _dm(10, 48.9),
+    "dm/cifar10-ipc50": _dm(50, 63.0),
     # --- RaT-BPTT, SPEC §6.9 -----------------------------------------------------------------------------------
     "ratbptt/cifar10-ipc10": _rat("cifar10", 10, "ConvNet", 10, None, False, 5000, "random", 60, 200, 0, 1e-3, True),
     "ratbptt/cifar100-ipc10": _rat("cifar100", 10, "ConvNet", 1, 100, True, 5000, "random", 100, 300, 0, 1e-3, True),

@@ -1,6 +1,7 @@
 """The run loop every method shares: run directory, checkpoints, exact resume, evaluation, logs, progress.
 
-A method only implements `step(it) -> dict`, `synset()`, `state_dict()` and `load_state_dict()`. This loop:
+A method (`methods.Method`) implements `step(it) -> dict`, `synset()`, `state_dict()` and `load_state_dict()`, and
+may override the loop's hooks (`health_fix`, `wants_eval_train_loss`, `observe_eval`, `divergence_fix`). This loop:
 
     RUN_DIR/config.json       the resolved configuration, the environment (threads, versions, command line, data
                               location) and a history: one entry per start, restart and resume with what changed
@@ -23,9 +24,9 @@ Resume is exact: all randomness lives in the method's saved state or in streams 
 (`streams.py`: MTT/TESLA, RaT-BPTT), and evaluation seeds derive from
 (seed, iteration), so an interrupted and resumed run gives the same images as an uninterrupted one (with the same
 thread count: a resume with another one is warned about). `--resume` may change what does not alter the state's
-shape or meaning (`RESUME_MAY_CHANGE`: learning rates, guard bounds, a larger `--iterations`, evaluation and
-checkpoint cadence); anything else is refused. A directory without a checkpoint (a run stopped before its first
-one) is started again by the same command.
+shape or meaning (the options declared `resumable`: learning rates, guard bounds, a larger `--iterations`,
+evaluation and checkpoint cadence); anything else is refused. A directory without a checkpoint (a run stopped
+before its first one) is started again by the same command.
 """
 
 from __future__ import annotations
@@ -40,23 +41,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .distributed import barrier, is_main_process, rank_and_world
-from .errors import TrainingDiverged, UserError
+from .errors import Diverged, TrainingDiverged, UserError
 from .checkpoint import read_checkpoint, write_checkpoint
 from .evaluation.background import BackgroundEval, overlap_wanted
 from .evaluation.protocol import DEFAULT_EVAL_EPOCHS, distilled_protocols
 from .evaluation.score import evaluate_synset, model_table, parse_models, record, set_protocols
 from .io import atomic_write_text, ensure_dir, write_error
 from .runfiles import read_config
-from .health import DEFAULT_FIX, HealthMonitor
-from .options import option
+from .health import HealthMonitor
+from .options import option, resumable
 from .synset import SyntheticSet
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 try:
     import fcntl
@@ -65,45 +69,30 @@ except ImportError:  # not POSIX: run directories are not locked
 
 CHECKPOINT = "checkpoint.safetensors"
 PENDING = "pending"  # the set of an evaluation still running in the background when a checkpoint was written
-# Config keys `--resume` may change: they steer the optimisation or the loop, not what the saved state means.
-RESUME_MAY_CHANGE = frozenset({"lr_img", "lr_lr", "lr_min", "lr_max", "lr", "inner_lr", "label_lr_scale",
-                               "iterations", "eval_every", "eval_runs", "eval_epochs", "final_eval_runs",
-                               "checkpoint_every", "real_epochs", "eval_models", "eval_overlap", "eval_fast",
-                               "fast", "norm_kernel"})  # the last three: same numbers up to float rounding
 _NOT_CONFIG = ("resume", "device", "environment", "history")  # config.json keys that are not compared
 _LOCKS: dict[Path, int] = {}
-
-
-class Method(Protocol):
-    """What a distillation method provides to the shared loop."""
-
-    def step(self, it: int) -> dict[str, float]: ...
-    def synset(self) -> SyntheticSet: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Diverged(UserError):
-    """The distillation produced NaN/inf (or a non-positive step size); `run_distillation` adds how to go on."""
 
 
 @dataclass
 class LoopConfig:
     """How long to run and how to evaluate along the way."""
 
-    iterations: int = option(1000, low=1, help="outer iterations")
-    eval_every: int = option(100, low=1, help="evaluate on the validation split every this many iterations")
-    eval_runs: int = option(3, low=1, help="networks trained per validation evaluation")
-    eval_epochs: int = option(DEFAULT_EVAL_EPOCHS, low=1, help="training epochs of every evaluation network")
+    iterations: int = option(1000, low=1, resumable=True, help="outer iterations")
+    eval_every: int = option(100, low=1, resumable=True,
+                             help="evaluate on the validation split every this many iterations")
+    eval_runs: int = option(3, low=1, resumable=True, help="networks trained per validation evaluation")
+    eval_epochs: int = option(DEFAULT_EVAL_EPOCHS, low=1, resumable=True,
+                              help="training epochs of every evaluation network")
     eval_model: str | None = option(None, help="evaluation model (default: the distillation model)")
-    eval_models: str | None = option(None, help="models of the final cross-architecture table of the best set, "
-                                                "e.g. ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
-    final_eval_runs: int = option(5, low=1, help="networks trained per final test evaluation")
-    checkpoint_every: int = option(10, low=1, help="write a checkpoint every this many iterations")
-    eval_overlap: str = option("auto", choices=("auto", "off"),
+    eval_models: str | None = option(None, resumable=True,
+                                     help="models of the final cross-architecture table of the best set, e.g. "
+                                          "ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
+    final_eval_runs: int = option(5, low=1, resumable=True, help="networks trained per final test evaluation")
+    checkpoint_every: int = option(10, low=1, resumable=True, help="write a checkpoint every this many iterations")
+    eval_overlap: str = option("auto", choices=("auto", "off"), resumable=True,
                                help="auto: on the CPU with 2+ threads, validation evaluations run in the background "
                                     "while distillation goes on (the threads split in half); off: wait for each")
-    eval_fast: str = option("off", choices=("off", "on"),
+    eval_fast: str = option("off", choices=("off", "on"), resumable=True,
                             help="on (CUDA): train the evaluation networks from captured CUDA graphs (models without "
                                  "BatchNorm; the others train as usual); same numbers up to float rounding")
     health: str = option("stop", choices=("stop", "warn", "off"),
@@ -121,26 +110,29 @@ def environment(data: str | None = None) -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool,
-                    defaults: Mapping[str, Any] | None = None) -> Path:
+                    defaults: Mapping[str, Any] | None = None, may_change: Collection[str] | None = None) -> Path:
     """Check RUN_DIR can take this run, lock it, and write config.json with a new history entry; before any work.
 
     No checkpoint yet (a new directory, or a run that stopped before its first checkpoint): the run starts
-    (again). A checkpoint: refused without `resume`; with it, only `RESUME_MAY_CHANGE` keys may differ from the
-    stored config, `iterations` may not fall below the checkpoint's, and each change goes into the history.
+    (again). A checkpoint: refused without `resume`; with it, only `may_change` keys (default: the loop's resumable
+    options) may differ from the stored config, `iterations` may not fall below the checkpoint's, and each change
+    goes into the history.
     A key the stored config lacks (written by an older version) passes when its value here is its entry in
     `defaults` (recorded as filled in), and is refused otherwise.
     """
     run_dir = ensure_dir(run_dir)
     lock_run_dir(run_dir)
     try:
-        _check_and_record(run_dir, config, resume, defaults or {})
+        _check_and_record(run_dir, config, resume, defaults or {},
+                          resumable([LoopConfig]) if may_change is None else frozenset(may_change))
     except BaseException:
         unlock_run_dir(run_dir)
         raise
     return run_dir
 
 
-def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defaults: Mapping[str, Any]) -> None:
+def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defaults: Mapping[str, Any],
+                      may_change: frozenset[str]) -> None:
     """The checks and the config.json write of `prepare_run_dir` (the caller holds the lock)."""
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / CHECKPOINT
     new = json.loads(json.dumps(config, sort_keys=True, default=str))
@@ -164,10 +156,10 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
         changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
                    if k not in _NOT_CONFIG and k not in filled_in and old.get(k) != new.get(k)}
         refused = [f"{k} {repr(a) if k in old else '(not in the saved config)'} -> {b!r}"
-                   for k, (a, b) in changed.items() if k not in RESUME_MAY_CHANGE]
+                   for k, (a, b) in changed.items() if k not in may_change]
         if refused:
             predates = [f"{k} {defaults[k]!r}" for k in changed if k not in old and k in defaults
-                        and k not in RESUME_MAY_CHANGE]
+                        and k not in may_change]
             hint = f" (for options the run predates, their defaults: {', '.join(predates)})" if predates else ""
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
                             f"means; use the run's original values{hint} or a new --out")
@@ -282,9 +274,9 @@ def _check_finite(it: int, run_dir: Path, logs: dict[str, float] | None = None,
         raise Diverged(f"{', '.join(bad)} became NaN/inf at iteration {it}")
 
 
-def _way_out(run_dir: Path, saved: int | None) -> str:
-    """How to continue after a divergence: from the checkpoint really on disk, or from scratch if there is none."""
-    lower = "a lower learning rate (--lr-img or --lr-lr for MTT/TESLA, --lr for RaT-BPTT)"
+def _way_out(run_dir: Path, saved: int | None, lower: str) -> str:
+    """How to continue after a divergence (with `lower`, the method's fix): from the checkpoint really on disk, or
+    from scratch if there is none."""
     if saved is None:
         return f"no checkpoint was written yet, so run the same command again with {lower}"
     return (f"the last good checkpoint (iteration {saved}) is {run_dir / CHECKPOINT}: continue it with the same "
@@ -302,7 +294,7 @@ def run_distillation(method: Method, dataset, run_dir: str | Path, loop: LoopCon
     except Diverged as err:
         ckpt = run_dir / CHECKPOINT
         saved = read_checkpoint(ckpt)["it"] if is_main_process() and ckpt.exists() else None
-        raise Diverged(f"{err}; {_way_out(run_dir, saved)}") from None
+        raise Diverged(f"{err}; {_way_out(run_dir, saved, method.divergence_fix)}") from None
     finally:
         unlock_run_dir(run_dir)
 
@@ -380,13 +372,12 @@ class _Run:
         self.best_val = self.val = best_val
         self.has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
         self.stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau)
-        self.wants_loss = bool(getattr(method, "wants_eval_train_loss", False))
+        self.wants_loss = method.wants_eval_train_loss
         self.background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
                                                              rank_and_world()[1], self.wants_loss) else None
         self.pending: int | None = None        # the iteration whose evaluation runs in the background
         self.pending_dir = run_dir / PENDING
-        self.health = HealthMonitor(loop.health, getattr(method, "health_fix", DEFAULT_FIX), run_dir,
-                                    self.logger.rows)
+        self.health = HealthMonitor(loop.health, method.health_fix, run_dir, self.logger.rows)
 
     def save_checkpoint(self, it: int) -> None:
         """Write the method and loop state at iteration `it` (rank 0), and drop pending sets no resume needs."""
@@ -452,7 +443,7 @@ class _Run:
     def record_eval(self, it: int, s: SyntheticSet, res) -> None:
         """Log a validation result; keep the last and the best-on-validation sets; watch the run's health."""
         method, has_val = self.method, self.has_val
-        if res is not None and hasattr(method, "observe_eval") and method.observe_eval(it, res.train_loss):
+        if res is not None and method.observe_eval(it, res.train_loss):
             self.stop_at = it
         self.val = res.mean if has_val else math.nan
         if self.main:

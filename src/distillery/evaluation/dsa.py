@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..augment import Augment
 from ..distributed import all_reduce_sum_, rank_and_world
-from ..errors import TrainingDiverged, UserError
+from ..errors import TrainingDiverged
 from ..models import FunctionalModel, init_seeded
 from ..models.grouped import groupable
 from ..validate import check_cuda

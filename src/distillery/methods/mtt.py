@@ -30,23 +30,28 @@ run loop's health check (run.py, docs/DEFAULTS.md) watches.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..augment import Augment
+from ..defaults import DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
-from ..errors import UserError
-from ..experts import ExpertStore
+from ..errors import Diverged, UserError
+from ..experts import ExpertConfig, ExpertStore, finished_experts, limit_experts, train_experts
 from ..models import FunctionalModel, create_model, has_batchnorm
 from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
-from ..run import Diverged
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
 from ..validate import check_fast
 from .graphed import GraphedTesla, GraphedUnroll
+from .registry import Method, MethodConfig, register_method
 from .tesla import expert_soft_labels, tesla_grad
 from .trajectory import GradResult, checkpointed_grad, make_plan, unrolled_grad
 
@@ -61,26 +66,23 @@ _INIT, _SEGMENT, _PLAN = 0, 1, 2
 
 
 @dataclass
-class MTTConfig:
+class MTTConfig(MethodConfig):
     """Hyperparameters of SPEC §4.6 / §5.4 (names follow the reference code)."""
 
-    ipc: int = option(1, low=1, help="images per class")
-    model: str | None = option(None, help="distillation model (default: the dataset's ConvNet)")
     syn_steps: int = option(20, low=1, help="N: student steps per iteration")
     expert_epochs: int = option(2, low=1, help="M: the target is M expert epochs after the start")
     max_start_epoch: int = option(10, low=1, help="start epoch drawn from [0, max_start_epoch), as the reference")
-    lr_img: float = option(1000.0, low=0, low_open=True, help="SGD learning rate of the images")
-    lr_lr: float = option(1e-5, low=0, help="SGD learning rate of the step size alpha")
+    lr_img: float = option(1000.0, low=0, low_open=True, resumable=True, help="SGD learning rate of the images")
+    lr_lr: float = option(1e-5, low=0, resumable=True, help="SGD learning rate of the step size alpha")
     lr_teacher: float = option(0.01, low=0, low_open=True, help="alpha_0: initial student step size")
     batch_syn: int | None = option(None, low=1, help="synthetic images per student step (none: the whole set)")
-    pix_init: str = option("real", choices=("real", "noise"), help="initial images: real train images or noise")
     grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
                        help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
-    fast: str = option("off", choices=FAST, help="on: replay captured CUDA graphs (CUDA only): the whole iteration "
-                                                 "(grad unrolled) or TESLA's two passes (grad tesla), and the "
-                                                 "minibatch steps of experts it trains; off until "
-                                                 "benchmarks/gpu_suite.py has measured it")
-    norm_kernel: str = option("torch", choices=KERNELS,
+    fast: str = option("off", choices=FAST, resumable=True,
+                       help="on: replay captured CUDA graphs (CUDA only): the whole iteration (grad unrolled) or "
+                            "TESLA's two passes (grad tesla), and the minibatch steps of experts it trains; off "
+                            "until benchmarks/gpu_suite.py has measured it")
+    norm_kernel: str = option("torch", choices=KERNELS, resumable=True,
                               help="instance norm's double backward: torch (closed form, torch ops) or triton (one "
                                    "fused kernel; CUDA with the triton package); torch until "
                                    "benchmarks/gpu_suite.py has measured it")
@@ -95,15 +97,82 @@ class MTTConfig:
     dsa: bool = option(True, help="DSA augmentation in the student steps")
     lr_guard: str = option("clamp", choices=LR_GUARDS,
                            help="step-size guard: clamp to [lr_min, lr_max] | log (learn log alpha) | none (faithful)")
-    lr_min: float = option(1e-6, low=0, low_open=True, help="--lr-guard clamp: lower bound of alpha")
-    lr_max: float = option(1.0, low=0, low_open=True, help="--lr-guard clamp: upper bound of alpha")
-    seed: int = option(0, low=0, help="seed of every random draw")
+    lr_min: float = option(1e-6, low=0, low_open=True, resumable=True, help="--lr-guard clamp: lower bound of alpha")
+    lr_max: float = option(1.0, low=0, low_open=True, resumable=True, help="--lr-guard clamp: upper bound of alpha")
 
 
-class MTT:
+@register_method("mtt")
+class MTT(Method):
     """The MTT / TESLA method object for the shared run loop (`distillery.run`)."""
 
-    name = "mtt"
+    config_class = MTTConfig
+    option_classes = (ExpertConfig,)
+    derived_keys = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "num_experts",
+                    "expert_epochs_train")
+    divergence_fix = "a lower --lr-img or --lr-lr"
+
+    @classmethod
+    def derive_defaults(cls, facts: DataFacts, ipc: int) -> dict[str, Any]:
+        """Small data: our digits settings; large: the published CIFAR rows scaled by classes, pixels and IPC."""
+        small = is_small(facts)
+        classes = facts.num_classes
+        pixels = facts.im_size[0] * facts.im_size[1]
+        steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
+        max_start_epoch = 5 if small else 12
+        # small: train only the epochs the run reads (constant lr: the same epochs as longer experts); large: the
+        # published 50, so a store can serve other settings too
+        expert_epochs_train = max_start_epoch - 1 + 2 if small else 50
+        n_syn = ipc * classes
+        return {**super().derive_defaults(facts, ipc),
+                "zca": "kornia" if whitening_pays_off(facts) else None,
+                "num_experts": 5 if small else 20, "expert_epochs_train": expert_epochs_train, "expert_lr": 0.01,
+                "expert_epochs": 2, "max_start_epoch": max_start_epoch,
+                # as many student steps as the expert took in its 2 epochs, within the published range 10..50
+                "syn_steps": max(10, min(50, 2 * steps_per_epoch)),
+                "lr_img": 100.0 * max(1.0, classes / 10) * max(1.0, pixels / 1024) * (10 if ipc >= 50 else 1),
+                "lr_lr": 1e-5, "lr_teacher": 0.01, "batch_syn": None if n_syn <= 256 else 256,
+                "iterations": 200 if small else 5000, "eval_every": 50 if small else 100,
+                "eval_epochs": 300 if small else 1000, "eval_runs": 3, "final_eval_runs": 5}
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], facts: DataFacts) -> None:
+        """The sampled segments must exist in the experts; minibatches must fit in the set; guard bounds ordered."""
+        epochs, source = expert_epochs_available(config)
+        need = config["max_start_epoch"] - 1 + config["expert_epochs"]
+        if epochs < need:
+            raise UserError(f"{source} has {epochs} epochs but --max-start-epoch {config['max_start_epoch']} + "
+                            f"--expert-epochs {config['expert_epochs']} needs {need}; train longer experts "
+                            "(--expert-epochs-train) or lower --max-start-epoch")
+        n_syn = config["ipc"] * facts.num_classes
+        if config.get("batch_syn") is not None and config["batch_syn"] > n_syn:
+            raise UserError(f"--batch-syn {config['batch_syn']} is larger than the {n_syn} synthetic images "
+                            "(ipc x classes); lower it or leave it unset (the whole set)")
+        check_fast(config)
+        every = config.get("grad_checkpoint_every")
+        if every is not None and every > config["syn_steps"]:
+            raise UserError(f"--grad-checkpoint-every {every} is more than --syn-steps {config['syn_steps']}; "
+                            "lower it")
+        if config.get("labels") == "frozen" and config.get("experts") is None \
+                and config["label_expert"] >= config["num_experts"]:
+            raise UserError(f"--label-expert {config['label_expert']} does not exist among --num-experts "
+                            f"{config['num_experts']}; pick 0..{config['num_experts'] - 1}")
+        if config.get("lr_guard") == "clamp" and config["lr_min"] >= config["lr_max"]:
+            raise UserError(f"--lr-min {config['lr_min']:g} must be below --lr-max {config['lr_max']:g}")
+        if config.get("lr_guard") == "clamp" and not config["lr_min"] <= config["lr_teacher"] <= config["lr_max"]:
+            raise UserError(f"--lr-teacher {config['lr_teacher']:g} is outside [--lr-min, --lr-max] = "
+                            f"[{config['lr_min']:g}, {config['lr_max']:g}]; change one of them")
+
+    @classmethod
+    def oom_advice(cls, config: dict[str, Any]) -> str:
+        """Fewer images per student step, or a meta-gradient whose memory does not grow with --syn-steps."""
+        return (f"lower --batch-syn (now {config.get('batch_syn') or 'all images'}), or use --grad tesla (memory "
+                f"flat in --syn-steps) or --grad checkpointed (now --grad {config.get('grad')})")
+
+    @classmethod
+    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True) -> MTT:
+        """MTT on the experts of the run: a given --experts store, else trained and cached first."""
+        cfg = MTTConfig(**{f.name: config[f.name] for f in fields(MTTConfig)})
+        return cls(dataset, experts_for(config, dataset, device, progress), cfg)
 
     @property
     def health_fix(self) -> str:
@@ -112,7 +181,8 @@ class MTT:
                 "log, or start from a preset (`distillery presets`)")
 
     def __init__(self, dataset, store: ExpertStore, cfg: MTTConfig):
-        self.ds, self.store, self.cfg = dataset, store, cfg
+        super().__init__(dataset, cfg)
+        self.store = store
         spec = dataset.spec
         device = dataset.train.x.device
         check_options(cfg)  # the declared ranges and choices (grad, labels, pix_init, ...)
@@ -132,7 +202,7 @@ class MTT:
 
         n = cfg.ipc * spec.num_classes
         gen = stream_generator(cfg.seed, _INIT, device=device)
-        if cfg.pix_init == "real":
+        if cfg.pix_init != "noise":
             images, hard = dataset.random_set(cfg.ipc, gen)
         else:
             hard = torch.arange(spec.num_classes, device=device).repeat_interleave(cfg.ipc)
@@ -211,7 +281,7 @@ class MTT:
     def synset(self) -> SyntheticSet:
         """The current distilled set, with α as its training learning rate."""
         spec = self.ds.spec
-        kind = "hard" if self.labels.ndim == 1 else "soft"  # TESLA's expert labels exist after its first step
+        kind = "soft" if self.labels.is_floating_point() else "hard"  # --labels expert: hard until the first step
         meta = {"method": "tesla" if self.cfg.grad == "tesla" else "mtt", "dataset": spec.name,
                 "ipc": self.cfg.ipc, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
                 "model": self.cfg.model or spec.default_model, "dsa_strategy": self.augment.strategy,
@@ -236,3 +306,55 @@ class MTT:
             opt.load_state_dict(state[key])
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
+
+
+@register_method("tesla")
+class TESLA(MTT):
+    """TESLA (SPEC §5): MTT with TESLA's constant-memory meta-gradient (and, by --labels, soft labels)."""
+
+    fixed = {"grad": "tesla"}
+
+
+def expert_epochs_available(config: dict[str, Any]) -> tuple[int, str]:
+    """Epochs of the experts the run will use: the --experts store's manifest (read cheaply), else those to train."""
+    path = config.get("experts")
+    if path is None:
+        return config["expert_epochs_train"], "the experts to train (--expert-epochs-train)"
+    manifest = Path(path) / "manifest.json"
+    try:
+        epochs = json.loads(manifest.read_text())["epochs"]
+    except FileNotFoundError:
+        raise UserError(f"no expert store at {path} (manifest.json missing); train one with `distillery experts` "
+                        "or pass the right --experts dir") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{manifest} is not a readable distillery expert manifest; pass the dir "
+                        "`distillery experts` wrote") from None
+    return int(epochs), f"the experts in {path}"
+
+
+def experts_for(config: dict[str, Any], ds, device, progress: bool) -> ExpertStore:
+    """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
+    to --max-files / --max-experts."""
+    spec = ds.spec
+    model = config["model"] or spec.default_model
+    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
+    path = config.get("experts")
+    if path is None:
+        cache = Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+        recipe = {"m": config["expert_momentum"], "wd": config["expert_l2"], "decay": int(config["expert_decay"])}
+        key = (f"{spec.name.replace(':', '_').replace('/', '_')}-{model}-{ds.preprocess.fingerprint()[:10]}"
+               f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
+               + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
+        path = cache / "experts" / key
+        if finished_experts(path) >= set(range(config["num_experts"])):
+            print(f"no --experts given: using cached experts at {path}")
+        else:
+            print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
+                  f"epochs into the cache {path} (reused by later runs)")
+            train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"],
+                          lr=config["expert_lr"], out_dir=path, device=device, seed=config["seed"], progress=progress,
+                          momentum=config["expert_momentum"], weight_decay=config["expert_l2"],
+                          decay=config["expert_decay"], fast=config.get("fast") == "on")  # --fast on: experts too
+    store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
+                             expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
+    return limit_experts(store, config.get("max_files"), config.get("max_experts"))

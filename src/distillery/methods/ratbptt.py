@@ -50,16 +50,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
+from ..defaults import DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
 from ..models.instancenorm import KERNELS, norm_kernel
-from ..options import check_options, option
+from ..options import check_options, option, redefault
 from ..streams import stream_generator
-from ..synset import SyntheticSet
+from ..synset import SyntheticSet, preprocess_record
 from ..validate import check_fast
 from .bptt import Augmentation, InnerOptimizer, check_window, meta_gradient, window_period, window_start
 from .graphed import GraphedRat
+from .registry import Method, MethodConfig, register_method
 
 # Purposes of the random streams (first key after the seed in `stream_generator`).
 _INNER, _WINDOW, _INIT = 0, 1, 2
@@ -167,11 +169,10 @@ class Plateau:
 
 # --- the method object ------------------------------------------------------------------------------------------------
 @dataclass
-class RaTBPTTConfig:
+class RaTBPTTConfig(MethodConfig):
     """Hyperparameters of SPEC §6 (reference flag in brackets). Defaults: the CIFAR-10 IPC10 row of §6.9."""
 
-    ipc: int = option(10, low=1, help="images per class")
-    model: str | None = option(None, help="distillation model (default: the dataset's ConvNet) [--arch]")
+    ipc: int = redefault(MethodConfig, "ipc", 10)
     horizon: int = option(200, low=1, help="T: inner steps per outer step [--totwindow]")
     window: int = option(60, low=1, help="W: inner steps that keep the graph, <= horizon [--window]")
     min_start: int = option(0, low=0, help="m: earliest window start, <= horizon - window [--minwindow]")
@@ -182,9 +183,10 @@ class RaTBPTTConfig:
                                   help="draw the window start every step [--complete_random] or every epoch (P14)")
     inner_opt: str = option("adam", choices=("adam", "sgd"),
                             help="inner optimizer: adam | sgd (momentum 0.9, weight decay 5e-4) [--inner_optim]")
-    inner_lr: float = option(1e-3, low=0, low_open=True, help="inner learning rate")
-    lr: float = option(1e-3, low=0, low_open=True, help="outer Adam learning rate of the images")
-    label_lr_scale: float = option(1.0, low=0, low_open=True, help="learned labels use lr / label_lr_scale")
+    inner_lr: float = option(1e-3, low=0, low_open=True, resumable=True, help="inner learning rate")
+    lr: float = option(1e-3, low=0, low_open=True, resumable=True, help="outer Adam learning rate of the images")
+    label_lr_scale: float = option(1.0, low=0, low_open=True, resumable=True,
+                                   help="learned labels use lr / label_lr_scale")
     real_batch: int = option(5000, low=1, help="real images per outer step over all processes (capped at train size)")
     batch_per_class: int | None = option(None, low=1, help="images per class in an inner batch (none: all ipc)")
     task_sampler_nc: int | None = option(None, low=1, help="classes in an inner batch (none: all classes)")
@@ -192,15 +194,13 @@ class RaTBPTTConfig:
     clip_coef: float = option(0.9, low=0, high=1, help="EMA coefficient of the gradient-norm clip")
     syn_strategy: str = option("flip_rotate", help="augmentation of the synthetic batches: flip_rotate, rotate, none")
     real_strategy: str = option("flip_rotate", help="augmentation of the real batches: flip_rotate, rotate, none")
-    pix_init: str = option("auto", choices=("auto", "noise", "real"),
-                           help="initial images: auto (noise for ZCA data, as the reference; else real) | noise | real")
     boost_blocks: str | None = option(None, help="Boost-DD block sizes per class, e.g. 1,1,2 (must sum to ipc)")
     boost_beta: float = option(0.0, low=0, high=1, help="Boost-DD: learning-rate factor of earlier blocks (0 freezes)")
     boost_every: int = option(1000, low=1, help="Boost-DD: outer steps per block; the last block runs to the end")
     inner_adam: str = option("higher", choices=("higher", "torch"),
                              help="Adam formula in the differentiable window: higher (0.2.1's DifferentiableAdam, "
                                   "as published; the warm-up uses torch's) or torch (both torch's)")
-    real_epochs: int | None = option(None, low=1, none_ok=True, aliases=("--epochs",),
+    real_epochs: int | None = option(None, low=1, none_ok=True, resumable=True, aliases=("--epochs",),
                                      help="budget in passes over the real data (the published --epochs): "
                                           "iterations = real epochs x ceil(train size / this process's real batch); "
                                           "none: --iterations (an explicit --iterations also wins over a preset's)")
@@ -211,14 +211,13 @@ class RaTBPTTConfig:
                                                    "evaluation loss before the window start moves by W")
     real_chunk: int | None = option(1000, low=1, none_ok=True,
                                     help="real images per chunk of the meta-loss gradient (memory; none: all at once)")
-    fast: str = option("off", choices=("off", "on"),
+    fast: str = option("off", choices=("off", "on"), resumable=True,
                        help="on: each warm-up step and the window with its meta-loss replay captured CUDA graphs "
                             "(CUDA only); off until benchmarks/gpu_suite.py has measured it")
-    norm_kernel: str = option("torch", choices=KERNELS,
+    norm_kernel: str = option("torch", choices=KERNELS, resumable=True,
                               help="instance norm's double backward in the window: torch (closed form) or triton "
                                    "(one fused kernel; CUDA with the triton package); torch until "
                                    "benchmarks/gpu_suite.py has measured it")
-    seed: int = option(0, low=0, help="seed of every random draw")
 
 
 @dataclass
@@ -233,13 +232,73 @@ class _Setup:
     boost: BoostSchedule | None
 
 
-class RaTBPTT:
+@register_method("ratbptt")
+class RaTBPTT(Method):
     """The RaT-BPTT method object for the shared run loop (`distillery.run`)."""
 
-    name = "ratbptt"
+    config_class = RaTBPTTConfig
+    derived_keys = ("horizon", "window", "real_batch", "lr")
+    divergence_fix = "a lower --lr"
+
+    @classmethod
+    def derive_defaults(cls, facts: DataFacts, ipc: int) -> dict[str, Any]:
+        """Small data: our digits settings; large: the published CIFAR-10 IPC10 row (SPEC §6.9)."""
+        out = super().derive_defaults(facts, ipc)
+        if is_small(facts):
+            out.update(zca=None, horizon=40, window=10, min_start=0, real_batch=min(256, facts.n_train), lr=1e-2,
+                       iterations=150, eval_every=50, eval_epochs=300, eval_runs=3, final_eval_runs=5,
+                       rat_eval_steps="300,600,1000")  # as ratbptt/digits-ipc1: 3000 steps cost 2.6x the run
+        else:
+            out.update(zca="kip" if whitening_pays_off(facts) else None, horizon=200, window=60, min_start=0,
+                       real_batch=5000, lr=1e-3, learn_labels=facts.num_classes >= 100, iterations=60000,
+                       eval_every=500, eval_epochs=1000, eval_runs=3, final_eval_runs=5)
+        strategy = "flip_rotate" if "flip" in facts.dsa_strategy else "rotate"
+        out.update(window_mode="random", inner_opt="adam", inner_lr=1e-3, syn_strategy=strategy,
+                   real_strategy=strategy)
+        return out
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], facts: DataFacts) -> None:
+        """The window must fit in the horizon; inner batches and boost blocks must fit in the set."""
+        horizon, window, min_start = config["horizon"], config["window"], config["min_start"]
+        if window > horizon:
+            raise UserError(f"--window {window} must be at most --horizon {horizon}; lower --window or raise "
+                            "--horizon")
+        if min_start > horizon - window:
+            raise UserError(f"--min-start {min_start} must be at most horizon - window = {horizon - window}; "
+                            "lower --min-start or raise --horizon")
+        nc = config.get("task_sampler_nc")
+        if nc is not None and nc > facts.num_classes:
+            raise UserError(f"--task-sampler-nc {nc} is more than the {facts.num_classes} classes of {facts.name}")
+        blocks = config.get("boost_blocks")
+        if blocks:
+            sizes = _parse_blocks(blocks)
+            if min(sizes) < 1 or sum(sizes) != config["ipc"]:
+                raise UserError(f"--boost-blocks {blocks} must be positive sizes adding up to --ipc {config['ipc']}")
+
+    @classmethod
+    def oom_advice(cls, config: dict[str, Any]) -> str:
+        """A shorter differentiable window, smaller real chunks or batches."""
+        return (f"lower --window (now {config.get('window')}: memory grows with it), --real-chunk (now "
+                f"{config.get('real_chunk')}) or --real-batch, or use fewer images per class")
+
+    @classmethod
+    def start_ipc(cls, config: dict[str, Any]) -> int:
+        """A boosted run starts with its first block."""
+        blocks = config.get("boost_blocks")
+        return _parse_blocks(blocks)[0] if blocks else int(config["ipc"])
+
+    def budget(self, config: dict[str, Any]) -> tuple[int, str | None]:
+        """--epochs (the published budget) in passes over the real data, else --iterations."""
+        if not config.get("epochs"):
+            return config["iterations"], None
+        steps = self.setup.steps_per_epoch
+        iterations = config["epochs"] * steps
+        return iterations, (f"budget: {config['epochs']} epochs x {steps} outer steps per pass over the real data = "
+                            f"{iterations} iterations")
 
     def __init__(self, dataset, cfg: RaTBPTTConfig):
-        self.ds, self.cfg = dataset, cfg
+        super().__init__(dataset, cfg)
         spec = dataset.spec
         self.device = dataset.train.x.device
         check_window(cfg.horizon, cfg.window, cfg.min_start)
@@ -388,9 +447,9 @@ class RaTBPTT:
                                                 "steps": list(parse_steps(cfg.rat_eval_steps))}}
         if self.setup.boost is not None:  # prefix sizes that are distilled sets of their own
             meta["boost_prefix_ipcs"] = [self.setup.boost.ipc(s) for s in range(self.stage + 1)]
-        preprocess = {"tensors": self.ds.preprocess.tensors(), "meta": self.ds.preprocess.meta()}
         return SyntheticSet(self.images.detach().clone(), self.labels.detach().clone(),
-                            "learned" if cfg.learn_labels else "hard", None, preprocess, meta)
+                            "learned" if cfg.learn_labels else "hard", None, preprocess_record(self.ds.preprocess),
+                            meta)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume (randomness is derived from (seed, rank, step), nothing to save)."""
@@ -425,12 +484,9 @@ class RaTBPTT:
 
     def init_from(self, s: SyntheticSet) -> None:
         """Start from a saved set (the published --ckptname): its images, and its labels when both learn labels."""
-        if tuple(s.images.shape) != tuple(self.images.shape):
-            raise UserError(f"--init-from set has images {tuple(s.images.shape)}, this run needs "
-                            f"{tuple(self.images.shape)}; use a set of the same dataset and ipc")
-        with torch.no_grad():
-            self.images.copy_(s.images.to(self.device))
-            if self.cfg.learn_labels and s.labels.ndim == 2:
+        super().init_from(s)
+        if self.cfg.learn_labels and s.labels.ndim == 2:
+            with torch.no_grad():
                 self.labels.copy_(s.labels.to(self.device))
 
 
@@ -448,7 +504,7 @@ def parse_steps(text: str) -> tuple[int, ...]:
 def _parse_blocks(text: str) -> tuple[int, ...]:
     """'1,1,2' -> (1, 1, 2)."""
     try:
-        return tuple(int(b) for b in text.split(","))
+        return tuple(int(b) for b in str(text).split(","))
     except ValueError:
         raise UserError(f"--boost-blocks '{text}' is not a comma-separated list of integers, e.g. 1,1,2") from None
 

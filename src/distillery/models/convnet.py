@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import partial
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UserError
 from .instancenorm import InstanceNorm
@@ -70,8 +70,12 @@ class ConvNet(nn.Module):
         self.classifier = nn.Linear(width * h * w, num_classes)
         self.feature_dim = width * h * w
 
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
+    def embed(self, x: Tensor) -> Tensor:
+        """The features the classifier reads (the embedding contract, models/registry.py)."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(x))
 
 
 _TOKEN = re.compile(r"D(\d+)|W(\d+)|KIP|GAP|ASwish|NN|BN|LN|IN|GN|NP|MP|AP|AS|AR|AL")

@@ -1,4 +1,8 @@
-"""A registry of models by name with one constructor signature (timm style)."""
+"""A registry of models by name with one constructor signature (timm style).
+
+Every registered model also keeps the embedding contract: `model.embed(x)` returns the (N, D) features its last
+linear layer classifies, and `forward(x)` is that layer applied to them; feature-matching methods read it.
+"""
 
 from __future__ import annotations
 

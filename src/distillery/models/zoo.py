@@ -50,10 +50,12 @@ class MLP(nn.Module):
         self.fc_2 = nn.Linear(128, 128)
         self.fc_3 = nn.Linear(128, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the last linear layer classifies (the embedding contract, models/registry.py)."""
+        return F.relu(self.fc_2(F.relu(self.fc_1(x.flatten(1)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.fc_1(x.flatten(1)))
-        out = F.relu(self.fc_2(out))
-        return self.fc_3(out)
+        return self.fc_3(self.embed(x))
 
 
 class LeNet(nn.Module):
@@ -72,11 +74,12 @@ class LeNet(nn.Module):
         self.fc_2 = nn.Linear(120, 84)
         self.fc_3 = nn.Linear(84, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the last linear layer classifies (the embedding contract, models/registry.py)."""
+        return F.relu(self.fc_2(F.relu(self.fc_1(self.features(x).flatten(1)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.features(x).flatten(1)
-        out = F.relu(self.fc_1(out))
-        out = F.relu(self.fc_2(out))
-        return self.fc_3(out)
+        return self.fc_3(self.embed(x))
 
 
 class AlexNet(nn.Module):
@@ -101,8 +104,12 @@ class AlexNet(nn.Module):
         _check_map("AlexNetBN" if norm == "batchnorm" else "AlexNet", channels, im_size, map_hw)
         self.fc = nn.Linear(192 * map_hw[0] * map_hw[1], num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the last linear layer classifies (the embedding contract, models/registry.py)."""
+        return self.features(x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1))
+        return self.fc(self.embed(x))
 
 
 class VGG11(nn.Module):
@@ -125,8 +132,12 @@ class VGG11(nn.Module):
         _check_map("VGG11BN" if norm == "batchnorm" else "VGG11", channels, im_size, map_hw)
         self.classifier = nn.Linear(512 * map_hw[0] * map_hw[1], num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the last linear layer classifies (the embedding contract, models/registry.py)."""
+        return self.features(x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.embed(x))
 
 
 def _resnet_map(size: int, ap: bool) -> int:
@@ -185,12 +196,14 @@ class ResNet18(nn.Module):
         _check_map(arch, channels, im_size, map_hw, min_side=2 if ap and norm == "instancenorm" else 1)
         self.classifier = nn.Linear(512 * map_hw[0] * map_hw[1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the last linear layer classifies (the embedding contract, models/registry.py)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if not self.ap:
-            out = F.avg_pool2d(out, 4)
-        return self.classifier(out.flatten(1))
+        return (out if self.ap else F.avg_pool2d(out, 4)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
 
 
 @register_model("MLP")

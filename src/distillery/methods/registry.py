@@ -1,0 +1,147 @@
+"""Distillation methods by name: `@register_method("name")` on a `Method` subclass, like the model registry.
+
+A method is one file in `methods/`: its config dataclass (extending `MethodConfig`, the options every method shares)
+and a `Method` subclass that owns everything method-specific, from the data-derived defaults and the up-front config
+checks to the run-time hooks of the shared loop (`distillery.run`). Every optional hook has a default here, so the
+loop and `distill` call them on any method without asking whether it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+from ..errors import UserError
+from ..health import DEFAULT_FIX
+from ..options import option
+from ..synset import SyntheticSet
+
+if TYPE_CHECKING:
+    from ..defaults import DataFacts
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass
+class MethodConfig:
+    """The options every method shares; a method's config dataclass extends it with its own."""
+
+    ipc: int = option(1, low=1, help="images per class")
+    model: str | None = option(None, help="distillation model (default: the dataset's ConvNet)")
+    pix_init: str = option("auto", choices=("auto", "real", "noise"),
+                           help="initial images: real train images | noise | auto (the method's own choice: real, "
+                                "but RaT-BPTT's noise on ZCA data)")
+    seed: int = option(0, low=0, help="seed of every random draw")
+
+
+class Method:
+    """A distillation method: config-time class methods for `distill`, and the object the shared loop drives.
+
+    Subclasses set `config_class` and implement `step`, `synset`, `state_dict`, `load_state_dict` (and build their
+    object in `__init__` or `build`); every other hook has a default suitable for a method without the feature."""
+
+    name: ClassVar[str] = ""                       # set by `register_method`
+    config_class: ClassVar[type] = MethodConfig
+    option_classes: ClassVar[tuple[type, ...]] = ()   # further option groups the method reads (MTT: its experts)
+    fixed: ClassVar[dict[str, Any]] = {}             # config values this name implies (TESLA: grad tesla)
+    derived_keys: ClassVar[tuple[str, ...]] = ()     # the derived values `distill` prints beside ipc/zca/iterations
+    divergence_fix: ClassVar[str] = "a lower learning rate"  # what to change after NaN/inf
+    images: torch.Tensor
+
+    # --- configuration (before any data is read) ---------------------------------------------------------------
+    @classmethod
+    def derive_defaults(cls, facts: DataFacts, ipc: int) -> dict[str, Any]:
+        """Option values for data described by `facts` at `ipc` images per class (docs/DEFAULTS.md)."""
+        return {"ipc": ipc, "model": None}
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], facts: DataFacts) -> None:
+        """UserError for a combination of the method's options (or with the data's facts) that cannot work."""
+
+    @classmethod
+    def oom_advice(cls, config: dict[str, Any]) -> str:
+        """The settings that lower this run's GPU memory, in the order to try them."""
+        return "use fewer images per class (--ipc) or a smaller --model"
+
+    @classmethod
+    def start_ipc(cls, config: dict[str, Any]) -> int:
+        """Images per class the run starts with (what an `--init-from` set must have)."""
+        return int(config["ipc"])
+
+    @classmethod
+    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True) -> Method:
+        """The method object for the shared loop, from a resolved configuration and the loaded data."""
+        fields = dataclasses.fields(cls.config_class)
+        return cls(dataset, cls.config_class(**{f.name: config[f.name] for f in fields}))
+
+    def __init__(self, dataset, cfg) -> None:
+        self.ds, self.cfg = dataset, cfg
+
+    # --- the shared loop ---------------------------------------------------------------------------------------
+    def step(self, it: int) -> dict[str, float]:
+        """One outer iteration; returns the scalars to log."""
+        raise NotImplementedError
+
+    def synset(self) -> SyntheticSet:
+        """The current distilled set."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output."""
+        raise NotImplementedError
+
+    def budget(self, config: dict[str, Any]) -> tuple[int, str | None]:
+        """Outer iterations to run and, where they come from another unit, a line saying how."""
+        return config["iterations"], None
+
+    @property
+    def health_fix(self) -> str:
+        """What to change when the run loop finds this run dead (health.py)."""
+        return DEFAULT_FIX
+
+    @property
+    def wants_eval_train_loss(self) -> bool:
+        """Whether validation evaluations must also report the networks' loss on the real train split."""
+        return False
+
+    def observe_eval(self, it: int, train_loss: float | None) -> bool:
+        """See the validation evaluation of iteration `it`; True ends the run there."""
+        return False
+
+    def init_from(self, s: SyntheticSet) -> None:
+        """Start from a saved set (`--init-from`): its images replace `self.images`."""
+        if tuple(s.images.shape) != tuple(self.images.shape):
+            raise UserError(f"--init-from set has images {tuple(s.images.shape)}, this run needs "
+                            f"{tuple(self.images.shape)}; use a set of the same dataset and ipc")
+        with torch.no_grad():
+            self.images.copy_(s.images.to(self.images.device))
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Decorator: register a `Method` subclass under `name` (the `--method` value)."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Registered method names, sorted (registration order follows the import chain)."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method registered as `name`; unknown names get a UserError listing them."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown method '{name}'; use --method with one of: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
