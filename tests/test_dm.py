@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillery.cli import build_parser
 from distillery.data import load_dataset
 from distillery.distill import resolve_config
 from distillery.evaluation.protocol import dsa_protocol
@@ -58,8 +57,7 @@ def test_registered_and_named_nowhere_else():
 
 
 def test_bare_command_gets_its_own_derived_defaults():
-    config = resolve_config(build_parser().parse_args(["distill", "--out", "R", "--method", "dm", "--dataset",
-                                                       "digits", "--ipc", "1"]))
+    config = resolve_config("dm", {"dataset": "digits", "ipc": 1})
     assert config["defaults_from"].startswith("derived") and config["lr_img"] == 1.0
     assert not {"horizon", "window", "syn_steps", "num_experts"} & set(config)  # no other method's options
 
@@ -94,8 +92,7 @@ def test_short_run_improves_on_the_initial_set_on_validation(digits):
 
 @pytest.mark.parametrize("ipc", [1, 10, 50])
 def test_cifar10_presets_are_picked_and_name_only_its_options(ipc):
-    config = resolve_config(build_parser().parse_args(["distill", "--out", "R", "--method", "dm", "--dataset",
-                                                       "cifar10", "--ipc", str(ipc)]))
+    config = resolve_config("dm", {"dataset": "cifar10", "ipc": ipc})
     preset = get_preset(f"dm/cifar10-ipc{ipc}")
     assert config["defaults_from"] == f"preset dm/cifar10-ipc{ipc}" and config["iterations"] == 20000
     assert set(preset) - {"note"} <= set(config)

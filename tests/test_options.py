@@ -154,8 +154,9 @@ def test_every_command_builds_its_parser_from_declarations():
     from distillery.distill import DistillOptions
     from distillery.methods import list_methods
 
-    declared = {f.name for cls in (CommandOptions, ExpertConfig, DistillOptions, *config_classes("mtt"),
-                                   *config_classes("ratbptt")) for f in dataclasses.fields(cls)}
+    declared = {f.name for cls in (CommandOptions, ExpertConfig, DistillOptions,
+                                   *(c for m in list_methods() for c in config_classes(m)))
+                for f in dataclasses.fields(cls)}
     parser = build_parser()
     assert set(parser.commands) == set(COMMANDS)
     for command, sub in parser.commands.items():
