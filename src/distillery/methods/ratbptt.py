@@ -289,13 +289,13 @@ class RaTBPTT(Method):
         return _parse_blocks(blocks)[0] if blocks else int(config["ipc"])
 
     def budget(self, config: dict[str, Any]) -> tuple[int, str | None]:
-        """--epochs (the published budget) in passes over the real data, else --iterations."""
-        if not config.get("epochs"):
+        """--real-epochs (the published --epochs) in passes over the real data, else --iterations."""
+        if not config.get("real_epochs"):
             return config["iterations"], None
         steps = self.setup.steps_per_epoch
-        iterations = config["epochs"] * steps
-        return iterations, (f"budget: {config['epochs']} epochs x {steps} outer steps per pass over the real data = "
-                            f"{iterations} iterations")
+        iterations = config["real_epochs"] * steps
+        return iterations, (f"budget: --real-epochs {config['real_epochs']} x {steps} outer steps per pass over the "
+                            f"real data = {iterations} iterations (--real-epochs none runs --iterations instead)")
 
     def __init__(self, dataset, cfg: RaTBPTTConfig):
         super().__init__(dataset, cfg)
