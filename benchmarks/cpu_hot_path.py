@@ -111,6 +111,37 @@ def expert_rows(n: int, rounds: int) -> tuple[dict, float, str]:
     return alternate(fns, rounds, "cpu"), count, equal
 
 
+def float64_checks(steps: int = 5, images: int = 512) -> list[str]:
+    """Ours against the published ports in float64 (small sizes), where float32 rounding, amplified over 50 student
+    steps or many SGD steps, cannot hide a difference in the computation."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        fm = FunctionalModel(init_seeded("ConvNet", 3, 10, SIZE, 0).double())
+        theta0 = fm.flatten(fm.module).detach()
+        target = theta0 + 0.01 * torch.randn(theta0.shape, generator=g)
+        x = torch.randn(10, 3, *SIZE, generator=g).requires_grad_(True)
+        lr = torch.tensor(0.01, requires_grad=True)
+        augment = Augment(get_spec("cifar10").dsa_strategy)
+        plan = make_plan(10, steps, None, augment, g, SIZE, "cpu")
+        ours = unrolled_grad(fm, x, torch.arange(10), lr, theta0, target, plan, augment)
+        published_mtt_iteration(published_convnet(3, 10, SIZE, 0).double(), x, torch.arange(10), lr, theta0, target,
+                                plan, augment.strategy)
+        mtt = ((x.grad - ours.grad_images).norm() / x.grad.norm()).item()
+        xs, ys = torch.randn(images, 3, *SIZE, generator=g), torch.randint(0, 10, (images,), generator=g)
+        net = published_convnet(3, 10, SIZE, 0).double()
+        start = fm.flatten(net).detach()
+        published_expert_epoch(net, xs, ys, augment.strategy)
+        theirs = fm.flatten(net).detach()
+        mine = _sgd_epoch(_make_step(fm, 1), start[None], [torch.Generator().manual_seed(0)], xs, ys, augment, 256,
+                          0.01)[0][0]
+        expert = ((mine - theirs).norm() / (theirs - start).norm()).item()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return [f"float64, MTT N {steps}: image-gradient relative difference to the published port {mtt:.1e}",
+            f"float64, expert epoch over {images} images: |ours - published| / |published update| = {expert:.1e}"]
+
+
 def rat_rows(ipc: int, horizon: int, window: int, real_batch: int, rounds: int) -> tuple[dict, float]:
     """One RaT-BPTT outer step (warm-up horizon - window steps, then the window unrolled): timings, FLOPs."""
     g = torch.Generator().manual_seed(0)
@@ -131,7 +162,8 @@ def rat_rows(ipc: int, horizon: int, window: int, real_batch: int, rounds: int) 
 def main() -> None:
     """Time the rows, print one Markdown table with ratios to the published ports and fractions of the floor."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="*", default=["mtt", "expert", "rat"], choices=["mtt", "expert", "rat"])
+    p.add_argument("--rows", nargs="*", default=["mtt", "expert", "rat", "check"],
+                   choices=["mtt", "expert", "rat", "check"], help="check: the float64 equality checks")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every row (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds after one warm-up (default 3)")
     p.add_argument("--steps", type=int, default=50, help="MTT/TESLA student steps N (default 50, CIFAR-10 IPC 1)")
@@ -165,6 +197,8 @@ def main() -> None:
         notes.append(f"RaT-BPTT IPC {args.rat_ipc}, T {args.rat_horizon}, W {args.rat_window}, real batch "
                      f"{args.rat_real_batch}: {count / 1e9:.0f} GFLOP per step")
         rows += [(name, st, count, 1.0) for name, st in stats.items()]
+    if "check" in args.rows:
+        notes += float64_checks()
     print("\n| what | wall s min / median | CPU s median | x published (CPU s) | floor CPU s | of floor |")
     print("|---|---|---|---|---|---|")
     published = {name.split(":")[0]: st["cpu_median"] for name, st, _, _ in rows if "published" in name}
