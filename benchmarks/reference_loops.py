@@ -1,4 +1,5 @@
-"""Ports of the published training loops (MTT `buffer.py` experts, `utils.evaluate_synset`) and a timing helper.
+"""Ports of the published training loops (MTT `buffer.py` experts, `distill.py`'s iteration, `utils.evaluate_synset`)
+and a timing helper.
 
 The ports keep the published structure on purpose: an `nn.Module` with `nn.GroupNorm(C, C)`, `torch.optim.SGD`,
 `loss.backward()`, DSA on every batch, and the per-batch `loss.item()` / accuracy read of `utils.epoch` (a host
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.augment import Augment
-from distillery.models import init_seeded
+from distillery.methods.trajectory import StepPlan
+from distillery.models import FunctionalModel, init_seeded
 
 
 def published_convnet(channels: int, num_classes: int, im_size: tuple[int, int], seed: int,
@@ -51,6 +53,32 @@ def published_expert_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, str
         loss.backward()
         optimizer.step()
     return loss_sum / len(x)
+
+
+def published_mtt_iteration(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
+                            start: torch.Tensor, target: torch.Tensor, plan: StepPlan, strategy: str) -> float:
+    """One outer iteration of distill.py: unroll `plan.steps` student steps from `start` (autograd.grad with
+    create_graph through the nn.GroupNorm net), the normalised parameter loss, `.backward()` into images and syn_lr.
+
+    The plan's minibatches and DSA draws stand in for distill.py's torch.randperm chunks and DiffAugment calls, so
+    the gradients can be compared with distillery's on the same plan. Returns the loss (grads land in `.grad`)."""
+    fm = FunctionalModel(net)
+    augment = Augment(strategy, compose=False)
+    student_params = [start.detach().clone().requires_grad_(True)]
+    for i in range(plan.steps):
+        x = images[plan.indices[i]]
+        if plan.aug[i] is not None:
+            x = augment.apply(x, plan.aug[i])
+        ce_loss = F.cross_entropy(fm(student_params[-1], x), labels[plan.indices[i]])
+        grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+        student_params.append(student_params[-1] - syn_lr * grad)
+    num_params = start.numel()
+    param_loss = F.mse_loss(student_params[-1], target, reduction="sum") / num_params
+    param_dist = F.mse_loss(start, target, reduction="sum") / num_params
+    grand_loss = param_loss / param_dist
+    images.grad, syn_lr.grad = None, None
+    grand_loss.backward()
+    return grand_loss.item()
 
 
 def published_evaluate(x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,

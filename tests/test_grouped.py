@@ -93,3 +93,17 @@ def test_evaluation_runs_together_equal_runs_one_by_one(soft: bool) -> None:
     assert not torch.allclose(first, fm.flatten(init_seeded("ConvNetD2W8", 1, 3, (8, 8), 5)).double())
     for a, b in zip(alone, together):
         torch.testing.assert_close(fm.flatten(b).detach(), fm.flatten(a).detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_plain_step_in_chunks_equals_the_whole_batch() -> None:
+    """The CPU step runs the batch a chunk at a time (uneven last chunk too): the same gradient and loss, float64."""
+    fm, flats = flats_of("ConvNetD2W8", 1)
+    x, y = data(23)
+    whole = plain_step(fm, chunk=23)(flats, x[None], y[None])
+    for chunk in (5, 8):
+        grads, losses = plain_step(fm, chunk=chunk)(flats, x[None], y[None])
+        torch.testing.assert_close(grads, whole[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(losses, whole[1], rtol=1e-12, atol=1e-14)
+    ref = grad_and_value(lambda f: F.cross_entropy(fm(f, x), y))(flats[0])
+    torch.testing.assert_close(whole[0][0], ref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whole[1][0], ref[1])

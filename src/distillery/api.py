@@ -130,7 +130,6 @@ random_real_baseline = _checked(_evaluate.random_real_baseline, loaded=True)
 export_set = _checked(_export.export_set)
 import_set = _checked(_imports.import_set)
 import_experts = _checked(_imports.import_experts)
-write_report = _checked(_report.write_report, loaded=True)
 _evaluate_set = _checked(_evaluate.evaluate_set, loaded=True)
 
 
@@ -173,3 +172,12 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
                        data_dir=run.get("data_dir"), progress=not run.get("no_progress", False),
                        init_from=run.get("init_from"), api=True)
 
+
+@_checked
+def write_report(run_dir: str | Path, out: str | Path | None = None, baseline: bool = False,
+                 data_dir: str | None = None, device: str = "auto") -> Path:
+    """Write RUN_DIR/report.html (or `out`), as `distillery report`; `baseline`: first measure the random-real
+    baseline under the run's final protocol (trains networks on the run's dataset, found in `data_dir`)."""
+    from .evaluation.score import run_baseline
+
+    return _report.write_report(run_dir, out, baseline=run_baseline(run_dir, data_dir, device) if baseline else None)

@@ -257,22 +257,12 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the self-contained HTML report of a run directory."""
     from .report import write_report
-    from .runfiles import read_config
 
     baseline = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
-        from .data import load_dataset
-        from .device import resolve_device
+        from .evaluation.score import run_baseline
 
-        from .evaluation.score import measure_baseline
-
-        config = read_config(args.run_dir) or {}
-        if not config.get("dataset"):
-            raise UserError(f"{args.run_dir}/config.json names no dataset; --baseline needs a finished run's dir")
-        ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=resolve_device(args.device),
-                          zca=config.get("zca"), val_fraction=config.get("val_fraction", 0.1), seed=0,
-                          resolution=config.get("resolution"))  # an image folder at the run's resolution
-        baseline = measure_baseline(ds, args.run_dir)
+        baseline = run_baseline(args.run_dir, args.data_dir, args.device)
     print(f"wrote {write_report(args.run_dir, out=args.out, baseline=baseline)}")
 
 

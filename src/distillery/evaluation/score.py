@@ -7,7 +7,6 @@ which protocol produced it, and `resolve_protocol` says where each value came fr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models import create_model
+from ..runfiles import read_config
 from ..synset import SyntheticSet
 from . import dsa, rat
 from .dsa import EvalResult, random_real_runs
@@ -123,11 +123,8 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
     as `random_real_baseline`), under every protocol the best set records (the final test evaluation's, lr 0.01 for
     dsa) and every model of the final table: {protocol: {model: record}}. None: config.json names no ipc."""
     run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    if not isinstance(config, dict) or not config.get("ipc"):
+    config = read_config(run_dir) or {}
+    if not config.get("ipc"):
         return None
     best = run_dir / "best.safetensors"
     s = SyntheticSet.load(best) if best.is_file() else None
@@ -158,3 +155,18 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
                                                        "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
                                                        "steps": res.steps}
     return out
+
+
+def run_baseline(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
+                 progress: bool = True) -> dict[str, dict[str, Any]] | None:
+    """`measure_baseline` of a finished run directory: its dataset loaded as the run loaded it (preprocessing,
+    validation share, resolution), from config.json."""
+    from ..data import load_dataset
+    from ..device import resolve_device
+
+    config = read_config(run_dir) or {}
+    if not config.get("dataset"):
+        raise UserError(f"{run_dir}/config.json names no dataset; a baseline needs a finished run's directory")
+    ds = load_dataset(config["dataset"], data_dir=data_dir, device=resolve_device(device), zca=config.get("zca"),
+                      val_fraction=config.get("val_fraction", 0.1), seed=0, resolution=config.get("resolution"))
+    return measure_baseline(ds, run_dir, progress)
