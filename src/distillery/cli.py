@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("presets", help="list named hyperparameter presets")
-    p.add_argument("--method", default=None, choices=["mtt", "tesla", "ratbptt"])
+    p.add_argument("--method", default=None, choices=["mtt", "tesla", "ratbptt", "datm"])  # registry: datm
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("experts", help="train expert trajectories (MTT/TESLA)")

@@ -106,6 +106,10 @@ def derive_defaults(method: str, facts: DataFacts, ipc: int) -> dict[str, Any]:
     # too big (64x64x3: 12288^2 floats) and the published Tiny/ImageNet rows do without it
     zca = facts.channels == 3 and not small and pixels <= 32 * 32
     out: dict[str, Any] = {"ipc": ipc, "model": None}
+    if method == "datm":  # registry: datm
+        from .methods.datm import derive_defaults as datm_defaults  # registry: datm
+
+        return datm_defaults(derive_defaults("mtt", facts, ipc), small)  # registry: datm
     if method in ("mtt", "tesla"):
         steps_per_epoch = math.ceil(facts.n_train / 256)          # expert SGD steps per epoch (batch 256)
         max_start_epoch = 5 if small else 12

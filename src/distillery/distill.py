@@ -52,9 +52,11 @@ EXPERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExpertConfig)}
 
 def _method_configs() -> dict[str, type]:
     from .methods.mtt import MTTConfig
+    from .methods.datm import DATMConfig  # registry: datm
     from .methods.ratbptt import RaTBPTTConfig
 
-    return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig}
+    return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig,
+            "datm": DATMConfig}  # registry: datm
 
 
 def _parse_bool(text: str) -> bool:
@@ -109,7 +111,8 @@ def _method_help(name: str, methods: dict[str, type]) -> str:
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     """Options of `distillery distill`; every default is None so we can tell what the user set."""
-    p.add_argument("--method", required=True, choices=["mtt", "tesla", "ratbptt"])
+    p.add_argument("--method", required=True, choices=["mtt", "tesla", "ratbptt",
+                                                       "datm"])  # registry: datm
     p.add_argument("--preset", default=None, help="a named preset (`distillery presets`); flags override it. "
                    "Default: the preset for this method, dataset and IPC if there is one, else defaults derived "
                    "from the data (docs/DEFAULTS.md)")
@@ -140,7 +143,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 def config_classes(method: str) -> list[type]:
     """The option dataclasses whose fields make up a `distill` configuration for `method`."""
     classes = [_method_configs()[method], LoopConfig, DataConfig]
-    return classes + [ExpertConfig] if method in ("mtt", "tesla") else classes
+    return classes + [ExpertConfig] if method in ("mtt", "tesla", "datm") else classes  # registry: datm
 
 
 def config_defaults(method: str) -> dict[str, Any]:
@@ -236,6 +239,10 @@ def build_method(config: dict[str, Any], ds, device, progress: bool = True):
     """Instantiate the method object for the shared loop."""
     cls = _method_configs()[config["method"]]
     cfg = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+    if config["method"] == "datm":  # registry: datm
+        from .methods.datm import DATM  # registry: datm
+
+        return DATM(ds, _experts_for(config, ds, device, progress), cfg)  # registry: datm
     if config["method"] in ("mtt", "tesla"):
         from .methods.mtt import MTT
 

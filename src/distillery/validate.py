@@ -30,8 +30,12 @@ def check_config(config: dict[str, Any], classes: Iterable[type], facts: DataFac
         raise UserError(f"--ipc {ipc} is more than the {facts.min_class} training images of the smallest class of "
                         f"{facts.name} (after the --val-fraction hold-out); lower --ipc or --val-fraction")
     n_syn = ipc * facts.num_classes
-    if method in ("mtt", "tesla"):
+    if method in ("mtt", "tesla", "datm"):  # registry: datm
         _check_mtt(config, n_syn)
+        if method == "datm":  # registry: datm
+            from .methods.datm import check_config as check_datm  # registry: datm
+
+            check_datm(config, *expert_epochs_available(config))  # registry: datm
     else:
         _check_ratbptt(config, facts)
 
