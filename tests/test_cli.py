@@ -112,6 +112,6 @@ def test_distill_help_says_which_methods_an_option_is_for():
     distill = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "distill")[1]
     helps = {a.option_strings[0]: a.help for a in distill._actions if a.option_strings}
     assert helps["--real-chunk"].startswith("ratbptt: ")
-    assert helps["--syn-steps"].startswith("mtt, tesla: ")
-    assert helps["--fast"].startswith("mtt, tesla: on: replay captured CUDA graphs")
+    assert helps["--syn-steps"].startswith("mtt, tesla, datm: ")  # registry: datm
+    assert helps["--fast"].startswith("mtt, tesla, datm: on: replay captured CUDA graphs")  # registry: datm
     assert " | ratbptt: on: " in helps["--fast"]
