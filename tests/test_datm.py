@@ -219,3 +219,19 @@ def test_derived_defaults_pass_every_check(n_train, channels, size, classes, ipc
     config.update(method="datm", experts=None, **derive_defaults("datm", facts, ipc))
     check_all(config, config_classes("datm"), facts)
     assert config["min_start_epoch"] < config["current_max_start_epoch"] < config["max_start_epoch"]
+
+
+def test_presets_pass_every_check():
+    from distillery.defaults import data_facts
+    from distillery.distill import config_classes
+    from distillery.presets import PRESETS, list_presets
+    from distillery.validate import check_config as check_all
+
+    names = list_presets("datm")
+    assert {PRESETS[n]["dataset"] for n in names} == {"cifar10", "cifar100", "tiny-imagenet"}
+    for name in names:
+        preset = {k: v for k, v in PRESETS[name].items() if k != "note"}
+        config = {f.name: f.default for cls in config_classes("datm") for f in dataclasses.fields(cls)}
+        config.update(experts=None, **preset)
+        check_all(config, config_classes("datm"), data_facts(preset["dataset"]))
+        assert "configs/" in PRESETS[name]["note"] and "unverified" in PRESETS[name]["note"]
