@@ -68,6 +68,13 @@ def start_upper_bound(it: int, min_start: int, max_start: int, current_max: int 
     return min(max_start, current_max + int((max_start - current_max) * it / expansion_end))
 
 
+def softmax_pullback(logits: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
+    """∂L/∂z from ∂L/∂p for p = softmax(z) row-wise (the chain rule through softmax)."""
+    z = logits.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.softmax(z, 1), z, grad_probs)
+    return grad
+
+
 def check_config(config: dict[str, Any], expert_epochs: int, source: str) -> None:
     """UserError for DATM options that cannot work together (after MTT's checks; `expert_epochs` from `source`)."""
     low, high, current = config["min_start_epoch"], config["max_start_epoch"], config["current_max_start_epoch"]
@@ -200,10 +207,8 @@ class DATM(MTT):
         return {**logs, "skipped": 0.0}
 
     def logit_grad(self, grad_probs: torch.Tensor) -> torch.Tensor:
-        """∂L/∂z from ∂L/∂p, p = softmax(z) row-wise (the chain rule through softmax)."""
-        z = self.label_logits.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(torch.softmax(z, 1), z, grad_probs)
-        return grad
+        """∂L/∂z of the current label logits from ∂L/∂p."""
+        return softmax_pullback(self.label_logits, grad_probs)
 
     def synset(self) -> SyntheticSet:
         """MTT's set, named DATM, with softmax(z) as learned labels."""
