@@ -235,3 +235,27 @@ def test_presets_pass_every_check():
         config.update(experts=None, **preset)
         check_all(config, config_classes("datm"), data_facts(preset["dataset"]))
         assert "configs/" in PRESETS[name]["note"] and "unverified" in PRESETS[name]["note"]
+
+
+@pytest.mark.slow
+def test_cli_run_writes_a_learned_label_set_that_evaluate_uses(tmp_path, monkeypatch, capsys):
+    import json
+
+    from distillery.cli import main
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "datm", "--dataset", "digits", "--ipc", "2", "--out", str(out),
+                 "--num-experts", "2", "--expert-epochs-train", "4", "--max-start-epoch", "3",
+                 "--current-max-start-epoch", "2", "--expansion-end-epoch", "3", "--syn-steps", "4",
+                 "--grad", "checkpointed", "--iterations", "4", "--eval-every", "2", "--eval-runs", "1",
+                 "--final-eval-runs", "1", "--eval-epochs", "5", "--threads", "1", "--no-progress"]) == 0
+    s = SyntheticSet.load(out / "best.safetensors")
+    assert s.meta["method"] == "datm" and s.label_kind == "learned" and s.labels.shape == (20, 10)
+    best = json.loads((out / "result.json").read_text())["best"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "best.safetensors"), "--runs", "1", "--epochs", "5", "--threads", "1",
+                 "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["label_kind"] == "learned"
+    assert evaluated["mean"] == pytest.approx(best["test_mean"])  # the run's final test used the same labels

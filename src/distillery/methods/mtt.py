@@ -20,6 +20,10 @@ every rank applies the same update. So G processes x K segments and 1 process x 
 K = 1 on one process is the published MTT. Segments run one after another (memory of one segment; `vmap` does not
 apply: the gradient modes call `torch.autograd.grad` with `create_graph`). Only rank 0 writes (`distillery.run`).
 
+A subclass changes what is matched through four hooks: `initial_images` (the starting set), `start_range(it)` (the
+start epochs of iteration it), `student_labels()` (labels that require grad get their gradient, averaged like the
+images'), and `update` (applies one iteration's gradient to the images and α).
+
 Step-size guard (SPEC P1): with `lr_guard="clamp"` (default) α is clamped to [lr_min, lr_max] after every update,
 so it can neither turn negative nor explode, but it can sit at a bound; `lr_guard="log"` learns log α (plain SGD,
 learning rate lr_lr / α₀² so the first step equals clamp's, |Δ log α| <= ln 2 per iteration): α stays positive and
