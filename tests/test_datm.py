@@ -127,10 +127,16 @@ def test_checkpointed_equals_unrolled(setup):
         assert rel(a, b) < 1e-6
 
 
+def test_tesla_mode_differentiates_the_labels(setup):
+    ds, store = setup
+    res = DATM(ds, store, config(grad="tesla")).gradient(3)[0]
+    assert res.grad_labels is not None and res.grad_labels.shape == (10, 10) and res.grad_labels.abs().sum() > 0
+
+
 def test_start_epoch_schedule():
     # DATM: Upper_Bound = c + int((max - c) * it / expansion_end), capped at max; randint(min, Upper_Bound)
-    assert [start_upper_bound(it, 0, 20, 10, 1000) for it in (0, 99, 100, 500, 1000, 5000)] == [10, 10, 11, 15, 20, 20]
-    assert start_upper_bound(7, 0, 20, None, 1000) == 20
+    assert [start_upper_bound(it, 20, 10, 1000) for it in (0, 99, 100, 500, 1000, 5000)] == [10, 10, 11, 15, 20, 20]
+    assert start_upper_bound(7, 20, None, 1000) == 20
 
 
 def test_start_epochs_stay_in_range(setup, monkeypatch):

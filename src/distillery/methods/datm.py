@@ -28,8 +28,8 @@ import torch
 from ..distributed import broadcast_
 from ..errors import UserError
 from ..experts import ExpertStore
-from ..synset import SyntheticSet
 from ..options import option
+from ..synset import SyntheticSet
 from .mtt import MTT, MTTConfig
 from .tesla import expert_logits
 
@@ -61,7 +61,7 @@ class DATMConfig(MTTConfig):
                                                        "the labels (DATM's Label_Model_Timestamp; none: the last)")
 
 
-def start_upper_bound(it: int, min_start: int, max_start: int, current_max: int | None, expansion_end: int) -> int:
+def start_upper_bound(it: int, max_start: int, current_max: int | None, expansion_end: int) -> int:
     """Exclusive upper bound of iteration `it`'s start epochs (DATM's sequential generation; module docstring)."""
     if current_max is None:
         return max_start
@@ -99,7 +99,8 @@ def derive_defaults(mtt: dict[str, Any], small: bool) -> dict[str, Any]:
     """
     out = dict(mtt)
     if small:
-        out.update(current_max_start_epoch=max(1, mtt["max_start_epoch"] // 2), expansion_end_epoch=max(1, mtt["iterations"] // 2), lr_y=2.0)
+        out.update(current_max_start_epoch=max(1, mtt["max_start_epoch"] // 2),
+                   expansion_end_epoch=max(1, mtt["iterations"] // 2), lr_y=2.0)
     else:
         out.update(max_start_epoch=20, current_max_start_epoch=10, expansion_end_epoch=1000, lr_y=2.0,
                    expert_epochs_train=max(50, mtt["expert_epochs_train"]))
@@ -112,10 +113,7 @@ class DATM(MTT):
     name = "datm"
 
     def __init__(self, dataset, store: ExpertStore, cfg: DATMConfig):
-        if cfg.label_epoch is not None and cfg.label_epoch > store.epochs:
-            raise UserError(f"--label-epoch {cfg.label_epoch} is past the experts' {store.epochs} epochs; lower it")
-        if cfg.labels == "learned" and cfg.fast == "on":
-            raise UserError("--fast on does not differentiate learned labels; use --fast off or --labels hard")
+        check_config(dataclasses.asdict(cfg), store.epochs, "the experts")  # also when built without the CLI
         super().__init__(dataset, store, cfg)  # picks the images through `initial_images`
         self.label_logits: torch.Tensor | None = None
         self.opt_y: torch.optim.Optimizer | None = None
@@ -184,8 +182,8 @@ class DATM(MTT):
     def start_range(self, it: int) -> tuple[int, int]:
         """[min_start_epoch, upper bound of iteration `it`)."""
         cfg = self.cfg
-        return cfg.min_start_epoch, start_upper_bound(it, cfg.min_start_epoch, cfg.max_start_epoch,
-                                                      cfg.current_max_start_epoch, cfg.expansion_end_epoch)
+        return cfg.min_start_epoch, start_upper_bound(it, cfg.max_start_epoch, cfg.current_max_start_epoch,
+                                                      cfg.expansion_end_epoch)
 
     def student_labels(self) -> torch.Tensor:
         """Learned labels: the probabilities softmax(z), as a tensor that asks MTT's gradient for its gradient."""
