@@ -265,3 +265,17 @@ def test_cli_run_writes_a_learned_label_set_that_evaluate_uses(tmp_path, monkeyp
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["label_kind"] == "learned"
     assert evaluated["mean"] == pytest.approx(best["test_mean"])  # the run's final test used the same labels
+
+
+def test_import_of_saved_logits_evaluates_their_softmax(tmp_path):
+    """DATM saves its labels as logits (labels_*.pt) and trains on their softmax; an import does the same."""
+    from distillery.data import load_dataset
+    from distillery.imports import import_set
+
+    ds = load_dataset("digits")
+    images = ds.train.x[:20]
+    logits = torch.randn(20, 10, generator=torch.Generator().manual_seed(0)) * 3
+    torch.save(images, tmp_path / "images_best.pt")
+    torch.save(logits, tmp_path / "labels_best.pt")
+    s = import_set(tmp_path / "images_best.pt", "digits")
+    assert s.label_kind == "learned" and torch.allclose(s.labels, torch.softmax(logits, 1))

@@ -131,6 +131,9 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
         labels, kind = labels.long(), "hard"
     else:
         labels, kind = labels.float(), "learned" if source == "ratbptt-h5" else "soft"
+        probabilities = bool((labels >= 0).all()) and torch.allclose(labels.sum(1), torch.ones(len(labels)), atol=1e-3)
+        if source == "mtt-pt" and not probabilities:  # logits (DATM's labels_*.pt): it trains on their softmax
+            labels, kind = torch.softmax(labels, 1), "learned"
     images, labels = _class_blocked(images, labels, spec.num_classes, path)
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
     meta = {"method": "imported", "dataset": ds.spec.name, "ipc": ipc, "num_classes": ds.spec.num_classes,
