@@ -51,8 +51,8 @@ EXPERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExpertConfig)}
 
 
 def _method_configs() -> dict[str, type]:
-    from .methods.mtt import MTTConfig
     from .methods.datm import DATMConfig  # registry: datm
+    from .methods.mtt import MTTConfig
     from .methods.ratbptt import RaTBPTTConfig
 
     return {"mtt": MTTConfig, "tesla": MTTConfig, "ratbptt": RaTBPTTConfig,
