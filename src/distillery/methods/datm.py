@@ -233,12 +233,9 @@ class DATM(MTT):
     def init_from(self, s: SyntheticSet) -> None:
         """--init-from: the set's images and, when labels are learned, its labels (z = log p) or, for a set with
         class ids, the experts' logits on its images."""
-        if tuple(s.images.shape) != tuple(self.images.shape):
-            raise UserError(f"--init-from set has images {tuple(s.images.shape)}, this run needs "
-                            f"{tuple(self.images.shape)}; use a set of the same dataset and ipc")
-        with torch.no_grad():
-            self.images.copy_(s.images.to(self.images.device))
-            if self.label_logits is not None:
+        super().init_from(s)
+        if self.label_logits is not None:
+            with torch.no_grad():
                 probs = s.labels.to(self.images.device)
                 logits = probs.clamp_min(1e-30).log() if probs.ndim == 2 else self.initial_logits(self.images)
                 self.label_logits.copy_(logits)
