@@ -5,7 +5,8 @@
 
 DATA_DIR holds the CIFAR-10 JPEG copy as `distillery distill --data-dir` reads it; without --data the end-to-end
 row is skipped. Rows (published H100 figures beside ours): MTT unrolled IPC 1/10/50 with N 50/30/30 and IPC 10 with
-N 20 and 80; TESLA and checkpointed at IPC 50 N 30; RaT-BPTT at the README setting (IPC 10, W 60, T 200, real
+N 20 and 80; TESLA and checkpointed at IPC 50 N 30; DATM (learned labels, N 80) unrolled at IPC 10 and checkpointed
+at IPC 50 with k = ceil(sqrt N) and k = 1; RaT-BPTT at the README setting (IPC 10, W 60, T 200, real
 batch 5000; on CUDA also from captured CUDA graphs, `--fast on`); an expert epoch (45,000 images: the published loop's port, ours one at a time, ours K at once, on CUDA
 also from captured CUDA graphs, `experts --fast on`); a
 5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together, on CUDA both of ours
@@ -45,6 +46,7 @@ from distillery.experts import _make_step, _sgd_epoch
 from distillery.io import atomic_write_text
 from distillery.methods.graphed import GraphedUnroll
 from distillery.methods.bptt import InnerOptimizer, meta_gradient
+from distillery.methods.datm import softmax_pullback
 from distillery.methods.graphed import GraphedRat
 from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
@@ -62,12 +64,15 @@ def sizes(smoke: bool) -> SimpleNamespace:
     """The suite's sizes: the issue's on a GPU, tiny ones for --smoke."""
     if smoke:
         return SimpleNamespace(width=8, mtt=[("unrolled", 1, 2), ("tesla", 1, 2), ("checkpointed", 1, 2)],
-                               graph=(1, 2),
+                               graph=(1, 2), datm=[("unrolled", 1, 2, None), ("checkpointed", 1, 2, None),
+                                                   ("checkpointed", 1, 2, 1)],
                                rat=dict(ipc=1, window=2, horizon=4, real=64), expert_n=300, ks=[2], eval_runs=2,
                                eval_epochs=1, eval_model="ConvNetW8", rounds=1)
     return SimpleNamespace(width=128, mtt=[("unrolled", 1, 50), ("unrolled", 10, 30), ("unrolled", 50, 30),
                                            ("unrolled", 10, 20), ("unrolled", 10, 80), ("tesla", 50, 30),
                                            ("checkpointed", 50, 30)], graph=(10, 30),
+                           datm=[("unrolled", 10, 80, None), ("checkpointed", 50, 80, None),
+                                 ("checkpointed", 50, 80, 1)],
                            rat=dict(ipc=10, window=60, horizon=200, real=5000), expert_n=45000, ks=[4, 8],
                            eval_runs=5, eval_epochs=1000, eval_model="ConvNet", rounds=3)
 
@@ -107,6 +112,32 @@ def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, devic
             else:
                 res = GRADS[mode](fm, images, labels, lr, theta0, target, plan, augment)
         images.grad, lr.grad = res.grad_images, res.grad_lr
+        opt.step()
+
+    return run
+
+
+def datm_iteration(mode: str, ipc: int, steps: int, every: int | None, width: int,
+                   device: str) -> Callable[[], object]:
+    """One DATM outer iteration (`--method datm`, learned labels) on random CIFAR-sized tensors: the student trains
+    on softmax(z), and images, α and the logits z move (`every`: --grad-checkpoint-every)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    fm = FunctionalModel(convnet(width, True, device))
+    theta0 = fm.flatten(fm.module).detach()
+    target = theta0 + 0.01 * torch.randn(theta0.shape, generator=g, device=device)
+    images = torch.randn(10 * ipc, 3, 32, 32, generator=g, device=device).requires_grad_(True)
+    logits = torch.randn(10 * ipc, 10, generator=g, device=device).requires_grad_(True)
+    lr = torch.tensor(0.01, device=device, requires_grad=True)
+    opt = torch.optim.SGD([images, lr, logits], lr=1e-5, momentum=0.5)
+    augment = Augment()
+    kwargs = {"every": every} if mode == "checkpointed" else {}
+
+    def run() -> None:
+        plan = make_plan(len(images), steps, None, augment, g, (32, 32), device)
+        probs = torch.softmax(logits.detach(), 1).requires_grad_(True)
+        res = GRADS[mode](fm, images, probs, lr, theta0, target, plan, augment, **kwargs)
+        images.grad, lr.grad = res.grad_images, res.grad_lr
+        logits.grad = softmax_pullback(logits, res.grad_labels)
         opt.step()
 
     return run
@@ -269,6 +300,9 @@ def main() -> None:
                for f in ("off", "on")}
         pub = PUBLISHED_MTT.get((ipc, steps), "—") if mode == "unrolled" else "—"
         timed(fns, {label: pub for label in fns if label.endswith("off")}, s.rounds)
+    for mode, ipc, steps, every in s.datm:
+        label = f"DATM {mode}{'' if every is None else f' every {every}'} IPC {ipc} N {steps}, learned labels"
+        timed({label: datm_iteration(mode, ipc, steps, every, s.width, device)}, {}, 1)  # seconds each: 1 round
     ipc, steps = s.graph  # the first call captures: the warm-up round keeps capture out of the timings
     kernels = ("torch", "triton") if device == "cuda" and triton_missing() is None else ("torch",)
     graph_rows = {f"unrolled IPC {ipc} N {steps}, CUDA graph {f}" + (", norm kernel triton" if k == "triton" else ""):

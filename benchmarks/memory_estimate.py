@@ -1,4 +1,4 @@
-"""Estimated GPU memory per process of every MTT, TESLA and RaT-BPTT preset (an estimate, not a measurement).
+"""Estimated GPU memory per process of every trajectory-matching and RaT-BPTT preset (an estimate, not a measurement).
 
 What autograd keeps for backward grows linearly in the student steps and in the images per step, so it is measured
 here on the CPU at tiny sizes (`SavedTensorBytes`: one and two steps, one and two images per step, the preset's
@@ -10,12 +10,14 @@ model, resolution and DSA) and extrapolated, float32:
     tesla        = step(b) + N · P · 4               (one step's graph + the N stored θ_i)
     rat-bptt     = W · step(b) + (R/G) · r           (window W, real batch R split over G processes, r per image)
 
-plus the fixed tensors (images with gradient and momentum, the expert pair or the inner-optimiser state). Not
+plus the fixed tensors (images with gradient and momentum, the expert pair or the inner-optimiser state; learned
+labels: the (n, classes) logits with gradient and momentum, and each step differentiates its soft targets). Not
 counted: the CUDA context (~0.5 GB), cuDNN workspaces, the allocator's cache and fragmentation, the evaluation
 networks (trained after the step's graphs are gone). The published H100 peaks are printed beside for calibration.
 `--trajectories K` does not change any of this (segments run one after another); G processes need it on every GPU.
 
     python benchmarks/memory_estimate.py                 # the table for docs/SCALING.md (about a minute on a CPU)
+    python benchmarks/memory_estimate.py --only datm/    # only the presets whose name starts so
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def mtt_step_bytes(preset: dict) -> tuple[float, float, int]:
     def peak(steps: int, batch: int) -> int:
         x = torch.randn(batch, spec.channels, *spec.im_size, generator=g)
         y = torch.arange(batch) % spec.num_classes
+        if preset.get("labels") == "learned":  # soft targets that get a gradient, as learned labels do
+            y = torch.softmax(torch.randn(batch, spec.num_classes, generator=g), 1).requires_grad_(True)
         plan = make_plan(batch, steps, None, augment, g, spec.im_size, "cpu")
         with SavedTensorBytes() as meter:
             unrolled_grad(fm, x, y, torch.tensor(0.01), theta, theta + 0.01, plan, augment)
@@ -92,6 +96,8 @@ def mtt_row(name: str, p: dict) -> str:
     a, c, params = mtt_step_bytes(p)
     step = a + c * b
     fixed = 3 * n_images * spec.channels * math.prod(spec.im_size) * 4 + 2 * params * 4
+    if p.get("labels") == "learned":
+        fixed += 3 * n_images * spec.num_classes * 4
     k = math.ceil(math.sqrt(steps))
     unrolled = steps * step + fixed
     checkpointed = k * step + math.ceil(steps / k) * params * 4 + fixed
@@ -115,17 +121,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=4, help="G for the RaT-BPTT column (real batch split G ways)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="", help="only presets whose name starts with this, e.g. datm/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| preset | model | images per step x N | unrolled GB | checkpointed GB | tesla GB | published GB |")
     print("|---|---|---|---|---|---|---|")
-    for name, p in PRESETS.items():
-        if p["method"] in ("mtt", "tesla"):
+    presets = {name: p for name, p in PRESETS.items() if name.startswith(args.only)}
+    for name, p in presets.items():
+        if p["method"] != "ratbptt":  # every trajectory-matching preset
             print(mtt_row(name, p), flush=True)
     print(f"\n| preset | model | images per step x window | real batch R | GB, 1 process | GB per process, "
           f"G={args.world} | published GB |")
     print("|---|---|---|---|---|---|---|")
-    for name, p in PRESETS.items():
+    for name, p in presets.items():
         if p["method"] == "ratbptt":
             print(rat_row(name, p, args.world), flush=True)
 

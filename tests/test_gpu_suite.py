@@ -19,7 +19,7 @@ def test_gpu_suite_smoke_runs_every_row(tmp_path: Path) -> None:
     table = out.read_text()
     for what in ("unrolled IPC 1 N 2, fast off", "tesla IPC 1 N 2, fast on", "checkpointed IPC 1 N 2",
                  "RaT-BPTT", "expert epoch, published loop", "expert epoch, ours, K=2", "ours together",
-                 "end to end, digits", "unrolled IPC 1 N 2, CUDA graph off",
+                 "end to end, digits", "DATM checkpointed every 1 IPC 1 N 2", "unrolled IPC 1 N 2, CUDA graph off",
                  "CUDA graph on | not run: capture needs CUDA", "norm kernel triton | not run: the kernel needs CUDA"):
         assert what in table, what
     assert "skipped" not in table and "failed" not in table

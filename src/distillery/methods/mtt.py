@@ -20,6 +20,10 @@ every rank applies the same update. So G processes x K segments and 1 process x 
 K = 1 on one process is the published MTT. Segments run one after another (memory of one segment; `vmap` does not
 apply: the gradient modes call `torch.autograd.grad` with `create_graph`). Only rank 0 writes (`distillery.run`).
 
+A subclass changes what is matched through four hooks: `initial_images` (the starting set), `start_range(it)` (the
+start epochs of iteration it), `student_labels()` (labels that require grad get their gradient, averaged like the
+images'), and `update` (applies one iteration's gradient to the images and α).
+
 Step-size guard (SPEC P1): with `lr_guard="clamp"` (default) α is clamped to [lr_min, lr_max] after every update,
 so it can neither turn negative nor explode, but it can sit at a bound; `lr_guard="log"` learns log α (plain SGD,
 learning rate lr_lr / α₀² so the first step equals clamp's, |Δ log α| <= ln 2 per iteration): α stays positive and
@@ -171,7 +175,7 @@ class MTT(Method):
     @classmethod
     def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True) -> MTT:
         """MTT on the experts of the run: a given --experts store, else trained and cached first."""
-        cfg = MTTConfig(**{f.name: config[f.name] for f in fields(MTTConfig)})
+        cfg = cls.config_class(**{f.name: config[f.name] for f in fields(cls.config_class)})
         return cls(dataset, experts_for(config, dataset, device, progress), cfg)
 
     @property
@@ -200,13 +204,7 @@ class MTT(Method):
         graphed = {"unrolled": GraphedUnroll, "tesla": GraphedTesla}.get(cfg.grad) if cfg.fast == "on" else None
         self.graphed = graphed(self.fm, self.augment) if graphed else None  # --fast on: captured CUDA graphs
 
-        n = cfg.ipc * spec.num_classes
-        gen = stream_generator(cfg.seed, _INIT, device=device)
-        if cfg.pix_init != "noise":
-            images, hard = dataset.random_set(cfg.ipc, gen)
-        else:
-            hard = torch.arange(spec.num_classes, device=device).repeat_interleave(cfg.ipc)
-            images = torch.randn((n, spec.channels, *spec.im_size), generator=gen, device=device)
+        images, hard = self.initial_images(stream_generator(cfg.seed, _INIT, device=device))
         self.images = broadcast_(images.clone()).requires_grad_(True)  # torchrun: every rank starts from rank 0's
         self.labels = hard
         if cfg.labels == "frozen":
@@ -216,10 +214,30 @@ class MTT(Method):
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=0.5)
         self.opt_lr = torch.optim.SGD([self.lr], lr=cfg.lr_lr, momentum=0.5)
 
+    def initial_images(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting images and their class ids (`pix_init`); a subclass may pick them another way."""
+        spec, device = self.ds.spec, self.ds.train.x.device
+        if self.cfg.pix_init != "noise":  # real, and auto (MTT's own choice: real)
+            return self.ds.random_set(self.cfg.ipc, gen)
+        hard = torch.arange(spec.num_classes, device=device).repeat_interleave(self.cfg.ipc)
+        return torch.randn((len(hard), spec.channels, *spec.im_size), generator=gen, device=device), hard
+
+    def start_range(self, it: int) -> tuple[int, int]:
+        """Start epochs of iteration `it` are drawn from [low, high): MTT's [0, max_start_epoch) at every iteration."""
+        return 0, self.cfg.max_start_epoch
+
+    def student_labels(self) -> torch.Tensor:
+        """The labels the student trains on; labels that require grad get their gradient in `gradient`."""
+        return self.labels
+
     def step(self, it: int) -> dict[str, float]:
         """One outer iteration: sample expert segments, match them, update images and α."""
-        cfg = self.cfg
         res, t = self.gradient(it)
+        return self.update(res, t, it)
+
+    def update(self, res: GradResult, t: int, it: int) -> dict[str, float]:
+        """Move the images and α by the gradients in `res` (iteration `it`, first start epoch t); the step's logs."""
+        cfg = self.cfg
         self.images.grad = res.grad_images
         self.opt_img.step()
         pinned = 0.0
@@ -243,8 +261,9 @@ class MTT(Method):
     def gradient(self, it: int) -> tuple[GradResult, int]:
         """Loss and gradients of iteration `it`, averaged over this rank's K segments and all ranks; the first t.
 
-        Segment j = rank·K + i draws (expert, start epoch) and then its step plan from streams keyed by
-        (seed, it, j), so the average is the same for G processes x K segments as for 1 process x G·K.
+        Segment j = rank·K + i draws (expert, start epoch in `start_range(it)`) and then its step plan from streams
+        keyed by (seed, it, j), so the average is the same for G processes x K segments as for 1 process x G·K.
+        Labels from `student_labels()` that require grad get theirs averaged the same way.
         With `labels="expert"` each segment uses its own expert's soft labels; the set keeps those of this rank's
         first segment (on rank 0: segment 0).
         """
@@ -257,10 +276,11 @@ class MTT(Method):
             j = rank * cfg.trajectories + i
             segment = stream_generator(cfg.seed, _SEGMENT, it, j)  # on the CPU: the same draws on any device
             k = int(torch.randint(self.store.num_experts, (1,), generator=segment))
-            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=segment))
+            low, high = self.start_range(it)
+            t = low + int(torch.randint(high - low, (1,), generator=segment))
             starts.append(t)
             theta_start, theta_target = (p.to(device) for p in self.store.pair(k, t, t + cfg.expert_epochs))
-            labels = self.labels
+            labels = self.student_labels()
             if cfg.labels == "expert":  # TESLA: soft labels from the target checkpoint of this segment's expert
                 labels = expert_soft_labels(self.fm, theta_target, self.images.detach(), cfg.temperature)
                 if i == 0:
@@ -274,9 +294,11 @@ class MTT(Method):
                     res = GRADS[cfg.grad](self.fm, self.images, labels, self.lr, theta_start, theta_target, plan,
                                           self.augment, **kwargs)
             parts = [res.grad_images, res.grad_lr, torch.tensor(res.loss, device=device)]
+            if res.grad_labels is not None:
+                parts.append(res.grad_labels)
             total = parts if i == 0 else [a + b for a, b in zip(total, parts)]
-        grad_images, grad_lr, loss = (all_reduce_mean_(part / cfg.trajectories) for part in total)
-        return GradResult(float(loss), grad_images, grad_lr, None), starts[0]
+        grad_images, grad_lr, loss, *grad_labels = (all_reduce_mean_(part / cfg.trajectories) for part in total)
+        return GradResult(float(loss), grad_images, grad_lr, grad_labels[0] if grad_labels else None), starts[0]
 
     def synset(self) -> SyntheticSet:
         """The current distilled set, with α as its training learning rate."""

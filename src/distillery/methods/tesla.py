@@ -87,12 +87,17 @@ def expert_soft_labels(fm: FunctionalModel, theta: Tensor, images: Tensor, tempe
     """Soft labels softmax(logits / T) of an expert θ on the un-augmented images (SPEC §5.3), any class count."""
     if not temperature > 0:
         raise UserError(f"soft-label temperature must be positive, got {temperature}; use e.g. 1.0")
+    return torch.softmax(expert_logits(fm, theta, images, chunk) / temperature, dim=1)
+
+
+@torch.no_grad()
+def expert_logits(fm: FunctionalModel, theta: Tensor, images: Tensor, chunk: int = 256) -> Tensor:
+    """Logits of an expert θ on the un-augmented images, `chunk` images at a time, with the model in eval mode."""
     if chunk < 1:
         raise UserError(f"soft-label chunk size must be at least 1, got {chunk}; use e.g. 256")
     was_training = fm.module.training
     fm.module.eval()  # the reference runs the expert in eval mode (matters only for BatchNorm models)
     try:
-        logits = torch.cat([fm(theta.detach(), part) for part in images.detach().split(chunk)])
+        return torch.cat([fm(theta.detach(), part) for part in images.detach().split(chunk)])
     finally:
         fm.module.train(was_training)
-    return torch.softmax(logits / temperature, dim=1)
