@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_background_eval import Drifts
 import torch
 from safetensors.torch import save as save_tensors
 
 from distillery.checkpoint import read_checkpoint, write_checkpoint
 from distillery.cli import main
 from distillery.errors import UserError
-from distillery.methods import Method
 from distillery.run import CHECKPOINT
 
 
@@ -360,27 +360,6 @@ def test_good_run_files_make_a_report(tmp_path):
     assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()
 
 
-class _Drifts(Method):
-    """A stand-in method: the set moves by a draw keyed by the iteration."""
-
-    def __init__(self, ds):
-        self.x, self.y = ds.random_set(1, torch.Generator().manual_seed(0))
-
-    def step(self, it):
-        self.x = self.x + 0.3 * torch.randn(self.x.shape, generator=torch.Generator().manual_seed(it))
-        return {"loss": float(self.x.abs().mean())}
-
-    def synset(self):
-        from distillery.synset import SyntheticSet
-        return SyntheticSet(self.x.clone(), self.y.clone(), meta={"num_classes": 10, "model": "ConvNetD1"})
-
-    def state_dict(self):
-        return {"x": self.x.clone()}
-
-    def load_state_dict(self, state):
-        self.x = state["x"].clone()
-
-
 def test_a_finished_run_leaves_no_lock_and_no_pending(tmp_path):
     """run-leftovers: with background evaluations (2 threads), a finished run leaves neither `pending/` nor `.lock`,
     and the directory can be locked again at once."""
@@ -392,7 +371,7 @@ def test_a_finished_run_leaves_no_lock_and_no_pending(tmp_path):
     try:
         loop = LoopConfig(iterations=4, eval_every=2, eval_runs=1, eval_epochs=2, final_eval_runs=1)
         prepare_run_dir(tmp_path / "run", {"method": "test"}, resume=False)
-        run_distillation(_Drifts(ds), ds, tmp_path / "run", loop, progress=False)
+        run_distillation(Drifts(ds), ds, tmp_path / "run", loop, progress=False)
     finally:
         torch.set_num_threads(before)
     assert not (tmp_path / "run" / "pending").exists() and not (tmp_path / "run" / ".lock").exists()
