@@ -26,6 +26,7 @@ from ..models.grouped import GroupedConvNet, groupable
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # the evaluation optimiser (SPEC §7): SGD, restarted at the lr decay
 CHECK_EVERY = 100  # passes between host reads of the on-device finite flag (a read is a sync on CUDA)
 CPU_CHUNK = 32  # images per forward/backward of one CPU training step (plain_step); 16-32 measured fastest
+CHUNK_MIN_PIXELS = 3 * 32 * 32  # smaller images fit the cache whole: no chunks (and the same numbers as before)
 
 # step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,)): experts.py's Step
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -76,14 +77,16 @@ def sgd_schedule(epochs: int, lr: float, epoch: Callable[[float], Tensor], resta
 def plain_step(fm: FunctionalModel, chunk: int | None = None) -> Step:
     """The gradient step of ONE expert (K = 1) with plain autograd: `autograd.grad` of its loss w.r.t. the flat θ.
 
-    On the CPU the batch runs `chunk` images at a time (default CPU_CHUNK), gradients summed: the same gradient
-    (float rounding), but each chunk's activations stay in cache; a whole batch of 256 at 32x32 spends ~40 % of
-    its time moving 128 MB activations through memory (benchmarks/cpu_hot_path.py). CUDA runs the whole batch."""
+    On one CPU thread, for images of 32x32 and larger, the batch runs `chunk` images at a time (default CPU_CHUNK),
+    gradients summed: the same gradient (float rounding), but each chunk's activations stay in cache; a whole batch
+    of 256 at 32x32 spends ~40 % of its time moving 128 MB activations through memory (benchmarks/cpu_hot_path.py,
+    measured at one thread). Elsewhere (CUDA, several threads, small images) the whole batch runs at once."""
 
     def step(flats: Tensor, xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
         flat = flats[0].detach().requires_grad_(True)
         x, y = xs[0], ys[0]
-        size = len(x) if x.device.type != "cpu" else (chunk or CPU_CHUNK)
+        cached = x.device.type == "cpu" and torch.get_num_threads() == 1 and x[0].numel() >= CHUNK_MIN_PIXELS
+        size = (chunk or CPU_CHUNK) if cached or chunk else len(x)
         grad, loss = None, None
         for i in range(0, len(x), size):  # the mean loss as a sum of chunk sums / batch, each chunk's graph freed
             part = F.cross_entropy(fm(flat, x[i:i + size]), y[i:i + size], reduction="sum") / len(x)
