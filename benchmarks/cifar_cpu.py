@@ -170,8 +170,8 @@ def table(results: dict[str, dict[str, Any]], parts: list[Part], dc: list[float]
         for rec in best["by_protocol"]:
             rand = next(iter(base.get(rec["protocol"], {}).values()), None)
             length = f"{rec['steps']} steps" if rec["protocol"] == "rat" else f"{rec['epochs']} epochs"
-            rows.append(f"| {part.label} ({rec['protocol']} protocol, {length}) | {its} (best at {best['iteration']}) | "
-                        f"{r['step_seconds'] / max(its, 1):.1f} | {pct(rec['test_accs'])} | "
+            rows.append(f"| {part.label} ({rec['protocol']} protocol, {length}) | {its} (best at "
+                        f"{best['iteration']}) | {r['step_seconds'] / max(its, 1):.1f} | {pct(rec['test_accs'])} | "
                         f"{pct(rand['test_accs']) if rand else '-'} | {part.paper} |")
     if dc is not None:
         rows.append(f"| random real, DC-paper protocol (no ZCA, no augmentation, 300 epochs) | | | | {pct(dc)} | "

@@ -518,6 +518,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _way_on(args: argparse.Namespace) -> str:
     """After an interrupt: what the interrupted command kept and how to go on."""
+    if args.command == "distill" and args.estimate:
+        return f"--estimate writes nothing, so there is no run in {args.out} to continue; run it again"
     if args.command == "distill":
         return f"continue the run in {args.out} from its last checkpoint with the same command and --resume"
     if args.command == "experts":

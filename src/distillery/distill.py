@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,10 +205,10 @@ def describe_defaults(config: dict[str, Any]) -> str:
     return f"no preset for {config['method']} on {config['dataset']} at IPC {config['ipc']}: defaults {source}: {values}"
 
 
-def _experts_for(config: dict[str, Any], ds, device, progress: bool):
-    """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
-    to --max-files / --max-experts."""
-    from .experts import ExpertStore, limit_experts, train_experts
+def _experts_for(config: dict[str, Any], ds, device, progress: bool, estimate: bool = False):
+    """Open the expert store the run needs, training and caching it first if no --experts was given (`estimate`:
+    refuse with the projected cost instead), and limit it to --max-files / --max-experts."""
+    from .experts import ExpertStore, limit_experts, time_expert_epoch, train_experts
     from .models import FunctionalModel, create_model
 
     spec = ds.spec
@@ -221,6 +222,8 @@ def _experts_for(config: dict[str, Any], ds, device, progress: bool):
                f"-n{config['num_experts']}-e{config['expert_epochs_train']}-lr{config['expert_lr']:g}-s{config['seed']}"
                + "".join(f"-{k}{v:g}" for k, v in recipe.items() if v))  # the published recipe keeps its old key
         path = cache / "experts" / key
+        if estimate and not _complete_store(path, config["num_experts"]):
+            raise expert_cost_error(config, time_expert_epoch(ds, model, lr=config["expert_lr"]))
         print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
               f"epochs into the cache {path} (reused by later runs)")
         train_experts(ds, model, config["num_experts"], epochs=config["expert_epochs_train"], lr=config["expert_lr"],
@@ -232,14 +235,37 @@ def _experts_for(config: dict[str, Any], ds, device, progress: bool):
     return limit_experts(store, config.get("max_files"), config.get("max_experts"))
 
 
-def build_method(config: dict[str, Any], ds, device, progress: bool = True):
-    """Instantiate the method object for the shared loop."""
+def _complete_store(path: Path, num_experts: int) -> bool:
+    """Whether the cached store at `path` already holds `num_experts` finished experts."""
+    import json
+
+    try:
+        return len(json.loads((path / "manifest.json").read_text())["experts"]) >= num_experts
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def expert_cost_error(config: dict[str, Any], epoch_s: float) -> UserError:
+    """`--estimate` without --experts: what training the run's experts would cost, and how to avoid it."""
+    from .estimate import duration
+
+    n, epochs = config["num_experts"], config["expert_epochs_train"]
+    needed = config["max_start_epoch"] - 1 + config["expert_epochs"]
+    return UserError(f"--estimate trains no experts, and without --experts this run would first train {n} experts x "
+                     f"{epochs} epochs: about {duration(n * epochs * epoch_s)} here ({duration(epoch_s)} per expert "
+                     f"epoch, timed on 2 batches); train a smaller store first (the run reads {needed} epochs: "
+                     f"`distillery experts --num-experts 2 --epochs {needed}` with this dataset and --zca) and pass "
+                     "--experts DIR")
+
+
+def build_method(config: dict[str, Any], ds, device, progress: bool = True, estimate: bool = False):
+    """Instantiate the method object for the shared loop (`estimate`: train no experts, see `_experts_for`)."""
     cls = _method_configs()[config["method"]]
     cfg = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
     if config["method"] in ("mtt", "tesla"):
         from .methods.mtt import MTT
 
-        return MTT(ds, _experts_for(config, ds, device, progress), cfg)
+        return MTT(ds, _experts_for(config, ds, device, progress, estimate), cfg)
     from .methods.ratbptt import RaTBPTT
 
     return RaTBPTT(ds, cfg)
@@ -270,8 +296,14 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not estimate:  # --estimate writes nothing
             prepare_run_dir(args.out, config, args.resume, config_defaults(args.method))
     run_dir = Path(args.out)
+    loaded = time.perf_counter()
     ds = load_dataset(config["dataset"], data_dir=args.data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
+    setup_s = time.perf_counter() - loaded
+    from .estimate import check_host_memory, estimate_run, is_host_oom, out_of_memory
+
+    # before experts or steps: a CPU run whose step cannot fit in the memory available is refused with the setting
+    memory = check_host_memory(config, ds.spec) if device.type == "cpu" else None
     progress = not args.no_progress
     from .set_eval import parse_models
 
@@ -280,7 +312,7 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         from .init_from import check_init_set
 
         check_init_set(init, ds)
-    method = build_method(config, ds, device, progress)
+    method = build_method(config, ds, device, progress, estimate)
     if init is not None:
         from .init_from import apply_init_set
 
@@ -292,10 +324,9 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         loop.iterations = config["epochs"] * steps
         print(f"budget: {config['epochs']} epochs x {steps} outer steps per pass over the real data = "
               f"{loop.iterations} iterations")
-    from .estimate import estimate_run, out_of_memory
-
     if estimate:
-        return estimate_run(method, ds, {**config, "iterations": loop.iterations}, device)
+        return estimate_run(method, ds, {**config, "iterations": loop.iterations}, device, setup_s=setup_s,
+                            memory=memory)
     print(f"distilling {ds.spec.name} with {config['method']} ({config['ipc']} images per class) into {run_dir}")
     import torch  # noqa: PLC0415  (torch is imported lazily in this module)
 
@@ -303,6 +334,10 @@ def distill_from_args(args: argparse.Namespace) -> dict[str, Any]:
         result = run_distillation(method, ds, run_dir, loop, resume=args.resume, progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "distillation") from None
+    except (MemoryError, RuntimeError) as err:
+        if not is_host_oom(err):
+            raise
+        raise out_of_memory(config, "distillation", "host memory") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
         from .report import write_report
 

@@ -55,6 +55,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -292,6 +293,21 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
         bar.update(len(group))
         bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
     return flats
+
+
+def time_expert_epoch(ds: Dataset, model: str, batch: int = 256, lr: float = 0.01, probe: int = 2) -> float:
+    """Seconds one expert epoch over `ds.train` takes here, timed on `probe` minibatches after one of warm-up with
+    the training code itself (what `--estimate` projects expert training from, without training any)."""
+    spec = ds.spec
+    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size).to(ds.train.x.device))
+    step, augment = _make_step(fm, 1), Augment(spec.dsa_strategy)
+    flats = fm.flatten(fm.module).detach()[None]
+    gens = [torch.Generator(device=ds.train.x.device).manual_seed(0)]
+    x, y = ds.train.x[:batch * (probe + 1)], ds.train.y[:batch * (probe + 1)]
+    _sgd_epoch(step, flats, gens, x[:batch], y[:batch], augment, batch, lr)  # warm-up
+    start = time.perf_counter()
+    _sgd_epoch(step, flats, gens, x[batch:], y[batch:], augment, batch, lr)
+    return (time.perf_counter() - start) * len(ds.train.x) / max(len(x) - batch, 1)
 
 
 def _make_step(fm: FunctionalModel, k: int) -> Step:
