@@ -191,6 +191,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if config["zca"] == "none":
         config["zca"] = None
     check_config(config, classes, facts)
+    if config.get("experts") is not None and ExpertConfig in classes:  # record the store used, not a recipe unused
+        from .experts import store_recipe
+
+        config.update(store_recipe(config["experts"], config.get("max_files"), config.get("max_experts")))
     return config
 
 
