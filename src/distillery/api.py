@@ -54,4 +54,7 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
         import torch
 
         torch.set_num_threads(args.threads)
+    from .hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does
     return distill_from_args(args)

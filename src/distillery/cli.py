@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .hostmem import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages every step
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
