@@ -75,6 +75,7 @@ def test_host_memory_check_names_what_dominates_and_the_flag() -> None:
     assert check_host_memory(mtt, get_spec("digits"), available=64e9)
     with pytest.raises(UserError, match="--batch-syn"):
         check_host_memory(mtt, get_spec("digits"), available=1e3)
+    assert check_host_memory({"method": "dm", "ipc": 1}, get_spec("digits"), available=1e3) == {}  # no model yet
 
 
 class _Exploding:

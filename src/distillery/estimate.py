@@ -79,7 +79,7 @@ def rat_step_bytes(model: str, spec) -> tuple[float, float, float, int]:
 def method_memory(config: dict[str, Any], spec) -> dict[str, float]:
     """Bytes one step of this run holds beyond the data, by what sets them (the flags in each key): the autograd
     graph extrapolated from `mtt_step_bytes` / `rat_step_bytes`, float32, plus the images, optimiser state and
-    (RaT-BPTT) the real batch with its augmented copy."""
+    (RaT-BPTT) the real batch with its augmented copy. Empty for a method without a model here."""
     model = config.get("model") or spec.default_model
     n_images, pixels = config["ipc"] * spec.num_classes, spec.channels * spec.im_size[0] * spec.im_size[1]
     if config["method"] == "ratbptt":
@@ -92,6 +92,8 @@ def method_memory(config: dict[str, Any], spec) -> dict[str, float]:
                 f"meta-loss (--real-chunk {config.get('real_chunk')})": r * min(config.get("real_chunk") or real, real),
                 f"real batch and its augmented copy (--real-batch {real})": 2 * real * pixels * 4,
                 "images, Adam state, parameters": 3 * n_images * pixels * 4 + 4 * params * 4}
+    if "syn_steps" not in config:  # not a trajectory-matching method: no model of its memory yet
+        return {}
     a, c, params = mtt_step_bytes(model, spec)
     b, steps, grad = config.get("batch_syn") or n_images, config["syn_steps"], config.get("grad", "unrolled")
     step = a + c * b
@@ -124,7 +126,7 @@ def check_host_memory(config: dict[str, Any], spec, available: float | None = No
     terms = method_memory(config, spec)
     available = available_host_bytes() if available is None else available
     total = sum(terms.values())
-    if available is not None and total > 0.9 * available:
+    if terms and available is not None and total > 0.9 * available:
         top = max(terms, key=terms.get)
         raise UserError(f"one step of this run needs about {total / GB:.1f} GB of host memory beyond the data, "
                         f"{terms[top] / GB:.1f} GB of it the {top}, but {available / GB:.1f} GB is available; "
