@@ -13,7 +13,7 @@ every part by budget / 2.5 h: the methods' time budgets, the experts' count and,
 
 Prints one table and each method's validation curve and writes the rows for benchmarks/RESULTS.md to
 benchmarks/cifar_cpu_rows.md (git-ignored). Resumable: a finished part (result.json and report.json in its run
-directory) is skipped, an interrupted one is resumed from its checkpoint with the time it already spent.
+directory) is skipped, an interrupted one is resumed from its checkpoint with the step time it already spent.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
 
     run_dir = args.work / part.label.lower()
     result, report = run_dir / "result.json", run_dir / "report.json"
-    if result.exists() and report.exists():
-        print(f"{part.label}: done earlier, in {run_dir}")
+    if result.exists():
+        print(f"{part.label}: distilled earlier, in {run_dir}")
     else:
         budget, scale = DISTILL_SHARE * args.budget, min(1.0, args.budget / BUDGET)
         preset = preset_name(part.method)
@@ -121,6 +121,9 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
                    **({"experts": experts} if part.experts else {})}
         print(f"{part.label}: distilling for {budget:.0f} s into {run_dir} (preset {preset or 'none: defaults'})")
         api.distill(part.method, run_dir, preset, **options)
+    if not report.exists():  # stopped during the report's random-real baseline: measure it again
+        zca = json.loads((run_dir / "config.json").read_text())["zca"]
+        api.write_report(run_dir, dataset=api.load_dataset("cifar10", data_dir=args.data_dir, zca=zca), progress=False)
     return {**json.loads(result.read_text()), "report": json.loads(report.read_text())}
 
 

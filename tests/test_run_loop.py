@@ -98,3 +98,5 @@ def test_time_budget_ends_the_run_evaluated_and_a_resume_counts_the_time_spent(t
     loop.time_budget = 6.5
     out = run_distillation(Ticks(ds, clock), ds, tmp_path, loop, resume=True, progress=False)
     assert out["iterations_reached"] == 7  # 4 s spent before, 3 more steps: 7 s >= 6.5
+    out = run_distillation(Ticks(ds, clock), ds, tmp_path, loop, resume=True, progress=False)
+    assert out["iterations_reached"] == 7  # the budget is spent: a resume evaluates and reports, no further step

@@ -355,7 +355,7 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
         if resumed_pending is not None:  # killed while that evaluation ran: run it again, same set and seed
             run.evaluate(resumed_pending, SyntheticSet.load(run.pending_dir / _pending_name(resumed_pending)))
         for it in range(start, loop.iterations + 1):
-            if loop.time_budget is not None and it > start and run.step_s >= loop.time_budget:
+            if loop.time_budget is not None and run.step_s >= loop.time_budget:
                 end = run.end = it  # out of time: this iteration is the run's last, evaluated as --iterations
             if it % loop.eval_every == 0 or it == end:
                 run.collect()  # one evaluation at a time, recorded in iteration order
