@@ -1,7 +1,7 @@
 """Estimated GPU memory per process of every trajectory-matching and RaT-BPTT preset (an estimate, not a measurement).
 
 What autograd keeps for backward grows linearly in the student steps and in the images per step, so it is measured
-here on the CPU at tiny sizes (`SavedTensorBytes`: one and two steps, one and two images per step, the preset's
+here on the CPU at tiny sizes (`distillery.estimate`, which `--estimate` also uses: one and two steps, one and two images per step, the preset's
 model, resolution and DSA) and extrapolated, float32:
 
     step(b)      = a + c·b          saved bytes of one student step (forward + double-backward graph) on b images
@@ -27,11 +27,8 @@ import math
 
 import torch
 
-from distillery.augment import Augment
 from distillery.data.registry import get_spec
-from distillery.methods.bptt import InnerOptimizer, meta_gradient
-from distillery.methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
-from distillery.models import FunctionalModel, create_model
+from distillery.estimate import mtt_step_bytes, rat_step_bytes
 from distillery.presets import PRESETS
 
 GB = 1e9
@@ -40,60 +37,16 @@ PUBLISHED = {"mtt/cifar10-ipc1": "1.6 (N 50)", "mtt/cifar10-ipc10": "8.7 (N 30)"
              "ratbptt/cifar10-ipc10": "42.8"}
 
 
-def _model(preset: dict) -> tuple[FunctionalModel, torch.Tensor, object]:
+def _model_spec(preset: dict) -> tuple[str, object]:
     spec = get_spec(preset["dataset"])
-    fm = FunctionalModel(create_model(preset.get("model") or spec.default_model, spec.channels, spec.num_classes,
-                                      spec.im_size))
-    return fm, fm.flatten(fm.module).detach(), spec
-
-
-def mtt_step_bytes(preset: dict) -> tuple[float, float, int]:
-    """(a, c, P): saved bytes of one unrolled student step on b images = a + c·b, and the parameter count."""
-    fm, theta, spec = _model(preset)
-    augment = Augment(spec.dsa_strategy)
-    g = torch.Generator().manual_seed(0)
-
-    def peak(steps: int, batch: int) -> int:
-        x = torch.randn(batch, spec.channels, *spec.im_size, generator=g)
-        y = torch.arange(batch) % spec.num_classes
-        if preset.get("labels") == "learned":  # soft targets that get a gradient, as learned labels do
-            y = torch.softmax(torch.randn(batch, spec.num_classes, generator=g), 1).requires_grad_(True)
-        plan = make_plan(batch, steps, None, augment, g, spec.im_size, "cpu")
-        with SavedTensorBytes() as meter:
-            unrolled_grad(fm, x, y, torch.tensor(0.01), theta, theta + 0.01, plan, augment)
-        return meter.peak
-
-    one = peak(1, 1)
-    c = peak(1, 2) - one
-    return peak(2, 1) - one - c, c, fm.num_params
-
-
-def rat_bytes(preset: dict) -> tuple[float, float, float, int]:
-    """(a, c, r, P): a window step on b synthetic images saves a + c·b bytes, the meta-loss r per real image."""
-    fm, theta, spec = _model(preset)
-    augment = Augment.rat()
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(spec.num_classes, spec.channels, *spec.im_size, generator=g)  # ipc 1
-    labels = torch.arange(spec.num_classes)
-
-    def peak(window: int, batch: int, real: int) -> int:
-        real_x = torch.randn(real, spec.channels, *spec.im_size, generator=g)
-        with SavedTensorBytes() as meter:
-            meta_gradient(fm, images.requires_grad_(True), labels, theta, InnerOptimizer("adam"), 0, window,
-                          real_x, labels[:real], augment, None, g, num_classes=spec.num_classes,
-                          task_sampler_nc=batch, batch_per_class=1)
-        return meter.peak
-
-    one = peak(1, 1, 1)
-    c, r = peak(1, 2, 1) - one, peak(1, 1, 2) - one
-    return peak(2, 1, 1) - one - c, c, r, fm.num_params
+    return preset.get("model") or spec.default_model, spec
 
 
 def mtt_row(name: str, p: dict) -> str:
     spec = get_spec(p["dataset"])
     n_images = p["ipc"] * spec.num_classes
     b, steps = p.get("batch_syn") or n_images, p["syn_steps"]
-    a, c, params = mtt_step_bytes(p)
+    a, c, params = mtt_step_bytes(*_model_spec(p), learned=p.get("labels") == "learned")
     step = a + c * b
     fixed = 3 * n_images * spec.channels * math.prod(spec.im_size) * 4 + 2 * params * 4
     if p.get("labels") == "learned":
@@ -110,7 +63,7 @@ def rat_row(name: str, p: dict, world: int) -> str:
     spec = get_spec(p["dataset"])
     classes = p.get("task_sampler_nc") or spec.num_classes
     b = classes * min(p["ipc"], p.get("batch_per_class") or p["ipc"])
-    a, c, r, params = rat_bytes(p)
+    a, c, r, params = rat_step_bytes(*_model_spec(p))
     fixed = 3 * p["ipc"] * spec.num_classes * spec.channels * math.prod(spec.im_size) * 4 + 4 * params * 4
     est = [(p["window"] * (a + c * b) + r * p["real_batch"] / g + fixed) / GB for g in (1, world)]
     return (f"| `{name}` | {p.get('model')} {spec.im_size[0]}px, P={params / 1e6:.2f}M | {b} x W {p['window']} | "

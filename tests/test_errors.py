@@ -833,6 +833,9 @@ def _signal_in(monkeypatch, target: str, sig: int):
     ("signal-experts", ["experts", "--dataset", "digits", "--out", "st", "--no-progress"],
      "distillery.experts:train_experts", signal.SIGTERM,
      "terminated; finished experts and each expert's last finished epoch are kept in st"),
+    ("signal-estimate", ["distill", "--method", "mtt", "--dataset", "digits", "--out", "est", "--estimate",
+                         "--no-progress"], "distillery.estimate:check_host_memory", signal.SIGINT,
+     "interrupted; --estimate writes nothing, so there is no run in est to continue"),
     ("signal-download", ["download", "mnist"], "distillery.data.download:fetch_dataset", signal.SIGTERM,
      "run `distillery download mnist` again"),
     ("signal-evaluate", ["evaluate", "{set}", "--no-progress"], "distillery.evaluation.score:evaluate_synset",
@@ -845,6 +848,24 @@ def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, need
     err = capsys.readouterr().err.strip()
     assert code == 128 + sig and err.count("\n") == 0 and needle in err, err
     assert signal.getsignal(signal.SIGTERM) == handler  # main() put the caller's SIGTERM handler back
+
+
+def test_host_memory_row(capsys, tmp_path, monkeypatch):
+    """host-memory: a step that cannot fit is refused before any step, naming --window (RaT-BPTT)."""
+    import distillery.estimate as estimate
+
+    monkeypatch.setattr(estimate, "available_host_bytes", lambda: 1e3)
+    one_line(capsys, ["distill", "--method", "ratbptt", "--dataset", "digits", "--out", tmp_path / "r",
+                      "--no-progress"], "lower --window")
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_estimate_experts_row(capsys, tmp_path, monkeypatch):
+    """estimate-experts: --estimate without --experts projects the expert training and trains none."""
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    one_line(capsys, ["distill", "--method", "mtt", "--dataset", "digits", "--out", tmp_path / "m", "--estimate",
+                      "--no-progress"], "--estimate trains no experts")
+    assert not (tmp_path / "cache" / "experts").exists()
 
 
 def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(capsys, tmp_path, store, monkeypatch):

@@ -162,3 +162,18 @@ def test_experts_command_options(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     recipe = (manifest["momentum"], manifest["weight_decay"], manifest["decay"], manifest["epochs"])
     assert recipe == (0.5, 1e-4, True, 2)
+
+
+def test_config_records_the_given_store_not_the_recipe_it_would_have_trained(digits, tmp_path):
+    """A preset asking for 5 experts x 6 epochs, run on a given 1 x 2 store: config.json says 1 x 2 (and the
+    store's lr), as does everything that reads it (the report)."""
+    store = tmp_path / "store"
+    train_experts(digits, MODEL, 1, epochs=2, lr=0.02, out_dir=store, progress=False)
+    args = build_parser().parse_args(["distill", "--method", "mtt", "--preset", "mtt/digits-ipc1", "--out",
+                                      str(tmp_path / "run"), "--experts", str(store), "--max-start-epoch", "1",
+                                      "--expert-epochs", "1"])
+    config = resolve_config(args)
+    assert (config["num_experts"], config["expert_epochs_train"], config["expert_lr"]) == (1, 2, 0.02)
+    args.max_experts = 1
+    args.max_files = 1
+    assert resolve_config(args)["num_experts"] == 1

@@ -167,6 +167,9 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
         import torch
 
         torch.set_num_threads(run["threads"])
+    from .hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does
     return run_distill(method, out, options, preset, resume=run.get("resume", False),
                        estimate=run.get("estimate", False), device=run.get("device", "auto"),
                        data_dir=run.get("data_dir"), progress=not run.get("no_progress", False),

@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .hostmem import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages every step
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
@@ -400,6 +403,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _way_on(args: argparse.Namespace) -> str:
     """After an interrupt: what the interrupted command kept and how to go on."""
+    if args.command == "distill" and args.estimate:
+        return f"--estimate writes nothing, so there is no run in {args.out} to continue; run it again"
     if args.command == "distill":
         return f"continue the run in {args.out} from its last checkpoint with the same command and --resume"
     if args.command == "experts":

@@ -181,6 +181,10 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
         _check_store_preprocessing(config, name)
     check_config(config, classes, facts)
     method_cls.check_config(config, facts)
+    from .experts import ExpertConfig, store_recipe
+
+    if config.get("experts") is not None and ExpertConfig in classes:  # record the store used, not a recipe unused
+        config.update(store_recipe(config["experts"], config.get("max_files"), config.get("max_experts")))
     return config
 
 
@@ -249,8 +253,14 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
         if not estimate:  # --estimate writes nothing
             prepare_run_dir(out, config, resume, config_defaults(method), resume_may_change(method))
     run_dir = Path(out)
+    loaded = time.perf_counter()
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
+    setup_s = time.perf_counter() - loaded
+    from .estimate import check_host_memory, estimate_run, is_host_oom, out_of_memory
+
+    # before experts or steps: a CPU run whose step cannot fit in the memory available is refused with the setting
+    memory = check_host_memory(config, ds.spec) if device.type == "cpu" else None
     from .evaluation.score import parse_models
 
     parse_models(config.get("eval_models"), ds.spec)  # a model that cannot take these images: say so now
@@ -259,7 +269,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
 
         check_init_set(init, ds)
     t = time.time()
-    method_obj = get_method(method).build(config, ds, device, progress)
+    method_obj = get_method(method).build(config, ds, device, progress, estimate)
     setup_seconds = time.time() - t  # MTT/TESLA: training (or checking) the experts
     if init is not None:
         method_obj.init_from(init)
@@ -268,10 +278,9 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     loop.iterations, budget = method_obj.budget(config)
     if budget:
         print(budget)
-    from .estimate import estimate_run, out_of_memory
-
     if estimate:
-        return estimate_run(method_obj, ds, {**config, "iterations": loop.iterations}, device)
+        return estimate_run(method_obj, ds, {**config, "iterations": loop.iterations}, device, setup_s=setup_s,
+                            memory=memory)
     print(f"distilling {ds.spec.name} with {config['method']} ({config['ipc']} images per class) into {run_dir}")
     import torch  # noqa: PLC0415  (torch is imported lazily in this module)
 
@@ -279,6 +288,10 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
         result = run_distillation(method_obj, ds, run_dir, loop, resume=resume, progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "distillation") from None
+    except (MemoryError, RuntimeError) as err:
+        if not is_host_oom(err):
+            raise
+        raise out_of_memory(config, "distillation", "host memory") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
         from .evaluation.score import measure_baseline
         from .io import atomic_write_text

@@ -1,9 +1,12 @@
 """`distillery distill ... --estimate`: a pre-flight run of 3 iterations and one evaluation epoch, then a projection.
 
-Prints seconds per iteration, peak memory and the projected wall time of the whole run: distillation (iterations x
-s/iteration) plus every evaluation the loop will do (validation every `eval_every` iterations with `eval_runs`
-networks, the final test evaluation with `final_eval_runs`, each `eval_epochs + 1` passes). Nothing is written to
-the run directory. A CUDA out-of-memory error becomes a UserError naming the setting to lower (`oom_advice`).
+Prints seconds per iteration, peak memory and the projected wall time of the whole run: data and ZCA loading (as
+measured), distillation (iterations x s/iteration) and every network the loop and the report train
+(`evaluation_count`: validation from iteration 0 to the end, best and last, the random-real baseline), each
+`eval_epochs + 1` passes plus its test pass. Nothing is written to the run directory, and no expert is trained.
+Before a CPU run starts, `check_host_memory` projects the memory of one step (autograd's saved tensors measured at
+tiny sizes and extrapolated) and refuses a run that would not fit in the memory available; an out-of-memory error
+(CUDA or host) becomes a UserError naming the setting to lower (`oom_advice`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,100 @@ from .evaluation.dsa import train_model
 from .methods import get_method
 
 
+GB = 1e9
+
+
+def mtt_step_bytes(model: str, spec, learned: bool = False) -> tuple[float, float, int]:
+    """(a, c, P): autograd keeps a + c·b bytes for one unrolled student step (forward + double backward) on b
+    images of `spec`'s size with its DSA, measured at 1 and 2 steps and images; P parameters. `learned`: soft
+    labels that get a gradient, as learned labels do."""
+    from .augment import Augment
+    from .methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
+    from .models import FunctionalModel, create_model
+
+    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
+    theta, augment, g = fm.flatten(fm.module).detach(), Augment(spec.dsa_strategy), torch.Generator().manual_seed(0)
+
+    def peak(steps: int, batch: int) -> int:
+        x = torch.randn(batch, spec.channels, *spec.im_size, generator=g)
+        y = torch.arange(batch) % spec.num_classes
+        if learned:
+            y = torch.softmax(torch.randn(batch, spec.num_classes, generator=g), 1).requires_grad_(True)
+        plan = make_plan(batch, steps, None, augment, g, spec.im_size, "cpu")
+        with SavedTensorBytes() as meter:
+            unrolled_grad(fm, x, y, torch.tensor(0.01), theta, theta + 0.01, plan, augment)
+        return meter.peak
+
+    one = peak(1, 1)
+    c = peak(1, 2) - one
+    return peak(2, 1) - one - c, c, fm.num_params
+
+
+def rat_step_bytes(model: str, spec) -> tuple[float, float, float, int]:
+    """(a, c, r, P): a RaT-BPTT window step on b synthetic images keeps a + c·b bytes, the meta-loss r per real
+    image of a chunk; measured at 1 and 2 steps, images and real images; P parameters."""
+    from .augment import Augment
+    from .methods.bptt import InnerOptimizer, meta_gradient
+    from .methods.trajectory import SavedTensorBytes
+    from .models import FunctionalModel, create_model
+
+    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
+    theta, augment, g = fm.flatten(fm.module).detach(), Augment.rat(), torch.Generator().manual_seed(0)
+    images = torch.randn(spec.num_classes, spec.channels, *spec.im_size, generator=g)  # ipc 1
+    labels = torch.arange(spec.num_classes)
+
+    def peak(window: int, batch: int, real: int) -> int:
+        real_x = torch.randn(real, spec.channels, *spec.im_size, generator=g)
+        with SavedTensorBytes() as meter:
+            meta_gradient(fm, images.requires_grad_(True), labels, theta, InnerOptimizer("adam"), 0, window,
+                          real_x, labels[:real], augment, None, g, num_classes=spec.num_classes,
+                          task_sampler_nc=batch, batch_per_class=1)
+        return meter.peak
+
+    one = peak(1, 1, 1)
+    c, r = peak(1, 2, 1) - one, peak(1, 1, 2) - one
+    return peak(2, 1, 1) - one - c, c, r, fm.num_params
+
+
+def available_host_bytes() -> float | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(config: dict[str, Any], spec, available: float | None = None) -> dict[str, float]:
+    """Refuse (one-line UserError naming the setting to lower) a CPU run whose step would need more memory than the
+    machine has available now, before it starts; return the projection (bytes by term) otherwise."""
+    terms = get_method(config["method"]).host_memory(config, spec)
+    available = available_host_bytes() if available is None else available
+    total = sum(terms.values())
+    if terms and available is not None and total > 0.9 * available:
+        top = max(terms, key=terms.get)
+        raise UserError(f"one step of this run needs about {total / GB:.1f} GB of host memory beyond the data, "
+                        f"{terms[top] / GB:.1f} GB of it the {top}, but {available / GB:.1f} GB is available; "
+                        f"{oom_advice(config)}")
+    return terms
+
+
 def oom_advice(config: dict[str, Any]) -> str:
     """The settings that lower this run's GPU memory, in the order to try them (the method's `oom_advice`)."""
     return get_method(config["method"]).oom_advice(config)
 
 
-def out_of_memory(config: dict[str, Any], where: str) -> UserError:
-    """The one-line error for a CUDA out-of-memory error during `where`."""
-    return UserError(f"CUDA ran out of memory during {where}; {oom_advice(config)}")
+def out_of_memory(config: dict[str, Any], where: str, device: str = "CUDA") -> UserError:
+    """The one-line error for an out-of-memory error of `device` ("CUDA" or "host memory") during `where`."""
+    return UserError(f"{device} ran out of memory during {where}; {oom_advice(config)}")
+
+
+def is_host_oom(err: BaseException) -> bool:
+    """Whether `err` is the CPU allocator failing (MemoryError, or torch's "can't allocate memory")."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def _sync(device: torch.device) -> None:
@@ -45,7 +134,7 @@ def _peak_memory(device: torch.device) -> str:
     return f"{rss:.0f} MiB peak resident (process, CPU)"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """Seconds as 'h:mm:ss' (or 's' below a minute)."""
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -53,8 +142,23 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
 
 
-def estimate_run(method, ds, config: dict[str, Any], device: torch.device, iterations: int = 3) -> dict[str, Any]:
-    """Time `iterations` outer steps and one evaluation epoch; print and return the projection of the whole run."""
+def evaluation_count(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(validation evaluations, final test networks, baseline networks) the loop and the report will train: the
+    validation at iteration 0, every `eval_every` and at the end; best and last (last is skipped when it is the
+    best) and the random-real baseline, each `final_eval_runs` networks under every protocol of the final report
+    (RaT-BPTT sets: rat and dsa)."""
+    iterations, every = config["iterations"], config["eval_every"]
+    evals = len(range(0, iterations, every)) + 1
+    protocols = 2 if config["method"] == "ratbptt" else 1
+    sets = 2 if config.get("val_fraction", 0.1) > 0 else 1
+    return evals, sets * protocols * config["final_eval_runs"], protocols * config["final_eval_runs"]
+
+
+def estimate_run(method, ds, config: dict[str, Any], device: torch.device, iterations: int = 3,
+                 setup_s: float = 0.0, memory: dict[str, float] | None = None) -> dict[str, Any]:
+    """Time `iterations` outer steps, one evaluation epoch and the test pass of one network; print and return the
+    projection of the whole run. `setup_s`: the data and ZCA loading already done; `memory`: `check_host_memory`'s
+    projection, printed."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -70,26 +174,50 @@ def estimate_run(method, ds, config: dict[str, Any], device: torch.device, itera
         lr = s.lr if s.lr is not None else 0.01
         _sync(device)
         start = time.perf_counter()
-        train_model(model, s.images.to(device), s.labels.to(device), ds.spec.channels, ds.spec.num_classes,
-                    epochs=1, lr=lr, strategy=ds.spec.dsa_strategy)  # 2 passes (epochs + 1)
+        net = train_model(model, s.images.to(device), s.labels.to(device), ds.spec.channels, ds.spec.num_classes,
+                          epochs=1, lr=lr, strategy=ds.spec.dsa_strategy)  # 2 passes (epochs + 1)
         _sync(device)
         epoch_s = (time.perf_counter() - start) / 2
+        probe = ds.test.x[:1000].to(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            net.eval()
+            for i in range(0, len(probe), 256):
+                net(probe[i:i + 256])
+        _sync(device)
+        image_s = (time.perf_counter() - start) / max(len(probe), 1)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(config, "the estimate") from None
+    except (MemoryError, RuntimeError) as err:
+        if not is_host_oom(err):
+            raise
+        raise out_of_memory(config, "the estimate", "host memory") from None
     per_it = statistics.median(times[1:]) if len(times) > 1 else times[0]  # the first includes warm-up
-    passes = config["eval_epochs"] + 1
-    evals = config["iterations"] // config["eval_every"]
-    eval_s = (evals * config["eval_runs"] + config["final_eval_runs"]) * passes * epoch_s
+    if config["method"] == "ratbptt":  # the set's own protocol trains to its longest step count (1 step = 1 epoch)
+        passes = max(int(c) for c in str(config.get("rat_eval_steps", "3000")).split(","))
+    else:
+        passes = config["eval_epochs"] + 1
+    evals, finals, baseline = evaluation_count(config)
+    val_net = passes * epoch_s + len(ds.val.y) * image_s
+    test_net = passes * epoch_s + len(ds.test.y) * image_s
+    eval_s = evals * config["eval_runs"] * val_net + (finals + baseline) * test_net
     distill_s = config["iterations"] * per_it
+    total = setup_s + distill_s + eval_s
     result = {"seconds_per_iteration": per_it, "first_iteration_s": times[0], "eval_epoch_s": epoch_s,
               "peak_memory": _peak_memory(device), "projected_distill_s": distill_s, "projected_eval_s": eval_s,
-              "projected_total_s": distill_s + eval_s}
+              "setup_s": setup_s, "projected_total_s": total,
+              **({"projected_step_memory_bytes": sum(memory.values())} if memory else {})}
     print(f"estimate from {iterations} iterations on {device}: {per_it:.3f} s/iteration (first {times[0]:.3f} s), "
           f"peak memory {result['peak_memory']}")
-    print(f"  distillation: {config['iterations']} iterations -> {_duration(distill_s)}")
+    if memory:
+        print("  host memory of one step beyond the data (projected): " + ", ".join(
+            f"{k} {v / GB:.2f} GB" for k, v in sorted(memory.items(), key=lambda kv: -kv[1])))
+    print(f"  data and ZCA loading: {duration(setup_s)}")
+    print(f"  distillation: {config['iterations']} iterations -> {duration(distill_s)}")
     plain = " of the plain path; --eval-fast on is not timed here" if config.get("eval_fast") == "on" else ""
-    print(f"  evaluations: {evals} x {config['eval_runs']} + final {config['final_eval_runs']} networks x {passes} "
-          f"epochs at {1000 * epoch_s:.1f} ms/epoch{plain} ({model}) -> {_duration(eval_s)}")
-    print(f"  projected wall time of the run: {_duration(distill_s + eval_s)} (experts: trained or cached before "
-          "this estimate; nothing was written to the run directory)")
+    print(f"  evaluations: {evals} x {config['eval_runs']} validation networks (iteration 0 to the end) + "
+          f"{finals} final (best and last) + {baseline} baseline test networks x {passes} epochs at "
+          f"{1000 * epoch_s:.1f} ms/epoch{plain} ({model}) plus their test passes -> {duration(eval_s)}")
+    print(f"  projected wall time of the run: {duration(total)} (experts: cached or given before this estimate; "
+          "nothing was written to the run directory)")
     return result

@@ -58,6 +58,7 @@ import json
 import math
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,6 +400,21 @@ def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train
     return flats
 
 
+def time_expert_epoch(ds: Dataset, model: str, batch: int = 256, lr: float = 0.01, probe: int = 2) -> float:
+    """Seconds one expert epoch over `ds.train` takes here, timed on `probe` minibatches after one of warm-up with
+    the training code itself (what `--estimate` projects expert training from, without training any)."""
+    spec = ds.spec
+    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size).to(ds.train.x.device))
+    step, augment = _make_step(fm, 1), Augment(spec.dsa_strategy)
+    flats = fm.flatten(fm.module).detach()[None]
+    gens = [torch.Generator(device=ds.train.x.device).manual_seed(0)]
+    x, y = ds.train.x[:batch * (probe + 1)], ds.train.y[:batch * (probe + 1)]
+    _sgd_epoch(step, flats, gens, x[:batch], y[:batch], augment, batch, lr)  # warm-up
+    start = time.perf_counter()
+    _sgd_epoch(step, flats, gens, x[batch:], y[batch:], augment, batch, lr)
+    return (time.perf_counter() - start) * len(ds.train.x) / max(len(x) - batch, 1)
+
+
 def _make_step(fm: FunctionalModel, k: int) -> Step:
     """The gradient step of K experts: plain autograd for K = 1 or a grouped ConvNet (evaluation/training.py), else
     vmapped `torch.func.grad` (grad_and_value alone costs 1.3x: GroupNorm's double-differentiable backward)."""
@@ -682,6 +698,22 @@ class ExpertStore:
             return torch.cat([rows[e:e + 1] for e in epochs])
 
 
+def limited(experts: list[dict], max_files: int | None, max_experts: int | None) -> list[dict]:
+    """The manifest entries --max-files / --max-experts keep (see `limit_experts`)."""
+    return [e for e in experts if (max_files is None or e["index"] // EXPERTS_PER_FILE < max_files)
+            and (max_experts is None or e["index"] % EXPERTS_PER_FILE < max_experts)]
+
+
+def store_recipe(root: str | Path, max_files: int | None = None, max_experts: int | None = None) -> dict:
+    """The expert options a run with the store at `root` really uses, read from its manifest (for config.json and
+    the report, in place of the recipe it would have trained): experts kept by the limits, epochs, lr, momentum,
+    weight decay, lr decay."""
+    m = _read_manifest(Path(root) / MANIFEST)
+    return {"num_experts": len(limited(m["experts"], max_files, max_experts)), "expert_epochs_train": m["epochs"],
+            "expert_lr": m["lr"], "expert_momentum": m.get("momentum", 0.0), "expert_l2": m.get("weight_decay", 0.0),
+            "expert_decay": bool(m.get("decay", False))}
+
+
 def limit_experts(store: ExpertStore, max_files: int | None = None, max_experts: int | None = None) -> ExpertStore:
     """The store seen through MTT distill.py's --max_files / --max_experts: MTT keeps experts in files of
     `EXPERTS_PER_FILE` (buffer.py's save_interval) and reads `max_files` files, `max_experts` experts of each.
@@ -689,8 +721,7 @@ def limit_experts(store: ExpertStore, max_files: int | None = None, max_experts:
     (the experts are i.i.d., so only the count matters). None = no limit."""
     if max_files is None and max_experts is None:
         return store
-    kept = [e for e in store.experts if (max_files is None or e["index"] // EXPERTS_PER_FILE < max_files)
-            and (max_experts is None or e["index"] % EXPERTS_PER_FILE < max_experts)]
+    kept = limited(store.experts, max_files, max_experts)
     if not kept:
         raise UserError(f"--max-files {max_files} / --max-experts {max_experts} leave none of the "
                         f"{store.num_experts} experts in {store.root}; raise them")

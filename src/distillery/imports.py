@@ -25,7 +25,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from .errors import UserError
 from .evaluation.protocol import published_protocol
 from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
+
+if TYPE_CHECKING:
+    from .experts import ExpertStore
 
 # --- distilled sets ---------------------------------------------------------------------------------------------
 IMAGE_LIMIT = 1e4  # |value| far beyond what images reach in a model space (mean/std or ZCA), even distilled ones
@@ -197,7 +200,7 @@ def _h5_array(f: Any, name: str, path: Path) -> np.ndarray | None:
 def _rat_pth_labels(pth: Path, data: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """RaT-BPTT's learned labels from the .pth it saves beside the .h5 (`label_state_dict['module.label.weight']`,
     written only by a --train_y run), and a sentence saying where the labels came from."""
-    ck = read_torch_file(pth, f"it holds RaT-BPTT's learned labels: restore it, or move it away to import the "
+    ck = read_torch_file(pth, "it holds RaT-BPTT's learned labels: restore it, or move it away to import the "
                               "set with class-blocked hard labels")
     if not isinstance(ck, dict):
         raise UserError(f"{pth} holds a {type(ck).__name__}, not RaT-BPTT's checkpoint dict; move it away to import "

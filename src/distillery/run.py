@@ -89,6 +89,9 @@ class LoopConfig:
                                           "ConvNet,AlexNet,VGG11,ResNet18_AP,ResNet18")
     final_eval_runs: int = option(5, low=1, resumable=True, help="networks trained per final test evaluation")
     checkpoint_every: int = option(10, low=1, resumable=True, help="write a checkpoint every this many iterations")
+    time_budget: float | None = option(None, low=0, low_open=True, resumable=True,
+                                       help="seconds of distillation steps (evaluations not counted) after which the "
+                                            "run ends at the next iteration, evaluated and reported as at --iterations")
     eval_overlap: str = option("auto", choices=("auto", "off"), resumable=True,
                                help="auto: on the CPU with 2+ threads, validation evaluations run in the background "
                                     "while distillation goes on (the threads split in half); off: wait for each")
@@ -303,7 +306,7 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
               progress: bool) -> dict[str, Any]:
     """The loop of `run_distillation`: resume, iterate, evaluate, checkpoint, report."""
     ckpt_path = run_dir / CHECKPOINT
-    start, best_val, rows, resumed_pending = 0, -1.0, [], None
+    start, best_val, rows, resumed_pending, spent = 0, -1.0, [], None, 0.0
     if resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path, template=method.state_dict())
         try:
@@ -312,25 +315,32 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
             raise UserError(f"checkpoint {ckpt_path} is damaged ({type(err).__name__} restoring the method state); "
                             "delete it to start the run again from iteration 0 with the same command") from None
         start, best_val, rows = ckpt["it"], ckpt["best_val"], ckpt["rows"]
+        spent = ckpt.get("step_seconds", 0.0)
         resumed_pending = ckpt.get("pending_eval")
         print(f"resuming {run_dir} from iteration {start}")
     main = is_main_process()  # with torchrun, only rank 0 writes; every rank takes a share of the evaluation runs
     env = _record_environment(run_dir, getattr(dataset, "location", None)) if main else {}
     run = _Run(method, dataset, run_dir, loop, rows, best_val)
+    run.step_s = spent  # --time-budget counts the steps of earlier processes of this run too
     bar = tqdm(total=loop.iterations, initial=start, desc="distill", unit="it", disable=not (progress and main))
     t0 = time.time()
+    end = loop.iterations
     try:
         if resumed_pending is not None:  # killed while that evaluation ran: run it again, same set and seed
             run.evaluate(resumed_pending, SyntheticSet.load(run.pending_dir / _pending_name(resumed_pending)))
         for it in range(start, loop.iterations + 1):
-            if it % loop.eval_every == 0 or it == loop.iterations:
+            if loop.time_budget is not None and run.step_s >= loop.time_budget:
+                end = run.end = it  # out of time: this iteration is the run's last, evaluated as --iterations
+            if it % loop.eval_every == 0 or it == end:
                 run.collect()  # one evaluation at a time, recorded in iteration order
-                if it == loop.iterations:  # nothing left to overlap: the last evaluation gets all threads
+                if it == end:  # nothing left to overlap: the last evaluation gets all threads
                     run.stop_background()
                 run.evaluate(it)
-            if it == loop.iterations or run.stop_at is not None:
+            if it == end or run.stop_at is not None:
                 break
+            step_start = time.time()
             logs = method.step(it)
+            run.step_s += time.time() - step_start
             _check_finite(it, run_dir, logs)  # NaN images make the next loss NaN; writes check the images
             run.logger.log(it, logs)
             run.health.after_step(it, logs)
@@ -346,7 +356,10 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     bar.close()
     if run.stop_at is not None and main:
         print(f"the plateau curriculum ended the run at iteration {run.stop_at} (window start at its cap, no progress)")
-    run.save_checkpoint(loop.iterations if run.stop_at is None else run.stop_at)
+    if end < loop.iterations and main:
+        print(f"--time-budget {loop.time_budget:g} s spent: the run ends at iteration {end} of {loop.iterations}")
+    end = end if run.stop_at is None else run.stop_at
+    run.save_checkpoint(end)
     if main and run.pending_dir.is_dir() and not any(run.pending_dir.iterdir()):
         run.pending_dir.rmdir()  # no evaluation is pending at the end
     barrier()  # rank 0 has written best and last; every rank reads them for its share of the final runs
@@ -354,6 +367,8 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
     if not main:
         return {}
     result["seconds"] = time.time() - t0
+    result["iterations_reached"] = end
+    result["step_seconds"] = run.step_s  # in method.step, over every process of the run, no evaluations
     result["environment"] = env
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     return result
@@ -372,6 +387,8 @@ class _Run:
         self.best_val = self.val = best_val
         self.has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
         self.stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau)
+        self.end = loop.iterations             # the last iteration (earlier when --time-budget runs out)
+        self.step_s = 0.0                      # seconds in method.step (all processes of this run)
         self.wants_loss = method.wants_eval_train_loss
         self.background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
                                                              rank_and_world()[1], self.wants_loss) else None
@@ -385,7 +402,8 @@ class _Run:
             return
         _check_finite(it, self.run_dir, images=self.method.synset().images)  # never persist NaN images
         write_checkpoint({"it": it, "best_val": self.best_val, "rows": self.logger.rows,
-                          "method": self.method.state_dict(), "pending_eval": self.pending},
+                          "method": self.method.state_dict(), "pending_eval": self.pending,
+                          "step_seconds": self.step_s},
                          self.run_dir / CHECKPOINT)
         self.logger.flush()
         for old in self.pending_dir.glob("it_*.safetensors"):  # a resume re-runs only the evaluation named above
@@ -458,7 +476,7 @@ class _Run:
             if not has_val or res.mean > self.best_val:
                 self.best_val = res.mean if has_val else self.best_val
                 s.save(self.run_dir / "best.safetensors")
-        if it < self.loop.iterations:  # the last evaluation ends the run anyway
+        if it < self.end:  # the last evaluation ends the run anyway
             self.health.after_eval(it, self.val)
 
 

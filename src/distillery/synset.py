@@ -1,8 +1,12 @@
 """The distilled set: images, labels, learned step size, preprocessing and metadata, in one safetensors file.
 
 File layout (`*.safetensors`):
-    tensors  `images` (n, C, H, W) float32 in model space, `labels` (n,) int64 or (n, K) float32,
-             and the preprocessing tensors under `preprocess.<name>` (mean/std, ZCA matrices).
+    tensors  `images` (n, C, H, W) float32 in model space, `labels` (n,) int64 or (n, K) float32, and for a
+             fitted preprocessing (ZCA) `pixels` (n, C, H, W): the images with it undone, for grids and exports.
+             The fitted matrices themselves are not stored (2 x 3072^2 float32 = 75 MB at 32x32, against 0.2 MB
+             for 10 images): evaluation refits them from the dataset, which the recorded fingerprint (kind,
+             parameters, digest of the exact fit images) identifies, so a set file alone still evaluates and
+             displays. Files written with `preprocess.<name>` matrices load and display as before.
     metadata (the safetensors string header) `distillery` = JSON with label_kind, lr, preprocess meta, and `meta`
              (method, dataset, ipc, config, seed, library version, ...) with `eval`, the evaluation protocols
              the set was selected and is scored under (`evaluation.protocol`, checked field by field at load).
@@ -43,6 +47,7 @@ class SyntheticSet:
     lr: float | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)  # {"tensors": {...}, "meta": {...}} of the Preprocess
     meta: dict[str, Any] = field(default_factory=dict)
+    pixels: torch.Tensor | None = None  # the images with the preprocessing undone, unclamped (read from a file)
 
     def __post_init__(self) -> None:
         if self.label_kind not in LABEL_KINDS:
@@ -72,20 +77,21 @@ class SyntheticSet:
             raise UserError(f"--ipc {k} is not available: this set has {self.ipc} images per class; use 1..{self.ipc}")
         idx = torch.cat([torch.arange(c * self.ipc, c * self.ipc + k) for c in range(self.num_classes)])
         meta = {**self.meta, "ipc": k, "prefix_of_ipc": self.ipc}
-        return SyntheticSet(self.images[idx], self.labels[idx], self.label_kind, self.lr, self.preprocess, meta)
+        return SyntheticSet(self.images[idx], self.labels[idx], self.label_kind, self.lr, self.preprocess, meta,
+                            None if self.pixels is None else self.pixels[idx])
 
     def to(self, device: torch.device | str) -> "SyntheticSet":
         """The same set with its tensors on `device`."""
         return SyntheticSet(self.images.to(device), self.labels.to(device), self.label_kind, self.lr,
-                            self.preprocess, self.meta)
+                            self.preprocess, self.meta, self.pixels)
 
     # --- file format -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file atomically."""
+        """Write one safetensors file atomically (a fitted preprocessing as `pixels`, not its matrices)."""
         tensors = {"images": self.images.detach().cpu().contiguous(),
                    "labels": self.labels.detach().cpu().contiguous()}
-        for name, t in self.preprocess.get("tensors", {}).items():
-            tensors[f"preprocess.{name}"] = t.detach().cpu().contiguous()
+        if self.pixels is not None or self.preprocess.get("tensors"):
+            tensors["pixels"] = self._undone().contiguous()
         header = {"format": "distillery.synset/1", "label_kind": self.label_kind, "lr": self.lr,
                   "preprocess_meta": self.preprocess.get("meta", {}),
                   "meta": {"library_version": __version__, **self.meta}}
@@ -122,13 +128,19 @@ class SyntheticSet:
     # --- display -----------------------------------------------------------------------------------------------
     def display_images(self) -> torch.Tensor:
         """Images mapped back to [0, 1] with the stored preprocessing undone (ZCA and mean/std)."""
+        return self._undone().clamp(0, 1)
+
+    def _undone(self) -> torch.Tensor:
+        """The images with the preprocessing undone, unclamped: the stored pixels, else the inverse map."""
         from .data.preprocess import Preprocess
 
+        if self.pixels is not None:
+            return self.pixels.detach().float().cpu()
         x = self.images.detach().float().cpu()
         if self.preprocess.get("meta"):
             meta = {k: v for k, v in self.preprocess["meta"].items() if k != "fingerprint"}
             x = Preprocess.from_state_dict({**meta, **self.preprocess["tensors"]}).inverse(x)
-        return x.clamp(0, 1)
+        return x
 
     def save_grid(self, path: str | Path, max_per_class: int = 10, scale: int | None = None) -> None:
         """Write a PNG grid: one column per class headed by its name, up to `max_per_class` images down it,
@@ -195,7 +207,11 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
             raise bad(f"has a {type(meta[key]).__name__} as its {key}")
     pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
     pre_meta = header["preprocess_meta"]
-    if pre_meta:
+    if pre_meta and not pre_tensors and "pixels" not in tensors:
+        raise bad("holds neither its preprocessing's tensors nor its images with the preprocessing undone (pixels)")
+    if "pixels" in tensors and tensors["pixels"].shape != images.shape:
+        raise bad(f"holds pixels of shape {tuple(tensors['pixels'].shape)} for images {tuple(images.shape)}")
+    if pre_meta and pre_tensors:
         try:
             Preprocess.from_state_dict({**{k: v for k, v in pre_meta.items() if k != "fingerprint"}, **pre_tensors})
         except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
@@ -203,7 +219,7 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
             raise bad(f"holds a preprocessing that cannot be rebuilt ({reason})") from None
     recorded_protocols(meta, f"distilled set '{path}'")  # every field of the recorded evaluation checked too
     return SyntheticSet(images=images, labels=labels, label_kind=kind, lr=lr,
-                        preprocess={"tensors": pre_tensors, "meta": pre_meta}, meta=meta)
+                        preprocess={"tensors": pre_tensors, "meta": pre_meta}, meta=meta, pixels=tensors.get("pixels"))
 
 
 def preprocess_record(pre) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from ..augment import Augment
 from ..defaults import DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import Diverged, UserError
-from ..experts import ExpertConfig, ExpertStore, finished_experts, limit_experts, train_experts
+from ..experts import ExpertConfig, ExpertStore, finished_experts, limit_experts, time_expert_epoch, train_experts
 from ..models import FunctionalModel, create_model, has_batchnorm
 from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
@@ -173,10 +173,32 @@ class MTT(Method):
                 f"flat in --syn-steps) or --grad checkpointed (now --grad {config.get('grad')})")
 
     @classmethod
-    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True) -> MTT:
-        """MTT on the experts of the run: a given --experts store, else trained and cached first."""
+    def host_memory(cls, config: dict[str, Any], spec) -> dict[str, float]:
+        """The student graph of one iteration in its --grad mode (autograd's saved bytes of a step, measured at tiny
+        sizes and extrapolated) and the fixed tensors."""
+        from ..estimate import mtt_step_bytes
+
+        n_images, pixels = config["ipc"] * spec.num_classes, spec.channels * spec.im_size[0] * spec.im_size[1]
+        a, c, params = mtt_step_bytes(config.get("model") or spec.default_model, spec)
+        b, steps, grad = config.get("batch_syn") or n_images, config["syn_steps"], config.get("grad", "unrolled")
+        step = a + c * b
+        if grad == "tesla":
+            graph = step + steps * params * 4
+        elif grad == "checkpointed":
+            k = math.ceil(math.sqrt(steps))
+            graph = k * step + math.ceil(steps / k) * params * 4
+        else:
+            graph = steps * step
+        return {f"student graph (--grad {grad}, --syn-steps {steps} x --batch-syn {b})": graph,
+                "images, momentum, expert pair": 3 * n_images * pixels * 4 + 2 * params * 4}
+
+    @classmethod
+    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True,
+              estimate: bool = False) -> MTT:
+        """MTT on the experts of the run: a given --experts store, else trained and cached first (`estimate`:
+        refused with their projected cost instead)."""
         cfg = cls.config_class(**{f.name: config[f.name] for f in fields(cls.config_class)})
-        return cls(dataset, experts_for(config, dataset, device, progress), cfg)
+        return cls(dataset, experts_for(config, dataset, device, progress, estimate), cfg)
 
     @property
     def health_fix(self) -> str:
@@ -354,9 +376,9 @@ def expert_epochs_available(config: dict[str, Any]) -> tuple[int, str]:
     return int(epochs), f"the experts in {path}"
 
 
-def experts_for(config: dict[str, Any], ds, device, progress: bool) -> ExpertStore:
-    """Open the expert store the run needs, training and caching it first if no --experts was given, and limit it
-    to --max-files / --max-experts."""
+def experts_for(config: dict[str, Any], ds, device, progress: bool, estimate: bool = False) -> ExpertStore:
+    """Open the expert store the run needs, training and caching it first if no --experts was given (`estimate`:
+    refuse with the projected cost instead), and limit it to --max-files / --max-experts."""
     spec = ds.spec
     model = config["model"] or spec.default_model
     fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
@@ -370,6 +392,8 @@ def experts_for(config: dict[str, Any], ds, device, progress: bool) -> ExpertSto
         path = cache / "experts" / key
         if finished_experts(path) >= set(range(config["num_experts"])):
             print(f"no --experts given: using cached experts at {path}")
+        elif estimate:
+            raise expert_cost_error(config, time_expert_epoch(ds, model, lr=config["expert_lr"]))
         else:
             print(f"no --experts given: training {config['num_experts']} experts x {config['expert_epochs_train']} "
                   f"epochs into the cache {path} (reused by later runs)")
@@ -380,3 +404,16 @@ def experts_for(config: dict[str, Any], ds, device, progress: bool) -> ExpertSto
     store = ExpertStore.open(path, expect_dataset=spec.name, expect_model=model,
                              expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)
     return limit_experts(store, config.get("max_files"), config.get("max_experts"))
+
+
+def expert_cost_error(config: dict[str, Any], epoch_s: float) -> UserError:
+    """`--estimate` without --experts: what training the run's experts would cost, and how to avoid it."""
+    from ..estimate import duration
+
+    n, epochs = config["num_experts"], config["expert_epochs_train"]
+    needed = config["max_start_epoch"] - 1 + config["expert_epochs"]
+    return UserError(f"--estimate trains no experts, and without --experts this run would first train {n} experts x "
+                     f"{epochs} epochs: about {duration(n * epochs * epoch_s)} here ({duration(epoch_s)} per expert "
+                     f"epoch, timed on 2 batches); train a smaller store first (the run reads {needed} epochs: "
+                     f"`distillery experts --num-experts 2 --expert-epochs-train {needed}` with this dataset and --zca) "
+                     "and pass --experts DIR")

@@ -241,6 +241,22 @@ class RaTBPTT(Method):
     divergence_fix = "a lower --lr"
 
     @classmethod
+    def host_memory(cls, config: dict[str, Any], spec) -> dict[str, float]:
+        """The window's graph (autograd's saved bytes of a step, measured at tiny sizes and extrapolated), the chunked
+        meta-loss, the real batch with its augmented copy, and the fixed tensors."""
+        from ..estimate import rat_step_bytes
+
+        n_images, pixels = config["ipc"] * spec.num_classes, spec.channels * spec.im_size[0] * spec.im_size[1]
+        a, c, r, params = rat_step_bytes(config.get("model") or spec.default_model, spec)
+        b = (config.get("task_sampler_nc") or spec.num_classes) * min(config["ipc"], config.get("batch_per_class")
+                                                                      or config["ipc"])
+        real, window = config["real_batch"], config["window"]
+        return {f"window graph (--window {window} x {b} images per inner step)": window * (a + c * b),
+                f"meta-loss (--real-chunk {config.get('real_chunk')})": r * min(config.get("real_chunk") or real, real),
+                f"real batch and its augmented copy (--real-batch {real})": 2 * real * pixels * 4,
+                "images, Adam state, parameters": 3 * n_images * pixels * 4 + 4 * params * 4}
+
+    @classmethod
     def derive_defaults(cls, facts: DataFacts, ipc: int) -> dict[str, Any]:
         """Small data: our digits settings; large: the published CIFAR-10 IPC10 row (SPEC §6.9)."""
         out = super().derive_defaults(facts, ipc)

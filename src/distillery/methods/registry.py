@@ -67,13 +67,21 @@ class Method:
         return "use fewer images per class (--ipc) or a smaller --model"
 
     @classmethod
+    def host_memory(cls, config: dict[str, Any], spec) -> dict[str, float]:
+        """Bytes one step of this run holds beyond the data, by what sets them (the flags in each key), for the
+        up-front host-memory check of a CPU run; empty: no model of its memory (the run is not checked)."""
+        return {}
+
+    @classmethod
     def start_ipc(cls, config: dict[str, Any]) -> int:
         """Images per class the run starts with (what an `--init-from` set must have)."""
         return int(config["ipc"])
 
     @classmethod
-    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True) -> Method:
-        """The method object for the shared loop, from a resolved configuration and the loaded data."""
+    def build(cls, config: dict[str, Any], dataset, device: torch.device, progress: bool = True,
+              estimate: bool = False) -> Method:
+        """The method object for the shared loop, from a resolved configuration and the loaded data (`estimate`:
+        for `--estimate`, which must not start long preparations such as training experts)."""
         fields = dataclasses.fields(cls.config_class)
         return cls(dataset, cls.config_class(**{f.name: config[f.name] for f in fields}))
 
