@@ -207,11 +207,9 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
             raise bad(f"has a {type(meta[key]).__name__} as its {key}")
     pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
     pre_meta = header["preprocess_meta"]
-    if pre_meta and not pre_tensors and "pixels" not in tensors:
-        raise bad("holds neither its preprocessing's tensors nor its images with the preprocessing undone (pixels)")
     if "pixels" in tensors and tensors["pixels"].shape != images.shape:
         raise bad(f"holds pixels of shape {tuple(tensors['pixels'].shape)} for images {tuple(images.shape)}")
-    if pre_meta and pre_tensors:
+    if pre_meta and "pixels" not in tensors:  # display undoes the preprocessing: it must rebuild
         try:
             Preprocess.from_state_dict({**{k: v for k, v in pre_meta.items() if k != "fingerprint"}, **pre_tensors})
         except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
