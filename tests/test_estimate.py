@@ -17,7 +17,7 @@ TINY = ["--dataset", "digits", "--ipc", "1", "--num-experts", "1", "--expert-epo
 def test_estimate_prints_projection_and_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
     store = tmp_path / "store"
-    assert main(["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "3", "--out", str(store),
+    assert main(["experts", "--dataset", "digits", "--num-experts", "1", "--expert-epochs-train", "3", "--out", str(store),
                  "--no-progress", "--threads", "1"]) == 0
     out = tmp_path / "run"
     assert main(["distill", "--method", "mtt", "--out", str(out), "--estimate", "--experts", str(store),
@@ -37,7 +37,7 @@ def test_estimate_without_experts_projects_their_cost_and_trains_none(tmp_path, 
     args = [*TINY, "--num-experts", "100", "--expert-epochs-train", "50"]
     assert main(["distill", "--method", "mtt", "--out", str(tmp_path / "run"), "--estimate", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert "100 experts x 50 epochs" in err and "--experts DIR" in err and "--epochs 2" in err
+    assert "100 experts x 50 epochs" in err and "--experts DIR" in err and "--expert-epochs-train 2" in err
     assert err.count("\n") == 0 and not (tmp_path / "cache" / "experts").exists()
 
 

@@ -172,8 +172,8 @@ def test_config_records_the_given_store_not_the_recipe_it_would_have_trained(dig
     args = build_parser().parse_args(["distill", "--method", "mtt", "--preset", "mtt/digits-ipc1", "--out",
                                       str(tmp_path / "run"), "--experts", str(store), "--max-start-epoch", "1",
                                       "--expert-epochs", "1"])
-    config = resolve_config(args)
+    config = resolve_config(args.method, given_from_args(args), args.preset)
     assert (config["num_experts"], config["expert_epochs_train"], config["expert_lr"]) == (1, 2, 0.02)
     args.max_experts = 1
     args.max_files = 1
-    assert resolve_config(args)["num_experts"] == 1
+    assert resolve_config(args.method, given_from_args(args), args.preset)["num_experts"] == 1

@@ -63,7 +63,7 @@ def test_final_report_measures_the_best_set_once_when_it_is_the_last(tmp_path, m
     assert out["last"]["test_accs"] == out["best"]["test_accs"]  # same images, same seeds: same numbers either way
 
 
-class Ticks:
+class Ticks(Method):
     """A stand-in method each of whose steps advances the loop's clock by one second (no real waiting)."""
 
     def __init__(self, ds, clock):
