@@ -18,6 +18,8 @@ may override the loop's hooks (`health_fix`, `wants_eval_train_loss`, `observe_e
     RUN_DIR/result.json       at the end: test accuracy of best and last, measured once
 
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
+`--time-budget S` makes the end the first iteration after S seconds of steps (summed over resumes), so methods can
+be compared at equal distillation time.
 With torchrun every rank steps, and evaluates its share of the runs (`evaluate_set(distributed=True)`); rank 0 alone
 writes, and every rank reads the same checkpoint on resume (RUN_DIR on a file system all nodes see).
 Resume is exact: all randomness lives in the method's saved state or in streams keyed by the iteration
