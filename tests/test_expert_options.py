@@ -103,15 +103,6 @@ def test_resume_with_momentum_is_exact(digits, tmp_path, monkeypatch):
     assert torch.equal(resumed, whole)
 
 
-def test_stores_without_the_new_keys_still_resume(digits, tmp_path):
-    train_experts(digits, MODEL, 1, 1, LR, BATCH, out_dir=tmp_path / "old", progress=False)
-    path = tmp_path / "old" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest["momentum"], manifest["weight_decay"]  # as written before the options existed
-    path.write_text(json.dumps(manifest))
-    assert train_experts(digits, MODEL, 1, 1, LR, BATCH, out_dir=tmp_path / "old", progress=False).num_experts == 1
-
-
 def fake_store(tmp_path, indices: list[int]) -> ExpertStore:
     """A store object over a manifest of unfinished-looking entries (limit_experts reads only the manifest)."""
     manifest = {"epochs": 1, "layout": {"num_params": 1},

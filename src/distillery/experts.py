@@ -106,8 +106,6 @@ _VERIFIED: set[tuple[str, str]] = set()
 # Manifest keys that must agree before an existing directory is resumed.
 _CONFIG_KEYS = ("format_version", "dataset", "model", "channels", "num_classes", "im_size", "preprocess",
                 "epochs", "lr", "decay", "momentum", "weight_decay", "batch", "dsa_strategy", "seed", "layout")
-# Keys added to format version 1 later: a manifest without them was trained with these values.
-_ADDED_KEYS = {"momentum": 0.0, "weight_decay": 0.0}
 # step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,))
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
@@ -282,7 +280,7 @@ def _start_manifest(out: Path, fresh: dict) -> dict:
         return fresh
     old = _read_manifest(path)
     for key in _CONFIG_KEYS:
-        if old.get(key, _ADDED_KEYS.get(key)) != fresh[key]:
+        if old.get(key) != fresh[key]:
             shown = "the parameter layout" if key == "layout" else f"{key}={old.get(key)!r} (this call: {fresh[key]!r})"
             raise UserError(f"{out} already holds experts trained with {shown}; "
                             "use another output dir, or the same settings to resume")

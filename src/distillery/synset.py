@@ -120,9 +120,9 @@ class SyntheticSet:
         except (SafetensorError, KeyError, ValueError, TypeError) as e:
             raise UserError(f"'{path}' is not a distillery set file (corrupt or another format: {e}); "
                             "re-export it or point at the right file") from None
-        if "sha256" in metadata and metadata["sha256"] != _digest(tensors, text):  # older sets carry none
-            raise UserError(f"distilled set '{path}' is damaged (its sha256 does not match its contents); "
-                            "use another copy, or the run's other set (best/last.safetensors)")
+        if metadata.get("sha256") != _digest(tensors, text):
+            raise UserError(f"distilled set '{path}' is damaged (its sha256 is missing or does not match its "
+                            "contents); use another copy, or the run's other set (best/last.safetensors)")
         return _checked(path, tensors, header)
 
     # --- display -----------------------------------------------------------------------------------------------
