@@ -158,13 +158,10 @@ def _rows(entry: dict[str, Any], default_model: str) -> list[dict[str, Any]]:
 
 
 def _baselines(result: dict[str, Any], extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Random-real baselines as {protocol: {model: record}}, from result.json if the run wrote them, else report.json.
-
-    A flat {model: record} (written before protocols existed) is the dsa protocol's."""
+    """Random-real baselines as {protocol: {model: record}}, from result.json if the run wrote them, else report.json."""
     for source in (result.get("random_baseline"), extra.get("random_baseline")):
         if isinstance(source, dict) and source:
-            flat = all(isinstance(v, dict) and "test_mean" in v for v in source.values())
-            return {"dsa": source} if flat else source
+            return source
     return {}
 
 
