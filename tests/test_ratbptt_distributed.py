@@ -55,6 +55,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.all_gather(gathered, state)
         torch.save({"gx": gx, "gy": gy, "starts": starts, "states": gathered},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down (gloo aborts on a one-sided teardown)
     finally:
         dist.destroy_process_group()
 
