@@ -120,8 +120,10 @@ def _load_for_set(args: argparse.Namespace, s) -> Any:
     that moved is named with --dataset imagefolder:NEW (same classes and image size)."""
     from pathlib import Path
 
+    from .data.preprocess import zca_flag
+
     meta = s.preprocess.get("meta", {})
-    zca = {"zca-kornia": "kornia", "zca-kip": "kip"}.get(meta.get("kind"))
+    zca = zca_flag(meta.get("kind"))
     made_for = s.meta.get("dataset")
     folders = [str(n).startswith("imagefolder:") for n in (args.dataset or "", made_for or "")]
     moved = all(folders) and _dataset_key(args.dataset) != _dataset_key(made_for)

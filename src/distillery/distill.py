@@ -188,9 +188,6 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     return config
 
 
-_ZCA_KINDS = {None: "standard", "kornia": "zca-kornia", "kip": "zca-kip"}
-
-
 def _check_store_preprocessing(config: dict[str, Any], preset: str) -> None:
     """A given --experts store whose preprocessing is not the ZCA a preset chose: say the preset chose it (the
     fingerprint check at open would only say the fingerprints differ)."""
@@ -202,8 +199,10 @@ def _check_store_preprocessing(config: dict[str, Any], preset: str) -> None:
         kind = json.loads((Path(config["experts"]) / "manifest.json").read_text())["preprocess"]["kind"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a missing or unreadable manifest is named by the checks that read it
-    if kind != _ZCA_KINDS.get(config["zca"]):
-        theirs = {v: k for k, v in _ZCA_KINDS.items()}.get(kind, kind)
+    from .data.preprocess import zca_flag
+
+    theirs = zca_flag(kind) if kind == "standard" or zca_flag(kind) else kind  # an unknown kind is named as is
+    if theirs != config["zca"]:
         raise UserError(f"preset {preset} chose --zca {config['zca'] or 'none'} but the experts in {config['experts']} "
                         f"were trained with --zca {theirs or 'none'}; pass --zca {theirs or 'none'} (or train experts "
                         f"with --zca {config['zca'] or 'none'})")

@@ -352,6 +352,11 @@ class KipZCA(_ZCA):
         return pre
 
 
+def zca_flag(kind: str | None) -> str | None:
+    """The `--zca` value (kornia, kip, or None for mean/std) whose preprocessing has this `kind`."""
+    return {KorniaZCA.kind: "kornia", KipZCA.kind: "kip"}.get(kind)
+
+
 def check_fitted(pre: Preprocess, like: Preprocess, shape: Sequence[int], fit_data: str) -> None:
     """Raise ValueError unless `pre` (read back from a cache) is `like`'s kind and parameters, fitted on images of
     `shape` whose digest is `fit_data`, with finite float32 (D,) or (D, D) tensors, D = prod(shape)."""
