@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .instancenorm import InstanceNorm
-from .registry import register_model
+from .registry import register_family, register_model
 
 NORMS = {"NN": "none", "BN": "batchnorm", "LN": "layernorm", "IN": "instancenorm", "GN": "groupnorm"}
 POOLS = {"NP": "none", "MP": "maxpooling", "AP": "avgpooling"}
@@ -113,3 +113,4 @@ def parse_convnet_name(name: str):
 for _name in ["ConvNet", "ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4", "ConvNetD5", "ConvNetD6",
               "ConvNetW64", "ConvNetBN", "ConvNetNN", "ConvNetMP", "ConvNetGAP"]:
     register_model(_name)(parse_convnet_name(_name))
+register_family("ConvNet", parse_convnet_name)

@@ -16,6 +16,7 @@ from ..errors import UserError
 
 Builder = Callable[[int, int, tuple[int, int]], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+_FAMILIES: dict[str, Callable[[str], Builder]] = {}  # name prefix -> parser of the family's names (ConvNetD4, ...)
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
@@ -28,6 +29,11 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return wrap
 
 
+def register_family(prefix: str, parse: Callable[[str], Builder]) -> None:
+    """Names starting with `prefix` that are not registered themselves are built by `parse(name)`."""
+    _FAMILIES[prefix] = parse
+
+
 def list_models() -> list[str]:
     """Registered names; any ConvNet name of the SPEC §1.1 grammar (ConvNetD4, ConvNetW64BN, ...) also works."""
     return sorted(_REGISTRY)
@@ -35,13 +41,12 @@ def list_models() -> list[str]:
 
 def create_model(name: str, channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
     """Build the model `name` for images of `channels` x `im_size` and `num_classes` outputs."""
-    from .convnet import parse_convnet_name  # local import: convnet registers into this module
-
     im_size = (int(im_size[0]), int(im_size[1]))
     if name in _REGISTRY:
         return _REGISTRY[name](channels, num_classes, im_size)
-    if name.startswith("ConvNet"):
-        return parse_convnet_name(name)(channels, num_classes, im_size)
+    for prefix, parse in _FAMILIES.items():
+        if name.startswith(prefix):
+            return parse(name)(channels, num_classes, im_size)
     raise UserError(f"unknown model '{name}'; choose one of: {', '.join(list_models())} "
                     "(or a ConvNet variant such as ConvNetD4, ConvNetW64, ConvNetBN)")
 
