@@ -180,7 +180,7 @@ def test_two_process_evaluation_gives_the_same_accuracies(two_ranks, one_process
 # --- a real torchrun job on digits: kill it, resume it, get the uninterrupted result --------------------------------
 def _torchrun(out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "distillery.cli", "distill",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "distillery", "distill",
             "--out", str(out), *RUN, *extra]
 
 

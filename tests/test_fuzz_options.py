@@ -17,7 +17,7 @@ import pytest
 import distillery.data
 from distillery import api
 from distillery.cli import build_parser, main
-from distillery.cli_options import CommandOptions
+from distillery.cli.options import CommandOptions
 from distillery.distill import DistillOptions, config_classes
 from distillery.experts import ExpertConfig
 from distillery.methods import list_methods

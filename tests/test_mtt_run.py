@@ -46,7 +46,7 @@ def test_mtt_beats_random_real(tmp_path, cache):
 
 
 def _cmd(out):
-    return [sys.executable, "-m", "distillery.cli", "distill", "--method", "mtt", "--out", str(out),
+    return [sys.executable, "-m", "distillery", "distill", "--method", "mtt", "--out", str(out),
             "--iterations", "16", "--eval-every", "100", "--checkpoint-every", "2", "--final-eval-runs", "1",
             *SMALL, "--eval-epochs", "2"]
 

@@ -7,7 +7,7 @@ import pytest
 
 import distillery.data
 from distillery.cli import main
-from distillery.cli_options import CommandOptions
+from distillery.cli.options import CommandOptions
 from distillery.distill import DataConfig, config_classes
 from distillery.errors import UserError
 from distillery.experts import ExpertConfig
@@ -150,7 +150,7 @@ def test_every_command_builds_its_parser_from_declarations():
     """No hand-written flags: every argument of every command is a declared option, and each option has one
     declaration (its help, default and range come from it)."""
     from distillery.cli import build_parser
-    from distillery.cli_options import COMMANDS
+    from distillery.cli.options import COMMANDS
     from distillery.distill import DistillOptions
     from distillery.methods import list_methods
 
@@ -166,6 +166,16 @@ def test_every_command_builds_its_parser_from_declarations():
     for command in ("distill", "presets"):  # the --method choices: one list
         method = next(a for a in parser.commands[command]._actions if a.dest == "method")
         assert list(method.choices) == list_methods()
+
+
+def test_the_spellings_recorded_from_declarations_are_the_parsers():
+    """`flags` (what close matches and typed spellings are looked up in) holds exactly the option strings argparse
+    was given, for every command."""
+    from distillery.cli import build_parser
+
+    for command, sub in build_parser().commands.items():
+        actions = {a.dest: a.option_strings for a in sub._actions if a.option_strings}
+        assert sub.flags == actions, command
 
 
 def test_the_three_epochs_have_distinct_names():

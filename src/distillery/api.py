@@ -7,7 +7,7 @@
 own functions: `load_dataset` (data), `evaluate_set` and `random_real_baseline` (the shared evaluation protocol),
 `SyntheticSet.load` (a distilled set), `export_set` / `import_set` / `import_experts` (other codes' formats) and
 `write_report` (the HTML report). Every argument is checked against the declarations the command line uses (types
-and ranges, `cli_options.CommandOptions`) before any work: bad input is one `UserError` line naming the keyword.
+and ranges, `cli.options.CommandOptions`) before any work: bad input is one `UserError` line naming the keyword.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .evaluation import dsa as _evaluate
 from . import export as _export
 from . import imports as _imports
 from . import report as _report
-from .cli_options import CommandOptions
+from .cli.options import CommandOptions
 from .errors import UserError
 from .options import check_known, check_value, option_meta
 from .synset import SyntheticSet

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cli_options import CommandOptions, DataConfig, add_options, option_help
+from .cli.options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
 from .methods import get_method, list_methods
 from .options import check_known, check_values, flag, option, resumable
@@ -73,7 +73,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in seen]
         seen.update(names)
         helps = {n: _method_help(n, methods) for n in names} if cls in methods.values() else None
-        add_options(p.add_argument_group(title), cls, names, unset=True, helps=helps)
+        add_options(p, cls, names, group=title, unset=True, helps=helps)
 
 
 def config_classes(method: str) -> list[type]:

@@ -1,6 +1,6 @@
 """Several processes (torchrun): who am I, averaging, broadcasting, waiting, and setting the process group up.
 
-Launch: `torchrun --nproc_per_node G -m distillery.cli distill|experts|evaluate ...` (docs/SCALING.md). RaT-BPTT
+Launch: `torchrun --nproc_per_node G -m distillery distill|experts|evaluate ...` (docs/SCALING.md). RaT-BPTT
 ranks compute meta-gradients on their share of the real batch, MTT/TESLA ranks on their own expert segments; the
 gradients are averaged with an all-reduce and every rank applies the same update. Experts are split by index and
 evaluation runs by run index. Only rank 0 writes run files; expert shards are written by the rank that trained them.

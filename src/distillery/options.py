@@ -8,7 +8,7 @@
 
 `check_options(cfg)` (or `check_values(cls, mapping)`) then raises one `UserError` naming the flag, the value and the
 allowed type or range, before any data is read or any expert is trained. The CLI builds every parser from the same
-metadata (`cli_options.add_options`), and the Python API checks its keywords against it.
+metadata (`cli.options.add_options`), and the Python API checks its keywords against it.
 """
 
 from __future__ import annotations

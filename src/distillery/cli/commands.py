@@ -1,35 +1,30 @@
-"""The `distillery` command line: datasets, baselines, experts, distillation, evaluation, display.
-
-Every command prints one clear `error: ...` line (exit 2) on bad input instead of a traceback.
-"""
+"""What each `distillery` command does: one function per command, taking the parsed arguments and returning the
+numbers `--json`/`--quiet` print (or None)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import sys
-import threading
 from typing import Any
 
-from .cli_options import OneLineParser, add_command, add_options, check_command_args
-from .errors import UserError
-from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
+from ..errors import UserError
+from ..evaluation.protocol import DEFAULT_EVAL_EPOCHS
 
-def _fast(args: argparse.Namespace) -> bool:
-    """--eval-fast on, refused before any data is read where the device is not CUDA."""
-    from .device import resolve_device
-    from .validate import check_cuda
+
+def _checked_eval_fast(args: argparse.Namespace) -> bool:
+    """Whether --eval-fast is on; on is refused (UserError) before any data is read where the device is not CUDA."""
+    from ..device import resolve_device
+    from ..validate import check_cuda
 
     if args.eval_fast == "on":
         check_cuda("--eval-fast", resolve_device(args.device))
     return args.eval_fast == "on"
 
 
-def _load(args: argparse.Namespace, dataset: str | None = None, zca: str | None = None):
-    from .data import load_dataset
-    from .device import resolve_device
+def _load_dataset(args: argparse.Namespace, dataset: str | None = None, zca: str | None = None) -> Any:
+    """The dataset `args` name (or `dataset`), read from --data-dir onto --device with the given --zca."""
+    from ..data import load_dataset
+    from ..device import resolve_device
 
     name = dataset or args.dataset
     if not name:
@@ -37,7 +32,7 @@ def _load(args: argparse.Namespace, dataset: str | None = None, zca: str | None 
     zca = None if zca in (None, "none") else zca
     resolution = getattr(args, "resolution", None)
     if resolution is None and name.startswith("imagefolder:"):  # the resolution rule of distill (docs/DEFAULTS.md)
-        from .defaults import data_facts
+        from ..defaults import data_facts
 
         resolution = data_facts(name, args.val_fraction).resolution
     return load_dataset(name, data_dir=args.data_dir, device=resolve_device(args.device), zca=zca,
@@ -45,33 +40,19 @@ def _load(args: argparse.Namespace, dataset: str | None = None, zca: str | None 
 
 
 def _progress(args: argparse.Namespace) -> bool:
+    """Whether progress bars are shown (not --no-progress)."""
     return not args.no_progress
 
 
-def _numbers(res) -> dict[str, Any]:
-    """An EvalResult as JSON-able numbers (accuracies are fractions)."""
+def _result_json(res: Any) -> dict[str, Any]:
+    """An EvalResult as the JSON-able numbers --json prints (accuracies are fractions)."""
     return {"model": res.model, "epochs": res.epochs, "lr": res.lr, "split": res.split, "runs": len(res.accs),
             "mean": res.mean, "std": res.std, "accs": list(res.accs)}
 
 
-def _print_result(args: argparse.Namespace, func) -> None:
-    """Run a command; with --json/--quiet print what it returns as the last line (with --quiet, only that)."""
-    import contextlib
-    import io
-
-    quiet, as_json = getattr(args, "quiet", False), getattr(args, "json", False)
-    if quiet:
-        args.no_progress = True
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        result = func(args)
-    if (quiet or as_json) and result is not None:
-        print(json.dumps(result, default=str), flush=True)
-
-
-# --- commands ---------------------------------------------------------------------------------------------------
 def cmd_datasets(args: argparse.Namespace) -> None:
     """What is available locally, where, and how to get the rest."""
-    from .data import dataset_status
+    from ..data import dataset_status
 
     rows = dataset_status(args.data_dir)
     width = max(len(r.name) for r in rows)
@@ -83,20 +64,20 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 def cmd_download(args: argparse.Namespace) -> None:
     """Download a standard dataset from its canonical address (checksums verified)."""
-    from .data import data_root
-    from .data.download import fetch_dataset
-    from .io import ensure_dir
+    from ..data import data_root
+    from ..data.download import fetch_dataset
+    from ..io import ensure_dir
 
     path = fetch_dataset(args.name, ensure_dir(data_root(args.data_dir), "--data-dir"))
     print(f"{args.name} is in {path}")
 
 
-def cmd_baseline(args: argparse.Namespace) -> None:
+def cmd_baseline(args: argparse.Namespace) -> dict[str, Any] | None:
     """Random-real or full-data baseline with the shared evaluation protocol."""
-    from .evaluation.dsa import full_data_baseline, random_real_baseline
+    from ..evaluation.dsa import full_data_baseline, random_real_baseline
 
-    fast = _fast(args)
-    ds = _load(args, zca=args.zca)
+    fast = _checked_eval_fast(args)
+    ds = _load_dataset(args, zca=args.zca)
     lr = args.lr if args.lr is not None else 0.01
     if args.kind == "random":
         if args.ipc is None:
@@ -112,7 +93,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
         what = f"full data ({len(ds.train.x)} training images)"
     print(f"{ds.spec.name} ({ds.preprocess.kind}) {what}, {res.model}, {epochs} epochs, lr {lr:g}: test accuracy {res}")
     return {"command": "baseline", "kind": args.kind, "dataset": ds.spec.name, "preprocessing": ds.preprocess.kind,
-            "ipc": args.ipc, **_numbers(res)}
+            "ipc": args.ipc, **_result_json(res)}
 
 
 def _load_for_set(args: argparse.Namespace, s) -> Any:
@@ -120,7 +101,7 @@ def _load_for_set(args: argparse.Namespace, s) -> Any:
     that moved is named with --dataset imagefolder:NEW (same classes and image size)."""
     from pathlib import Path
 
-    from .data.preprocess import zca_flag
+    from ..data.preprocess import zca_flag
 
     meta = s.preprocess.get("meta", {})
     zca = zca_flag(meta.get("kind"))
@@ -135,7 +116,7 @@ def _load_for_set(args: argparse.Namespace, s) -> Any:
                         "--dataset imagefolder:NEW_PATH")
     if moved and getattr(args, "resolution", None) is None:
         args.resolution = s.images.shape[-1]  # the set's own size, whatever the folder's images are
-    ds = _load(args, dataset=args.dataset or made_for, zca=zca)
+    ds = _load_dataset(args, dataset=args.dataset or made_for, zca=zca)
     if moved:  # the same images elsewhere: the classes and image size must be the set's (the fingerprint then
         # compares the images themselves through the preprocessing fit)
         want = (s.meta.get("class_names"), s.num_classes, list(s.images.shape[1:]))
@@ -156,24 +137,24 @@ def _dataset_key(name: str) -> str:
     """A dataset name as the library spells it: 'MNIST' -> 'mnist', image folders by their absolute path."""
     from pathlib import Path
 
-    from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
+    from ..data.registry import IMAGEFOLDER_PREFIX, canonical_name
 
     if name.startswith(IMAGEFOLDER_PREFIX):
         return IMAGEFOLDER_PREFIX + str(Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser().resolve())
     return canonical_name(name)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train fresh networks on a distilled set under the protocol it records, flags overriding single fields, and
     report test accuracy (torchrun: the runs split across ranks)."""
-    from .device import resolve_device
-    from .distributed import init_from_env, is_main_process
-    from .evaluation.protocol import recorded_protocols
-    from .evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
-    from .synset import SyntheticSet
+    from ..device import resolve_device
+    from ..distributed import init_from_env, is_main_process
+    from ..evaluation.protocol import recorded_protocols
+    from ..evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
+    from ..synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
-    fast = _fast(args)
+    fast = _checked_eval_fast(args)
     s = SyntheticSet.load(args.set)
     if args.ipc is not None:
         s = s.prefix(args.ipc)
@@ -202,7 +183,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"on {res.model}: {res}")
     out = {"command": "evaluate", "set": args.set, "dataset": ds.spec.name, "ipc": s.ipc,
            "label_kind": s.label_kind, "protocol": proto.name, "eval_protocol": proto.record(), "sources": sources,
-           **_numbers(res)}
+           **_result_json(res)}
     if args.eval_models:
         out["models"] = {m: record(r) for m, r in results.items()}
     return out
@@ -210,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     """Write a PNG grid of a distilled set (normalisation and ZCA undone)."""
-    from .synset import SyntheticSet
+    from ..synset import SyntheticSet
 
     s = SyntheticSet.load(args.set)
     s.save_grid(args.out, max_per_class=args.max_per_class, scale=args.scale)
@@ -219,7 +200,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> None:
     """List the named presets and their values."""
-    from .presets import PRESETS, budget, list_presets
+    from ..presets import PRESETS, budget, list_presets
 
     for name in list_presets(args.method):
         p = {k: v for k, v in PRESETS[name].items() if k != "note"}
@@ -228,18 +209,18 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_experts(args: argparse.Namespace) -> None:
     """Train expert trajectories on the real data and store them (torchrun: rank r trains experts r, r + G, ...)."""
-    from .device import resolve_device
-    from .distributed import init_from_env, is_main_process
-    from .experts import train_experts
-    from .io import ensure_dir
-    from .validate import check_cuda
+    from ..device import resolve_device
+    from ..distributed import init_from_env, is_main_process
+    from ..experts import train_experts
+    from ..io import ensure_dir
+    from ..validate import check_cuda
 
     device = resolve_device(args.device)
     if args.fast == "on":
         check_cuda("--fast", device)
     ensure_dir(args.out)  # before the data are read
     device = init_from_env(device)
-    ds = _load(args, zca=args.zca)
+    ds = _load_dataset(args, zca=args.zca)
     model = args.model or ds.spec.default_model
     train_experts(ds, model, args.num_experts, epochs=args.expert_epochs_train, lr=args.expert_lr, batch=args.batch,
                   out_dir=args.out, device=device, seed=args.seed, progress=_progress(args),
@@ -249,20 +230,20 @@ def cmd_experts(args: argparse.Namespace) -> None:
         print(f"{args.num_experts} experts of {model} on {ds.spec.name} are in {args.out}")
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
+def cmd_distill(args: argparse.Namespace) -> dict[str, Any] | None:
     """Distil a dataset with MTT, TESLA or RaT-BPTT into RUN_DIR."""
-    from .distill import distill_from_args
+    from ..distill import distill_from_args
 
     return {"command": "distill", "run_dir": args.out, **distill_from_args(args)}
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the self-contained HTML report of a run directory."""
-    from .report import write_report
+    from ..report import write_report
 
     baseline = None
     if args.baseline:  # measure the random-real baseline on the run's dataset and preprocessing
-        from .evaluation.score import run_baseline
+        from ..evaluation.score import run_baseline
 
         baseline = run_baseline(args.run_dir, args.data_dir, args.device)
     print(f"wrote {write_report(args.run_dir, out=args.out, baseline=baseline)}")
@@ -270,8 +251,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a distilled set as published-code tensors, an image folder or an ECCV-2024 submission."""
-    from .export import export_set
-    from .synset import SyntheticSet
+    from ..export import export_set
+    from ..synset import SyntheticSet
 
     files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag, replace=args.replace)
     print(f"wrote {len(files)} files into {args.out} ({args.format})")
@@ -279,8 +260,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_import_set(args: argparse.Namespace) -> None:
     """Convert an MTT/TESLA/DATM images_*.pt or a RaT-BPTT .h5 into a distillery set."""
-    from .evaluation.protocol import EvalProtocol
-    from .imports import import_set
+    from ..evaluation.protocol import EvalProtocol
+    from ..imports import import_set
 
     s = import_set(args.file, args.dataset, zca=args.zca, data_dir=args.data_dir, val_fraction=args.val_fraction,
                    lr=args.lr)
@@ -298,125 +279,9 @@ def cmd_import_set(args: argparse.Namespace) -> None:
 
 def cmd_import_experts(args: argparse.Namespace) -> None:
     """Convert MTT replay_buffer_*.pt files into an expert store, checking the parameter layout."""
-    from .imports import import_experts
+    from ..imports import import_experts
 
     store = import_experts(args.dir, args.dataset, args.model, args.out, zca=args.zca, data_dir=args.data_dir,
                            val_fraction=args.val_fraction, lr=args.lr, batch=args.batch)
     print(f"wrote {store.num_experts} experts x {store.epochs} epochs of {args.model} into {args.out}")
 
-
-# --- parser -----------------------------------------------------------------------------------------------------
-_HELP = {"datasets": "list datasets, where they are and how to get them",
-         "download": "download a standard dataset (checksums verified)",
-         "baseline": "random-real or full-data baseline",
-         "evaluate": "train fresh networks on a distilled set, report test accuracy",
-         "show": "write a PNG grid of a distilled set",
-         "presets": "list named hyperparameter presets",
-         "experts": "train expert trajectories (MTT/TESLA)",
-         "distill": "distil a dataset (MTT, TESLA or RaT-BPTT)",
-         "report": "write a self-contained HTML report of a run directory",
-         "export": "write a set as pt tensors, an image folder or an ECCV-2024 submission",
-         "import-set": "convert a published images_*.pt or RaT-BPTT .h5 into a distillery set",
-         "import-experts": "convert MTT replay_buffer_*.pt files into an expert store"}
-_FUNCS = {"datasets": cmd_datasets, "download": cmd_download, "baseline": cmd_baseline, "evaluate": cmd_evaluate,
-          "show": cmd_show, "presets": cmd_presets, "experts": cmd_experts, "distill": cmd_distill,
-          "report": cmd_report, "export": cmd_export, "import-set": cmd_import_set,
-          "import-experts": cmd_import_experts}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every subcommand, built from the declarations (`cli_options.COMMANDS`, and for
-    `distill` and `experts` the configuration classes)."""
-    from .distill import add_distill_args
-    from .experts import EXPERTS_COMMAND_ALIASES, ExpertConfig
-    from .methods import list_methods
-
-    parser = OneLineParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    parser.commands = sub.choices  # {command: its parser}
-    for command, text in _HELP.items():
-        p = sub.add_parser(command, help=text)
-        if command == "distill":
-            add_distill_args(p)
-        add_command(p, command, choices={"method": list_methods()} if command == "presets" else None)
-        if command == "experts":
-            add_options(p, ExpertConfig, EXPERTS_COMMAND_ALIASES, aliases=EXPERTS_COMMAND_ALIASES)
-        p.set_defaults(func=_FUNCS[command])
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `distillery` console script."""
-    parser = build_parser()
-    try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:  # said by the command's own parser, which names its close matches
-            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    except SystemExit as e:  # a refused command line (its one error line is printed); --help exits as usual
-        if e.code == 2:
-            return 2
-        raise
-    try:  # declared ranges first: nothing is read or trained with a value that cannot work
-        from .experts import ExpertConfig
-
-        typed = {a.dest: s for a in parser.commands[args.command]._actions for s in a.option_strings
-                 if s in (sys.argv[1:] if argv is None else argv)}  # name an option as the user spelled it
-        check_command_args(args, [ExpertConfig] if args.command == "experts" else [], typed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "baseline" and args.runs is None:
-        args.runs = 5 if args.kind == "random" else 1
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from .hostmem import keep_freed_memory
-
-    keep_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages every step
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
-    try:
-        _print_result(args, args.func)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `distillery presets | head`: the reader has gone, so stop quietly as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
-        return 128 + signal.SIGPIPE
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's stop) through _on_sigterm
-        terminated = isinstance(e, Terminated)
-        print(f"{'terminated' if terminated else 'interrupted'}; {_way_on(args)}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that it stops exactly as on Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM handler: behave like SIGINT."""
-    raise Terminated()
-
-
-def _way_on(args: argparse.Namespace) -> str:
-    """After an interrupt: what the interrupted command kept and how to go on."""
-    if args.command == "distill" and args.estimate:
-        return f"--estimate writes nothing, so there is no run in {args.out} to continue; run it again"
-    if args.command == "distill":
-        return f"continue the run in {args.out} from its last checkpoint with the same command and --resume"
-    if args.command == "experts":
-        return (f"finished experts and each expert's last finished epoch are kept in {args.out}; run the same "
-                "command again to continue")
-    if args.command == "download":
-        return (f"files already verified are kept and the partial one was deleted; run `distillery download "
-                f"{args.name}` again to finish")
-    return f"`distillery {args.command}` keeps no partial results; run it again"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

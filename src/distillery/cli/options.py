@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from .defaults import MIN_RESOLUTION
-from .evaluation.protocol import DEFAULT_EVAL_EPOCHS
-from .options import base_type, check_values, describe, flag, option, option_meta
+from ..defaults import MIN_RESOLUTION
+from ..evaluation.protocol import DEFAULT_EVAL_EPOCHS
+from ..options import base_type, check_values, describe, flag, option, option_meta
 
 ZCA_CHOICES = ("kornia", "kip", "none")
 
@@ -110,26 +110,30 @@ _DATA = ["dataset", "zca", "val_fraction", "resolution", "data_dir"]
 
 @dataclass(frozen=True)
 class Command:
-    """A command's options: names of `CommandOptions` fields, and what differs from the declaration for it."""
+    """A command: its one-line help, the names of the `CommandOptions` fields it takes, and what differs from the
+    declaration for it."""
 
+    help: str
     names: tuple[str, ...]
     required: frozenset[str] = frozenset()
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     helps: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _command(names: Iterable[str], required: Iterable[str] = (), defaults: Mapping[str, Any] | None = None,
-             helps: Mapping[str, str] | None = None) -> Command:
-    return Command(tuple(names), frozenset(required), defaults or {}, helps or {})
+def _command(help: str, names: Iterable[str], required: Iterable[str] = (),
+             defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> Command:
+    return Command(help, tuple(names), frozenset(required), defaults or {}, helps or {})
 
 
 # The commands whose options are all `CommandOptions` fields; `distill` and `experts` add their config classes'.
 COMMANDS: dict[str, Command] = {
-    "datasets": _command(["data_dir"]),
-    "download": _command(["name", "data_dir"]),
-    "baseline": _command(["kind", *_DATA, "ipc", *_EVAL, *_RUNNING, "json", "quiet"],
+    "datasets": _command("list datasets, where they are and how to get them", ["data_dir"]),
+    "download": _command("download a standard dataset (checksums verified)", ["name", "data_dir"]),
+    "baseline": _command("random-real or full-data baseline",
+                         ["kind", *_DATA, "ipc", *_EVAL, *_RUNNING, "json", "quiet"],
                          helps={"ipc": "images per class (random)"}),
-    "evaluate": _command(["set", "ipc", "dataset", "val_fraction", "split", "protocol", "eval_models", *_EVAL,
+    "evaluate": _command("train fresh networks on a distilled set, report test accuracy",
+                         ["set", "ipc", "dataset", "val_fraction", "split", "protocol", "eval_models", *_EVAL,
                           "data_dir", *_RUNNING, "json", "quiet"],
                          defaults={"val_fraction": None, "seed": None},  # not given: what the set records
                          helps={"ipc": "evaluate only the first K images per class (boosted sets)",
@@ -137,23 +141,30 @@ COMMANDS: dict[str, Command] = {
                                 "val_fraction": "validation share of the training files (default: the one the set "
                                                 "records, else 0.1)",
                                 "seed": "seed of the networks' draws (default: the one the set records)"}),
-    "show": _command(["set", "out", "max_per_class", "scale"], required=["out"], helps={"out": "PNG file to write"}),
-    "presets": _command(["method"]),
-    "experts": _command([*_DATA, "model", "batch", "fast", "out", *_RUNNING], required=["out"],
+    "show": _command("write a PNG grid of a distilled set",
+                     ["set", "out", "max_per_class", "scale"], required=["out"], helps={"out": "PNG file to write"}),
+    "presets": _command("list named hyperparameter presets", ["method"]),
+    "experts": _command("train expert trajectories (MTT/TESLA)",
+                        [*_DATA, "model", "batch", "fast", "out", *_RUNNING], required=["out"],
                         helps={"out": "directory for the expert store",
                                "model": "model to train (default: the dataset's ConvNet)"}),
-    "distill": _command(["device", "no_progress", "threads", "data_dir", "json", "quiet"]),  # --seed: a config key
-    "report": _command(["run_dir", "out", "baseline", "data_dir", "device"],
+    "distill": _command("distil a dataset (MTT, TESLA or RaT-BPTT)",
+                        ["device", "no_progress", "threads", "data_dir", "json", "quiet"]),  # --seed: a config key
+    "report": _command("write a self-contained HTML report of a run directory",
+                       ["run_dir", "out", "baseline", "data_dir", "device"],
                        helps={"out": "HTML file to write (default RUN_DIR/report.html)"}),
-    "export": _command(["set", "format", "out", "replace", "tag"], required=["format", "out"],
+    "export": _command("write a set as pt tensors, an image folder or an ECCV-2024 submission",
+                       ["set", "format", "out", "replace", "tag"], required=["format", "out"],
                        helps={"out": "directory to write into (new or empty, unless --replace)"}),
-    "import-set": _command(["file", "dataset", "zca", "lr", "val_fraction", "data_dir", "out"],
+    "import-set": _command("convert a published images_*.pt or RaT-BPTT .h5 into a distillery set",
+                           ["file", "dataset", "zca", "lr", "val_fraction", "data_dir", "out"],
                            required=["dataset", "out"], defaults={"zca": "none"},
                            helps={"zca": "the space the file's images are in: kornia ZCA (MTT/TESLA/DATM --zca), kip "
                                          "ZCA (RaT-BPTT --zca) or none (mean/std normalised)",
                                   "lr": "the set's training lr (default: lr_*.pt if present)",
                                   "out": ".safetensors file to write"}),
-    "import-experts": _command(["dir", "dataset", "model", "zca", "lr", "batch", "val_fraction", "data_dir", "out"],
+    "import-experts": _command("convert MTT replay_buffer_*.pt files into an expert store",
+                               ["dir", "dataset", "model", "zca", "lr", "batch", "val_fraction", "data_dir", "out"],
                                required=["dataset", "model", "out"], defaults={"zca": "none", "lr": 0.01},
                                helps={"model": "the model the buffer was trained with (its layout is checked)",
                                       "zca": "the preprocessing the experts were trained in (MTT: kornia with --zca)",
@@ -166,11 +177,18 @@ COMMANDS: dict[str, Command] = {
 # --- declarations -> argparse --------------------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are the one `error: ...` line every other bad input gets (exit 2), naming close
-    matches of an unknown flag, instead of a usage block."""
+    matches of an unknown flag, instead of a usage block.
+
+    `flags` maps each option's name to its spellings (`-h`/`--help`, then what `add_options` adds from the
+    declarations): the close matches, and the spelling a user typed, are looked up there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.flags: dict[str, list[str]] = {"help": ["-h", "--help"]} if self.add_help else {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments: "):
-            known = [s for a in self._actions for s in a.option_strings]
+            known = [s for spellings in self.flags.values() for s in spellings]
             unknown = message.split(": ", 1)[1].split()[0].split("=")[0]
             close = difflib.get_close_matches(unknown, known, n=2, cutoff=0.7)
             message += f"; did you mean {' or '.join(close)}?" if close else ""
@@ -223,11 +241,12 @@ def option_help(f: dataclasses.Field, default: Any = None, text: str | None = No
     return (f"{words} ({'; '.join(parts)})" if parts else words).replace("%", "%%")
 
 
-def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterable[str] | None = None, *,
+def add_options(parser: OneLineParser, cls: type, names: Iterable[str] | None = None, *, group: str | None = None,
                 unset: bool = False, required: Iterable[str] = (), defaults: Mapping[str, Any] | None = None,
                 helps: Mapping[str, str] | None = None, aliases: Mapping[str, Iterable[str]] | None = None,
                 choices: Mapping[str, Iterable[str]] | None = None) -> None:
-    """Add the `option(...)` fields `names` (default: all) of dataclass `cls` to `parser` (or an argument group).
+    """Add the `option(...)` fields `names` (default: all) of dataclass `cls` to `parser` (under the heading
+    `group` where given), recording their spellings in `parser.flags`.
 
     `unset`: a flag not given is absent from the parsed namespace (so a preset or a derived default can fill it);
     else it gets its declared default, or this command's entry in `defaults`. Boolean options take true/false and
@@ -236,6 +255,7 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterabl
     fields = {f.name: f for f in dataclasses.fields(cls) if "option" in f.metadata}
     defaults, helps, aliases, choices = defaults or {}, helps or {}, aliases or {}, choices or {}
     required = set(required)
+    target = parser.add_argument_group(group) if group is not None else parser
     for name in fields if names is None else names:
         f = fields[name]
         meta = f.metadata["option"]
@@ -248,20 +268,21 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, names: Iterabl
         if name in choices:
             kw["choices"] = list(choices[name])
         if meta["positional"]:
-            parser.add_argument(name, type=arg_type(str(f.type), meta["none_typed"]),
+            target.add_argument(name, type=arg_type(str(f.type), meta["none_typed"]),
                                 **{k: v for k, v in kw.items() if k != "default"})
             continue
         spellings = [flag(name), *meta["aliases"], *aliases.get(name, ())]
+        parser.flags.setdefault(name, []).extend(spellings)
         if meta["switch"]:
-            parser.add_argument(*spellings, dest=name, action="store_true", **kw)
+            target.add_argument(*spellings, dest=name, action="store_true", **kw)
             continue
         if base_type(str(f.type)) is bool:
             kw.update(nargs="?", const=True, metavar="true|false")
-        parser.add_argument(*spellings, dest=name, type=arg_type(str(f.type), meta["none_typed"]),
+        target.add_argument(*spellings, dest=name, type=arg_type(str(f.type), meta["none_typed"]),
                             required=name in required, **kw)
 
 
-def add_command(parser: argparse.ArgumentParser, command: str, **extra: Any) -> None:
+def add_command(parser: OneLineParser, command: str, **extra: Any) -> None:
     """The `CommandOptions` fields `command` takes, with its own defaults, help and requiredness."""
     spec = COMMANDS[command]
     add_options(parser, CommandOptions, spec.names, required=spec.required, defaults=spec.defaults, helps=spec.helps,
