@@ -16,7 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from distillery.data import dataset_status, formats, get_spec, list_datasets, load_dataset, to_float01
+from distillery.data import (
+    dataset_status,
+    digits,
+    folders,
+    formats,
+    get_spec,
+    list_datasets,
+    load_dataset,
+    to_float01,
+)
 from distillery.data import download as download_module
 from distillery.data.download import download, fetch_dataset
 from distillery.errors import UserError
@@ -198,20 +207,20 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
 def test_image_folder_reader_resizes_and_caches(tmp_path):
     root = tmp_path / "imgs" / "train"
     write_png_tree(root, {"cat": 10, "dog": 200}, per_class=3, size=40)
-    split = formats.read_image_folder(root, 32, 3)
+    split = folders.read_image_folder(root, 32, 3)
     assert split.images.shape == (6, 32, 32, 3) and split.classes == ["cat", "dog"]
     assert split.labels.tolist() == [0, 0, 0, 1, 1, 1] and split.images[3].min() == 200  # constant survives resize
     cached = list((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 1
-    again = formats.read_image_folder(root, 32, 3)
+    again = folders.read_image_folder(root, 32, 3)
     assert np.array_equal(again.images, split.images) and len(list((tmp_path / "cache").glob("*.npz"))) == 1
     Image.new("RGB", (48, 48), (7, 7, 7)).save(root / "dog" / "0.png")  # an edited file is decoded again
-    assert formats.read_image_folder(root, 32, 3).images[3].max() == 7
+    assert folders.read_image_folder(root, 32, 3).images[3].max() == 7
     with pytest.raises(UserError, match="class folders of .* are \\['cat', 'dog'\\]; expected exactly"):
-        formats.read_image_folder(root, 32, 3, classes=["cat", "bird"])
+        folders.read_image_folder(root, 32, 3, classes=["cat", "bird"])
     (root / "dog" / "1.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot read image .*1.png"):
-        formats.read_image_folder(root, 32, 3)
+        folders.read_image_folder(root, 32, 3)
 
 
 def test_load_user_imagefolder(tmp_path):
@@ -240,10 +249,10 @@ def test_builtin_dataset_from_image_folder_tree(tmp_path):
     for c in range(10):
         assert torch.allclose(raw01[ds.class_indices[c]], torch.tensor(10 * c / 255), atol=1e-5)
 
-    folders = {f"{i}_{n.replace('/', '_').replace(' ', '_')}": 20 * i
+    by_number = {f"{i}_{n.replace('/', '_').replace(' ', '_')}": 20 * i
                for i, n in enumerate(get_spec("fashion-mnist").class_names)}
     for split in ("train", "test"):
-        write_png_tree(tmp_path / "fashion-mnist" / split, folders, 1, 28, mode="L")
+        write_png_tree(tmp_path / "fashion-mnist" / split, by_number, 1, 28, mode="L")
     ds = load_dataset("fashion-mnist", data_dir=str(tmp_path), val_fraction=0)
     assert ds.location == str(tmp_path / "fashion-mnist")
     assert torch.allclose(ds.preprocess.inverse(ds.test.x)[ds.test.y == 9], torch.tensor(180 / 255), atol=1e-5)
@@ -264,7 +273,7 @@ def test_tiny_imagenet_layout(tmp_path):
         lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t10\t10")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
 
-    train, test = formats.read_tiny_imagenet(root)
+    train, test = folders.read_tiny_imagenet(root)
     assert train.classes == ["n01", "n02", "n03"] and train.images.shape == (6, 64, 64, 3)
     assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert test.labels.tolist() == [1, 0, 2] and test.images.shape == (3, 64, 64, 3)
@@ -301,19 +310,19 @@ def test_digits_read_without_sklearn_equals_load_digits():
     from sklearn.model_selection import train_test_split
 
     ref = load_digits()
-    images, labels = formats.sklearn_digits()
+    images, labels = digits.sklearn_digits()
     assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)
     assert np.array_equal(labels, ref.target)
     train_idx, test_idx = train_test_split(np.arange(len(ref.target)), test_size=1 / 3, random_state=0,
                                            stratify=ref.target)
-    train, test = formats.read_sklearn_digits()
+    train, test = digits.read_sklearn_digits()
     expected = np.rint(ref.images * (255 / 16)).astype(np.uint8)[..., None]
     assert np.array_equal(train.images, expected[np.sort(train_idx)])
     assert np.array_equal(test.images, expected[np.sort(test_idx)])
     assert np.array_equal(test.labels, ref.target[np.sort(test_idx)])
     for seed, n_test in ((1, 100), (7, 1001)):  # other draws too, so agreement is not a coincidence of one seed
         a, b = train_test_split(np.arange(len(ref.target)), test_size=n_test, random_state=seed, stratify=ref.target)
-        mine = formats.stratified_shuffle_split(ref.target, n_test, seed)
+        mine = digits.stratified_shuffle_split(ref.target, n_test, seed)
         assert np.array_equal(mine[0], np.sort(a)) and np.array_equal(mine[1], np.sort(b))
 
 
@@ -335,10 +344,10 @@ def test_digits_falls_back_to_load_digits_without_the_csv(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(sklearn.datasets, "load_digits", counting_load_digits)
-    direct = formats.sklearn_digits()
+    direct = digits.sklearn_digits()
     assert calls == []  # the CSV is installed here: read directly
-    monkeypatch.setattr(formats, "DIGITS_CSV", ("datasets", "data", "no-such-digits.csv.gz"))
-    images, labels = formats.sklearn_digits()
+    monkeypatch.setattr(digits, "DIGITS_CSV", ("datasets", "data", "no-such-digits.csv.gz"))
+    images, labels = digits.sklearn_digits()
     assert calls == [1]
     assert np.array_equal(images, direct[0]) and np.array_equal(labels, direct[1])
 
@@ -360,7 +369,7 @@ def test_zca_is_fitted_on_train_only():
     ds = load_dataset("digits", zca="kornia")
     assert ds.preprocess.kind == "zca-kornia"
     assert torch.allclose(ds.preprocess.inverse(ds.train.x).mean(0), to_float01(
-        formats.read_sklearn_digits()[0].images).mean(0), atol=0.02)
+        digits.read_sklearn_digits()[0].images).mean(0), atol=0.02)
 
 
 @pytest.mark.skipif(not FASHION_DEBIAN.is_dir(), reason="apt-get install dataset-fashion-mnist")

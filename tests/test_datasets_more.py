@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from distillery.cli import main
-from distillery.data import formats, get_spec, imagenet, load_dataset
+from distillery.data import folders, formats, get_spec, imagenet, load_dataset
 from distillery.data import download as download_module
 from distillery.data.download import fetch_dataset
 from distillery.errors import UserError
@@ -126,8 +126,8 @@ def test_tiny_imagenet_download_from_local_server(server, tmp_path, monkeypatch)
         source, md5={"tiny-imagenet-200.zip": md5_of(root / "tiny-imagenet-200.zip")}))
     folder = fetch_dataset("tiny-imagenet", data, base_url=url, progress=False)
     assert folder == data / "tiny-imagenet-200" and sorted(p.name for p in data.iterdir()) == ["tiny-imagenet-200"]
-    assert formats.layout_of(folder) == "tiny-imagenet"
-    train, test = formats.read_tiny_imagenet(folder)
+    assert formats.folder_layout(folder) == "tiny-imagenet"
+    train, test = folders.read_tiny_imagenet(folder)
     assert train.classes == ["n01"] and test.labels.tolist() == [0]
     assert np.abs(train.images[0, 0, 0].astype(int) - [9, 8, 7]).max() <= 2  # JPEG rounding
     assert fetch_dataset("tiny-imagenet", data, base_url="http://127.0.0.1:9/", progress=False) == folder  # no-op
@@ -152,7 +152,7 @@ def test_imagenet_npz_batches(tmp_path):
     tenth = write_npz_batch(root / "Imagenet64_train_npz" / "train_data_batch_10.npz", [3, 1000, 3], 10)
     second = write_npz_batch(root / "Imagenet64_train_npz" / "train_data_batch_2.npz", [2, 1, 3, 1000], 2)
     val = write_npz_batch(root / "Imagenet64_val_npz" / "val_data.npz", [1000, 1, 2, 3], 0)
-    assert formats.layout_of(root) == "imagenet-npz"
+    assert formats.folder_layout(root) == "imagenet-npz"
 
     train, test = imagenet.read_imagenet_npz(root)
     assert np.array_equal(train.images, np.concatenate([first, second, tenth]))  # batch order, not name order
@@ -192,7 +192,7 @@ def test_imagenet_folder_at_64(tmp_path, monkeypatch):
     margin = np.full((50, 80, 3), 200, np.uint8)
     margin[:, :15] = 0  # a dark left margin: kept by RaT's Resize((64, 64)), cut by a centre crop
     Image.fromarray(margin).save(root / "train" / "n02" / "n02_0.JPEG", quality=100)
-    assert formats.layout_of(root) == "imagenet-folder"
+    assert formats.folder_layout(root) == "imagenet-folder"
     with pytest.raises(UserError, match="train holds 3 class folders, but ImageNet-1K has 1000"):
         imagenet.read_imagenet_folder(root, 64)  # refused before any image is decoded
     with pytest.raises(UserError, match="holds 3 class folders, but ImageNet-1K has 1000"):

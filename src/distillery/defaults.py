@@ -52,19 +52,19 @@ def native_resolution(train_dir: Path) -> int:
     """Median shorter side over a sample of image headers (no pixels are decoded), clamped to [8, 64]."""
     from PIL import Image
 
-    from .data import formats
+    from .data import folders
 
     files: list[str] = []
-    classes = formats.class_folders(train_dir)
+    classes = folders.class_folders(train_dir)
     per_class = max(1, HEADER_SAMPLE // len(classes))
     for name in classes:
-        files += formats.image_files(train_dir / name)[:per_class]
+        files += folders.image_files(train_dir / name)[:per_class]
     sides = []
     for path in files[:HEADER_SAMPLE]:
         try:
             with Image.open(path) as im:
                 sides.append(min(im.size))
-        except OSError as e:  # PIL's UnidentifiedImageError included: name the file, as formats.py does
+        except OSError as e:  # PIL's UnidentifiedImageError included: name the file, as data/cache.py does
             from .errors import UserError
 
             raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from None
@@ -74,18 +74,18 @@ def native_resolution(train_dir: Path) -> int:
 
 def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = None) -> DataFacts:
     """Channels, size, classes and train sizes of a dataset, from the registry or folder listings (cheap)."""
-    from .data import formats
+    from .data import folders
     from .data.registry import IMAGEFOLDER_PREFIX, DEFAULT_STRATEGY, canonical_name, check_resolution, get_spec, \
         imagefolder_root
 
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = imagefolder_root(name)
         train_dir = root / "train"
-        classes = formats.class_folders(train_dir)
-        counts = [len(formats.image_files(train_dir / c)) for c in classes]
+        classes = folders.class_folders(train_dir)
+        counts = [len(folders.image_files(train_dir / c)) for c in classes]
         res = check_resolution(resolution) if resolution is not None else native_resolution(train_dir)
         kept = [_held_out(n, val_fraction) for n in counts]
-        return DataFacts(f"{IMAGEFOLDER_PREFIX}{root}", formats.detect_channels(train_dir), (res, res), len(classes),
+        return DataFacts(f"{IMAGEFOLDER_PREFIX}{root}", folders.detect_channels(train_dir), (res, res), len(classes),
                          sum(kept), min(kept), DEFAULT_STRATEGY, res)
     spec = get_spec(canonical_name(name), resolution)
     total, smallest = _KNOWN_SIZES[spec.name]

@@ -24,7 +24,9 @@ from torch import Tensor
 from ..device import resolve_device
 from ..errors import UserError
 from ..io import atomic_write_bytes
-from . import formats, imagenet
+from . import folders, formats, imagenet
+from .cache import cache_dir
+from .digits import read_sklearn_digits
 from .download import SOURCES, fetch_dataset
 from .formats import RawSplit, to_float01
 from .imagenet import SUBSETS
@@ -145,7 +147,7 @@ def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Pre
     if zca is None:
         return pre.fit(x_train01)
     digest = images_digest(x_train01)
-    path = formats.cache_dir() / "zca" / f"{pre.kind}-{digest[:32]}.safetensors"
+    path = cache_dir() / "zca" / f"{pre.kind}-{digest[:32]}.safetensors"
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -205,11 +207,11 @@ def _search_roots(data_dir: str | None) -> list[Path]:
 def _locate(name: str, data_dir: str | None) -> tuple[Path, str] | None:
     """The first (folder, layout) holding the dataset, or None."""
     subdirs, layouts = _CANDIDATES[name]
-    folders = [root / sub for root in _search_roots(data_dir) for sub in subdirs]
+    places = [root / sub for root in _search_roots(data_dir) for sub in subdirs]
     if data_dir:  # data_dir may also point straight at the dataset's own folder
-        folders.insert(0, Path(data_dir).expanduser())
-    for folder in folders + _SYSTEM_DIRS.get(name, []):
-        layout = formats.layout_of(folder) if folder.is_dir() else None
+        places.insert(0, Path(data_dir).expanduser())
+    for folder in places + _SYSTEM_DIRS.get(name, []):
+        layout = formats.folder_layout(folder) if folder.is_dir() else None
         if layout in layouts:
             return folder, layout
     return None
@@ -220,13 +222,13 @@ def _read(name: str, data_dir: str | None, download: bool,
     """Find and read a dataset: (spec, raw train, raw test, where it was read from)."""
     if name.startswith(IMAGEFOLDER_PREFIX):
         root, resolution = imagefolder_root(name), check_resolution(resolution)
-        channels = formats.detect_channels(root / "train")
-        train = formats.read_image_folder(root / "train", resolution, channels)
-        test = formats.read_image_folder(root / "test", resolution, channels, train.classes)
+        channels = folders.detect_channels(root / "train")
+        train = folders.read_image_folder(root / "train", resolution, channels)
+        test = folders.read_image_folder(root / "test", resolution, channels, train.classes)
         return imagefolder_spec(root, resolution, train), train, test, str(root)
     spec = get_spec(name, resolution)
     if spec.name == "digits":
-        return (spec, *formats.read_sklearn_digits(), "scikit-learn")
+        return (spec, *read_sklearn_digits(), "scikit-learn")
 
     found = _locate(spec.name, data_dir)
     if found is None and download and spec.name in SOURCES:
@@ -255,7 +257,7 @@ def _read_layout(spec: DatasetSpec, folder: Path, layout: str) -> tuple[RawSplit
     if layout == "cifar100-pickle":
         return formats.read_cifar100(folder)
     if layout == "tiny-imagenet":
-        return formats.read_tiny_imagenet(folder, spec.im_size[0])
+        return folders.read_tiny_imagenet(folder, spec.im_size[0])
     if layout == "svhn-mat":
         return formats.read_svhn(folder)
     if layout == "imagenet-npz":
@@ -265,7 +267,7 @@ def _read_layout(spec: DatasetSpec, folder: Path, layout: str) -> tuple[RawSplit
     if layout == "imagenet-folder":
         return imagenet.read_imagenet_folder(folder, spec.im_size[0])
     order = _folder_order(folder / "train", spec)
-    return tuple(formats.read_image_folder(folder / split, spec.im_size[0], spec.channels, order)
+    return tuple(folders.read_image_folder(folder / split, spec.im_size[0], spec.channels, order)
                  for split in ("train", "test"))
 
 
@@ -277,7 +279,7 @@ def _folder_order(train_dir: Path, spec: DatasetSpec) -> list[str]:
 
     by_name = {key(c): i for i, c in enumerate(spec.class_names)}
     label_of = {}
-    for folder in formats.class_folders(train_dir):
+    for folder in folders.class_folders(train_dir):
         number = re.match(r"\d+", folder)
         label = by_name.get(key(folder), int(number.group()) if number else None)
         if label is not None and label < spec.num_classes:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io import atomic_write_bytes, make_temp, write_error
-from .formats import layout_of
+from .formats import folder_layout
 from .registry import canonical_name, get_spec
 
 MIRROR_ENV = "DISTILLERY_MIRROR"
@@ -155,7 +155,7 @@ def fetch_dataset(name: str, root: str | os.PathLike, base_url: str | None = Non
     source = SOURCES[name]
     base = (base_url or os.environ.get(MIRROR_ENV) or source.base_url).rstrip("/") + "/"
     target = Path(root) / source.folder
-    if target.is_dir() and layout_of(target) is not None:
+    if target.is_dir() and folder_layout(target) is not None:
         return target
     if source.unpacked_sha256:
         _fetch_gzipped_idx(source, base, target, progress)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .formats import RawSplit, class_folders, read_selected_folders
+from .folders import class_folders, read_selected_folders
+from .formats import RawSplit
 
 NPZ_TRAIN_PATTERN = re.compile(r"train_data_batch_(\d+)\.npz$")
 NPZ_VAL = "val_data.npz"

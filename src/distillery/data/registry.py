@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from . import formats
+from . import folders
+from .formats import RawSplit
 from .imagenet import SUBSETS
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -66,7 +67,7 @@ _SPECS: dict[str, DatasetSpec] = {
     for spec in [
         DatasetSpec(
             # Pixels are 0..16; we store round(v * 255 / 16) as uint8 (16 -> 255 exactly). Mean/std below were
-            # measured once on the 1,198-image train part of the fixed split (see formats.read_sklearn_digits):
+            # measured once on the 1,198-image train part of the fixed split (see digits.read_sklearn_digits):
             # x = round(images * 255 / 16) / 255 -> mean 0.305439, std 0.375786.
             "digits", 1, (8, 8), 10, (0.3054,), (0.3758,), DIGIT_STRATEGY, DIGIT_CLASSES, "ConvNetD2",
             "scikit-learn load_digits (1,797 8x8 images, bundled with scikit-learn; fixed 2/3 train, 1/3 test split)",
@@ -148,7 +149,7 @@ def get_spec(name: str, resolution: int | None = None) -> DatasetSpec:
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = imagefolder_root(name)
         resolution = check_resolution(resolution)
-        train = formats.read_image_folder(root / "train", resolution, formats.detect_channels(root / "train"))
+        train = folders.read_image_folder(root / "train", resolution, folders.detect_channels(root / "train"))
         return imagefolder_spec(root, resolution, train)
     if resolution is not None:
         raise UserError(f"resolution applies only to {IMAGEFOLDER_PREFIX}<path> datasets, not to '{name}'")
@@ -173,7 +174,7 @@ def check_resolution(resolution: int | None) -> int:
     return int(resolution)
 
 
-def imagefolder_spec(root: Path, resolution: int, train: formats.RawSplit) -> DatasetSpec:
+def imagefolder_spec(root: Path, resolution: int, train: RawSplit) -> DatasetSpec:
     """Spec of a user image folder from its decoded train split (per-channel mean/std on the [0,1] scale)."""
     channels = train.images.shape[-1]
     total, total_sq = np.zeros(channels), np.zeros(channels)
