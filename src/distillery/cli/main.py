@@ -15,26 +15,14 @@ import threading
 from typing import Any, Callable
 
 from ..errors import UserError
-from .commands import (
-    cmd_baseline,
-    cmd_datasets,
-    cmd_distill,
-    cmd_download,
-    cmd_evaluate,
-    cmd_experts,
-    cmd_export,
-    cmd_import_experts,
-    cmd_import_set,
-    cmd_presets,
-    cmd_report,
-    cmd_show,
-)
+from . import commands
 from .options import COMMANDS, OneLineParser, add_command, add_options, check_command_args
 
-_FUNCS = {"datasets": cmd_datasets, "download": cmd_download, "baseline": cmd_baseline, "evaluate": cmd_evaluate,
-          "show": cmd_show, "presets": cmd_presets, "experts": cmd_experts, "distill": cmd_distill,
-          "report": cmd_report, "export": cmd_export, "import-set": cmd_import_set,
-          "import-experts": cmd_import_experts}
+_FUNCS = {"datasets": commands.cmd_datasets, "download": commands.cmd_download, "baseline": commands.cmd_baseline,
+          "evaluate": commands.cmd_evaluate, "show": commands.cmd_show, "presets": commands.cmd_presets,
+          "experts": commands.cmd_experts, "distill": commands.cmd_distill, "report": commands.cmd_report,
+          "export": commands.cmd_export, "import-set": commands.cmd_import_set,
+          "import-experts": commands.cmd_import_experts}
 
 
 def build_parser() -> OneLineParser:
