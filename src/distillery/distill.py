@@ -17,7 +17,7 @@ from .cli_options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
 from .methods import get_method, list_methods
 from .options import check_known, check_values, flag, option, resumable
-from .run import LoopConfig
+from .run.config import LoopConfig
 
 
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
@@ -232,7 +232,8 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     from .data import load_dataset
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process, rank_and_world
-    from .run import prepare_run_dir, run_distillation
+    from .run.loop import run_distillation
+    from .run.resume import prepare_run_dir
 
     started = time.time()
     config = resolve_config(method, given, preset, api=api)
@@ -256,7 +257,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
     setup_s = time.perf_counter() - loaded
-    from .estimate import check_host_memory, estimate_run, is_host_oom, out_of_memory
+    from .run.estimate import check_host_memory, estimate_run, oom_explained
 
     # before experts or steps: a CPU run whose step cannot fit in the memory available is refused with the setting
     memory = check_host_memory(config, ds.spec) if device.type == "cpu" else None
@@ -281,16 +282,8 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
         return estimate_run(method_obj, ds, {**config, "iterations": loop.iterations}, device, setup_s=setup_s,
                             memory=memory)
     print(f"distilling {ds.spec.name} with {config['method']} ({config['ipc']} images per class) into {run_dir}")
-    import torch  # noqa: PLC0415  (torch is imported lazily in this module)
-
-    try:
+    with oom_explained(config, "distillation"):
         result = run_distillation(method_obj, ds, run_dir, loop, resume=resume, progress=progress)
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(config, "distillation") from None
-    except (MemoryError, RuntimeError) as err:
-        if not is_host_oom(err):
-            raise
-        raise out_of_memory(config, "distillation", "host memory") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
         from .evaluation.score import measure_baseline
         from .io import atomic_write_text
