@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -125,9 +125,15 @@ def oom_explained(config: dict[str, Any], where: str) -> Iterator[None]:
         raise UserError(f"host memory ran out of memory during {where}; {oom_advice(config)}") from None
 
 
-def _sync(device: torch.device) -> None:
+def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """`fn()` and its wall time in seconds, with CUDA's queued work finished before the clock starts and stops."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -166,31 +172,24 @@ def estimate_run(method, ds, config: dict[str, Any], device: torch.device, itera
     projection, printed."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
     with oom_explained(config, "the estimate"):
-        for it in range(iterations):
-            _sync(device)
-            start = time.perf_counter()
-            method.step(it)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        times = [_timed(device, lambda: method.step(it))[1] for it in range(iterations)]
         s = method.synset()
         model = config.get("eval_model") or s.meta.get("model") or ds.spec.default_model
         lr = s.lr if s.lr is not None else 0.01
-        _sync(device)
-        start = time.perf_counter()
-        net = train_model(model, s.images.to(device), s.labels.to(device), ds.spec.channels, ds.spec.num_classes,
-                          epochs=1, lr=lr, strategy=ds.spec.dsa_strategy)  # 2 passes (epochs + 1)
-        _sync(device)
-        epoch_s = (time.perf_counter() - start) / 2
+        net, seconds = _timed(device, lambda: train_model(model, s.images.to(device), s.labels.to(device),
+                                                          ds.spec.channels, ds.spec.num_classes, epochs=1, lr=lr,
+                                                          strategy=ds.spec.dsa_strategy))
+        epoch_s = seconds / 2  # 2 passes (epochs + 1)
         probe = ds.test.x[:1000].to(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            net.eval()
-            for i in range(0, len(probe), 256):
-                net(probe[i:i + 256])
-        _sync(device)
-        image_s = (time.perf_counter() - start) / max(len(probe), 1)
+
+        def predict() -> None:
+            with torch.no_grad():
+                net.eval()
+                for i in range(0, len(probe), 256):
+                    net(probe[i:i + 256])
+
+        image_s = _timed(device, predict)[1] / max(len(probe), 1)
     per_it = statistics.median(times[1:]) if len(times) > 1 else times[0]  # the first includes warm-up
     if config["method"] == "ratbptt":  # the set's own protocol trains to its longest step count (1 step = 1 epoch)
         passes = max(int(c) for c in str(config.get("rat_eval_steps", "3000")).split(","))
