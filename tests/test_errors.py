@@ -1040,29 +1040,6 @@ def test_a_failed_capture_names_the_flag_that_turns_it_off(fake_cuda_graphs, opt
         Captured(lambda x: x * 2, [torch.ones(2)], warmup=1, option=option)
 
 
-# --- --resume of a run written by an older version (config.json without the newer keys) -------------------------
-def test_resume_older_run_fills_in_defaults(capsys, store, finished_run):
-    """resume-older-run: keys a run's config.json lacks pass at their defaults (recorded as filled in), else the
-    resume is refused naming the key and its default."""
-    cfg_path = finished_run / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    assert cfg["health"] == "stop" and cfg["processes"] == 1  # today's defaults
-    for key in ("health", "processes"):
-        del cfg[key]
-    cfg_path.write_text(json.dumps(cfg))
-    before = tree(finished_run)
-    line = one_line(capsys, distill_args(store, finished_run, "--resume", "--health", "warn"),
-                    "--resume cannot change health (not in the saved config) -> 'warn'")
-    assert "their defaults: health 'stop'" in line and "processes" not in line
-    assert tree(finished_run) == before
-    argv = distill_args(store, finished_run, "--resume")
-    argv[argv.index("--iterations") + 1] = "3"
-    assert main([str(a) for a in argv]) == 0
-    entry = json.loads(cfg_path.read_text())["history"][-1]
-    assert entry["event"] == "resume" and entry["changed"] == {"iterations": [2, 3]}
-    assert entry["filled_in"] == {"health": "stop", "processes": 1}
-
-
 # --- the Python API: the same declarations as the CLI ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_set():

@@ -82,14 +82,6 @@ def config_classes(method: str) -> list[type]:
     return [method_cls.config_class, LoopConfig, DataConfig, *method_cls.option_classes]
 
 
-def config_defaults(method: str) -> dict[str, Any]:
-    """The declared default of each key of a `method` configuration (with the values its name fixes): what a run
-    recorded before the key existed did (`--resume` of such a run accepts the key at this value). `processes` is
-    not an option: one process."""
-    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)},
-            **get_method(method).fixed, "processes": 1}
-
-
 def resume_may_change(method: str) -> frozenset[str]:
     """The configuration keys `--resume` may change for `method`: its options declared `resumable`."""
     return resumable(config_classes(method))
@@ -251,7 +243,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(out, config, resume, config_defaults(method), resume_may_change(method))
+            prepare_run_dir(out, config, resume, resume_may_change(method))
     run_dir = Path(out)
     loaded = time.perf_counter()
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection
 
 import torch
 
@@ -51,20 +51,18 @@ def environment(data: str | None = None) -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool,
-                    defaults: Mapping[str, Any] | None = None, may_change: Collection[str] | None = None) -> Path:
+                    may_change: Collection[str] | None = None) -> Path:
     """Check RUN_DIR can take this run, lock it, and write config.json with a new history entry; before any work.
 
     No checkpoint yet (a new directory, or a run that stopped before its first checkpoint): the run starts
     (again). A checkpoint: refused without `resume`; with it, only `may_change` keys (default: the loop's resumable
     options) may differ from the stored config, `iterations` may not fall below the checkpoint's, and each change
     goes into the history.
-    A key the stored config lacks (written by an older version) passes when its value here is its entry in
-    `defaults` (recorded as filled in), and is refused otherwise.
     """
     run_dir = ensure_dir(run_dir)
     lock_run_dir(run_dir)
     try:
-        _check_and_record(run_dir, config, resume, defaults or {},
+        _check_and_record(run_dir, config, resume,
                           resumable([LoopConfig]) if may_change is None else frozenset(may_change))
     except BaseException:
         unlock_run_dir(run_dir)
@@ -72,12 +70,10 @@ def prepare_run_dir(run_dir: str | Path, config: dict[str, Any], resume: bool,
     return run_dir
 
 
-def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defaults: Mapping[str, Any],
-                      may_change: frozenset[str]) -> None:
+def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, may_change: frozenset[str]) -> None:
     """The checks and the config.json write of `prepare_run_dir` (the caller holds the lock)."""
     ckpt_path = run_dir / CHECKPOINT
     new = json.loads(json.dumps(config, sort_keys=True, default=str))
-    defaults = json.loads(json.dumps(dict(defaults), sort_keys=True, default=str))  # compared as stored
     old = read_config(run_dir)
     env = environment()
     history = old.get("history", []) if old else []
@@ -91,19 +87,13 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
         if not resume:
             raise UserError(f"run directory {run_dir} already holds a run with a checkpoint; pass --resume to "
                             "continue it (learning rates and --iterations may change) or choose a new --out")
-        # a key an older version did not write: its behaviour then is the option's default
-        filled_in = {k: v for k, v in new.items() if k not in old and k not in _NOT_CONFIG
-                     and k in defaults and defaults[k] == v}
         changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-                   if k not in _NOT_CONFIG and k not in filled_in and old.get(k) != new.get(k)}
+                   if k not in _NOT_CONFIG and old.get(k) != new.get(k)}
         refused = [f"{k} {repr(a) if k in old else '(not in the saved config)'} -> {b!r}"
                    for k, (a, b) in changed.items() if k not in may_change]
         if refused:
-            predates = [f"{k} {defaults[k]!r}" for k in changed if k not in old and k in defaults
-                        and k not in may_change]
-            hint = f" (for options the run predates, their defaults: {', '.join(predates)})" if predates else ""
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
-                            f"means; use the run's original values{hint} or a new --out")
+                            f"means; use the run's original values or a new --out")
         ckpt = read_checkpoint(ckpt_path)
         it = ckpt["it"]
         best = run_dir / "best.safetensors"
@@ -120,7 +110,7 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, defau
                   f"differ in their last bits, so results will not match an uninterrupted run exactly "
                   f"(pass --threads {before} to match)", file=sys.stderr)
         history.append({"event": "resume", "time": _now(), "iteration": it, "changed": changed,
-                        **({"filled_in": filled_in} if filled_in else {}), "environment": env})
+                        "environment": env})
     _write_config(run_dir, {**new, "environment": env, "history": history})
 
 
