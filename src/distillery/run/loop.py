@@ -60,19 +60,17 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
               progress: bool) -> dict[str, Any]:
     """The loop of `run_distillation`: resume, iterate, evaluate, checkpoint, report."""
     state = restore(method, run_dir, resume)
-    start = state["it"]
     main = is_main_process()  # with torchrun, only rank 0 writes; every rank takes a share of the evaluation runs
     env = record_environment(run_dir, getattr(dataset, "location", None)) if main else {}
-    run = LoopState(method, dataset, run_dir, loop, state["rows"], state["best_val"])
-    run.step_s = state["step_seconds"]  # --time-budget counts the steps of earlier processes of this run too
-    bar = tqdm(total=loop.iterations, initial=start, desc="distill", unit="it", disable=not (progress and main))
+    run = LoopState(method, dataset, run_dir, loop, state)
+    bar = tqdm(total=loop.iterations, initial=state["it"], desc="distill", unit="it", disable=not (progress and main))
     t0 = time.time()
     end = loop.iterations
     try:
-        if state["pending_eval"] is not None:  # killed while that evaluation ran: run it again, same set and seed
-            run.evaluate(state["pending_eval"],
-                         SyntheticSet.load(run.pending_dir / _pending_name(state["pending_eval"])))
-        for it in range(start, loop.iterations + 1):
+        pending = state["pending_eval"]
+        if pending is not None:  # killed while that evaluation ran: run it again, same set and seed
+            run.evaluate(pending, SyntheticSet.load(run.pending_dir / _pending_name(pending)))
+        for it in range(state["it"], loop.iterations + 1):
             if loop.time_budget is not None and run.step_s >= loop.time_budget:
                 end = run.end = it  # out of time: this iteration is the run's last, evaluated as --iterations
             if it % loop.eval_every == 0 or it == end:
@@ -136,17 +134,17 @@ class LoopState:
     """What the loop keeps between iterations (metrics, best validation accuracy, the background evaluation) and its
     evaluation and checkpoint steps."""
 
-    def __init__(self, method: Method, dataset, run_dir: Path, loop: LoopConfig, rows: list[dict[str, Any]],
-                 best_val: float) -> None:
+    def __init__(self, method: Method, dataset, run_dir: Path, loop: LoopConfig, state: dict[str, Any]) -> None:
+        """Start from `state` (`resume.restore`): its metric rows, best validation accuracy and step seconds."""
         self.method, self.dataset, self.run_dir, self.loop = method, dataset, run_dir, loop
         self.main = is_main_process()
-        self.metrics = MetricsLog(run_dir, rows, tensorboard=self.main)
+        self.metrics = MetricsLog(run_dir, state["rows"], tensorboard=self.main)
         (run_dir / "grids").mkdir(parents=True, exist_ok=True)
-        self.best_val = self.val = best_val
+        self.best_val = self.val = state["best_val"]
         self.has_val = len(dataset.val.y) > 0  # --val-fraction 0: nothing to select on, best = last
         self.stop_at: int | None = None        # a method may end the run early (RaT-BPTT's cctype 1 plateau)
         self.end = loop.iterations             # the last iteration (earlier when --time-budget runs out)
-        self.step_s = 0.0                      # seconds in method.step (all processes of this run)
+        self.step_s = state["step_seconds"]    # seconds in method.step, over every process of this run (--time-budget)
         self.wants_loss = method.wants_eval_train_loss
         self.background = BackgroundEval() if overlap_wanted(loop.eval_overlap, dataset.train.x.device,
                                                              rank_and_world()[1], self.wants_loss) else None
