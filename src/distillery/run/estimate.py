@@ -24,7 +24,6 @@ from ..errors import UserError
 from ..evaluation.dsa import train_model
 from ..methods import get_method
 
-
 GB = 1e9
 
 
