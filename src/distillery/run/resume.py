@@ -93,7 +93,7 @@ def _check_and_record(run_dir: Path, config: dict[str, Any], resume: bool, may_c
                    for k, (a, b) in changed.items() if k not in may_change]
         if refused:
             raise UserError(f"--resume cannot change {', '.join(refused)}: that alters what the checkpoint's state "
-                            f"means; use the run's original values or a new --out")
+                            "means; use the run's original values or a new --out")
         ckpt = read_checkpoint(ckpt_path)
         it = ckpt["it"]
         best = run_dir / "best.safetensors"
