@@ -7,11 +7,12 @@ import time
 import pytest
 import torch
 
-from distillery.checkpoint import read_checkpoint
-from distillery import run as run_module
 from distillery.data import load_dataset
 from distillery.methods import Method
-from distillery.run import CHECKPOINT, LoopConfig, run_distillation
+from distillery.run import loop as run_module
+from distillery.run.checkpoint import CHECKPOINT, read_checkpoint
+from distillery.run.config import LoopConfig
+from distillery.run.loop import run_distillation
 from distillery.synset import SyntheticSet
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from distillery.cli import build_parser, main
 from distillery.defaults import MAX_RESOLUTION, DataFacts, data_facts
 from distillery.distill import config_classes, given_from_args, resolve_config
-from distillery.health import STOP_AFTER, VAL_STOP, WARN_AFTER, HealthMonitor, Stalled
+from distillery.run.health import STOP_AFTER, VAL_STOP, WARN_AFTER, HealthMonitor, Stalled
 from distillery.methods import get_method, list_methods
 from distillery.presets import get_preset, preset_for
 from distillery.validate import check_config

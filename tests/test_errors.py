@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from distillery.checkpoint import read_checkpoint
+from distillery.run.checkpoint import CHECKPOINT, read_checkpoint
 from distillery.cli import build_parser, main
 from distillery.data import load_dataset
 from distillery.data.download import SOURCES
 from distillery.errors import UserError
 from distillery.experts import train_experts
 from distillery.imports import import_set
-from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet, preprocess_record
 
 
@@ -750,7 +749,7 @@ def test_extend_a_finished_run(capsys, store, finished_run):
 def test_resume_with_other_thread_count_warns(capsys, finished_run):
     """resume-threads: a resume with another thread count says results will differ in the last bits."""
     from distillery.distill import resume_may_change
-    from distillery.run import prepare_run_dir, unlock_run_dir
+    from distillery.run.resume import prepare_run_dir, unlock_run_dir
 
     config = json.loads((finished_run / "config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("environment", "history")}
@@ -768,7 +767,7 @@ def test_resume_with_other_thread_count_warns(capsys, finished_run):
 def test_resume_may_turn_the_fast_paths_off(finished_run):
     """capture-failed: its fix, `--fast off` (or `--norm-kernel torch`) with `--resume`, is accepted and recorded."""
     from distillery.distill import resume_may_change
-    from distillery.run import prepare_run_dir, unlock_run_dir
+    from distillery.run.resume import prepare_run_dir, unlock_run_dir
 
     config = json.loads((finished_run / "config.json").read_text())
     config = {k: v for k, v in config.items() if k not in ("environment", "history")}
@@ -834,7 +833,7 @@ def _signal_in(monkeypatch, target: str, sig: int):
      "distillery.experts:train_experts", signal.SIGTERM,
      "terminated; finished experts and each expert's last finished epoch are kept in st"),
     ("signal-estimate", ["distill", "--method", "mtt", "--dataset", "digits", "--out", "est", "--estimate",
-                         "--no-progress"], "distillery.estimate:check_host_memory", signal.SIGINT,
+                         "--no-progress"], "distillery.run.estimate:check_host_memory", signal.SIGINT,
      "interrupted; --estimate writes nothing, so there is no run in est to continue"),
     ("signal-download", ["download", "mnist"], "distillery.data.download:fetch_dataset", signal.SIGTERM,
      "run `distillery download mnist` again"),
@@ -852,7 +851,7 @@ def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, need
 
 def test_host_memory_row(capsys, tmp_path, monkeypatch):
     """host-memory: a step that cannot fit is refused before any step, naming --window (RaT-BPTT)."""
-    import distillery.estimate as estimate
+    import distillery.run.estimate as estimate
 
     monkeypatch.setattr(estimate, "available_host_bytes", lambda: 1e3)
     one_line(capsys, ["distill", "--method", "ratbptt", "--dataset", "digits", "--out", tmp_path / "r",
@@ -870,7 +869,7 @@ def test_estimate_experts_row(capsys, tmp_path, monkeypatch):
 
 def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(capsys, tmp_path, store, monkeypatch):
     """signal-distill: SIGTERM mid-run exits 143 with the resume hint; the checkpoint is good and --resume ends it."""
-    from distillery import run
+    from distillery.run import loop as run
 
     out = tmp_path / "run"
     real, calls = run.evaluate_synset, []
@@ -1039,29 +1038,6 @@ def test_a_failed_capture_names_the_flag_that_turns_it_off(fake_cuda_graphs, opt
     with pytest.raises(UserError, match=rf"failed \(operation not permitted when stream is capturing\); rerun with "
                                         rf"{option} off"):
         Captured(lambda x: x * 2, [torch.ones(2)], warmup=1, option=option)
-
-
-# --- --resume of a run written by an older version (config.json without the newer keys) -------------------------
-def test_resume_older_run_fills_in_defaults(capsys, store, finished_run):
-    """resume-older-run: keys a run's config.json lacks pass at their defaults (recorded as filled in), else the
-    resume is refused naming the key and its default."""
-    cfg_path = finished_run / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    assert cfg["health"] == "stop" and cfg["processes"] == 1  # today's defaults
-    for key in ("health", "processes"):
-        del cfg[key]
-    cfg_path.write_text(json.dumps(cfg))
-    before = tree(finished_run)
-    line = one_line(capsys, distill_args(store, finished_run, "--resume", "--health", "warn"),
-                    "--resume cannot change health (not in the saved config) -> 'warn'")
-    assert "their defaults: health 'stop'" in line and "processes" not in line
-    assert tree(finished_run) == before
-    argv = distill_args(store, finished_run, "--resume")
-    argv[argv.index("--iterations") + 1] = "3"
-    assert main([str(a) for a in argv]) == 0
-    entry = json.loads(cfg_path.read_text())["history"][-1]
-    assert entry["event"] == "resume" and entry["changed"] == {"iterations": [2, 3]}
-    assert entry["filled_in"] == {"health": "stop", "processes": 1}
 
 
 # --- the Python API: the same declarations as the CLI ------------------------------------------------------------

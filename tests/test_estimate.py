@@ -7,7 +7,7 @@ import torch
 
 from distillery.cli import main
 from distillery.errors import UserError
-from distillery.estimate import estimate_run, oom_advice
+from distillery.run.estimate import estimate_run, oom_advice
 
 TINY = ["--dataset", "digits", "--ipc", "1", "--num-experts", "1", "--expert-epochs-train", "3",
         "--max-start-epoch", "1", "--syn-steps", "2", "--iterations", "40", "--eval-every", "20", "--eval-runs", "1",
@@ -43,7 +43,7 @@ def test_estimate_without_experts_projects_their_cost_and_trains_none(tmp_path, 
 
 def test_interrupted_estimate_does_not_offer_a_resume(tmp_path, monkeypatch, capsys) -> None:
     """Ctrl-C in an --estimate: it wrote nothing, so no 'continue ... with --resume' pointing at a missing run."""
-    import distillery.estimate as estimate
+    import distillery.run.estimate as estimate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -59,7 +59,7 @@ def test_host_memory_check_names_what_dominates_and_the_flag() -> None:
     """RaT-BPTT's CIFAR-10 IPC 10 row: the window's graph dominates (not the real batch --real-chunk splits), and a
     machine without the memory gets a one-line refusal naming --window before any step; MTT names --batch-syn."""
     from distillery.data.registry import get_spec
-    from distillery.estimate import check_host_memory
+    from distillery.run.estimate import check_host_memory
     from distillery.methods import get_method
     from distillery.presets import get_preset
 

@@ -10,12 +10,11 @@ import time
 import pytest
 import torch
 
-from distillery.checkpoint import read_checkpoint
+from distillery.run.checkpoint import CHECKPOINT, read_checkpoint
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.evaluation.dsa import random_real_baseline
-from distillery.run import CHECKPOINT
 from distillery.synset import SyntheticSet
 
 SMALL = ["--dataset", "digits", "--ipc", "1", "--num-experts", "2", "--expert-epochs-train", "5",

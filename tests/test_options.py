@@ -13,7 +13,7 @@ from distillery.errors import UserError
 from distillery.experts import ExpertConfig
 from distillery.methods import get_method, list_methods
 from distillery.options import check_options, check_value, check_values, describe, option
-from distillery.run import LoopConfig
+from distillery.run.config import LoopConfig
 
 
 @dataclasses.dataclass

@@ -24,7 +24,8 @@ from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
 from distillery.models.convnet import ConvNet
 from distillery.evaluation.protocol import rat_protocol
 from distillery.evaluation.rat import train_rat
-from distillery.run import LoopConfig, run_distillation
+from distillery.run.config import LoopConfig
+from distillery.run.loop import run_distillation
 from distillery.evaluation.score import evaluate_synset, resolve_protocol, set_protocols
 from distillery.synset import SyntheticSet
 

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from distillery.checkpoint import read_checkpoint
+from distillery.run.checkpoint import CHECKPOINT, read_checkpoint
 from distillery.data import load_dataset
 from distillery.methods import Method
-from distillery.run import CHECKPOINT, Diverged, LoopConfig, run_distillation
+from distillery.errors import Diverged
+from distillery.run.config import LoopConfig
+from distillery.run.loop import run_distillation
 from distillery.synset import SyntheticSet
 
 
@@ -44,7 +46,7 @@ def test_nan_images_stop_the_run_and_the_checkpoint_stays_good(tmp_path):
 @pytest.mark.parametrize("last_it", [4, 8])
 def test_final_report_measures_the_best_set_once_when_it_is_the_last(tmp_path, monkeypatch, last_it):
     """best = last (same iteration): one measurement reported for both; otherwise each is measured."""
-    import distillery.run as run
+    import distillery.run.final as run
     ds = load_dataset("digits")
     x, y = ds.random_set(1, torch.Generator().manual_seed(0))
     SyntheticSet(x, y, meta={"num_classes": 10, "iteration": 4}).save(tmp_path / "best.safetensors")
@@ -87,7 +89,7 @@ class Ticks(Method):
 def test_time_budget_ends_the_run_evaluated_and_a_resume_counts_the_time_spent(tmp_path, monkeypatch):
     """--time-budget 3.5 with 1 s steps: iterations 0..3 run, iteration 4 is the last (evaluated, best/last written,
     reported); a resume with a larger budget continues from the step time already spent, not from zero."""
-    import distillery.run as run
+    import distillery.run.loop as run
     clock = [0.0]
     monkeypatch.setattr(run.time, "time", lambda: clock[0])
     ds = load_dataset("digits")

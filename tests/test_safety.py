@@ -18,10 +18,9 @@ from test_background_eval import Drifts
 import torch
 from safetensors.torch import save as save_tensors
 
-from distillery.checkpoint import read_checkpoint, write_checkpoint
+from distillery.run.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from distillery.cli import main
 from distillery.errors import UserError
-from distillery.run import CHECKPOINT
 
 
 def one_line(capsys, argv, needle, code=2):
@@ -104,7 +103,7 @@ def test_damaged_checkpoint_is_one_line(tmp_path, damage):
     elif damage == "flipped":
         path.write_bytes(raw[:-5] + bytes([raw[-5] ^ 1]) + raw[-4:])
     elif damage == "extra-tensor":
-        from distillery import checkpoint
+        from distillery.run import checkpoint
         tensors: dict = {}
         tree = checkpoint._encode(state, tensors)
         tensors["t99"] = torch.zeros(1)
@@ -352,7 +351,7 @@ def test_damaged_run_files_are_named(tmp_path, capsys, name, content):
 
 def test_good_run_files_make_a_report(tmp_path):
     """The checked readers accept what a run writes (empty cells included)."""
-    from distillery.runfiles import read_metrics
+    from distillery.run.files import read_metrics
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.csv").write_text("it,loss,val_acc\n0,1.5,0.5\n1,1.2,\n")
@@ -364,7 +363,9 @@ def test_a_finished_run_leaves_no_lock_and_no_pending(tmp_path):
     """run-leftovers: with background evaluations (2 threads), a finished run leaves neither `pending/` nor `.lock`,
     and the directory can be locked again at once."""
     from distillery.data import load_dataset
-    from distillery.run import LoopConfig, prepare_run_dir, run_distillation
+    from distillery.run.config import LoopConfig
+    from distillery.run.loop import run_distillation
+    from distillery.run.resume import prepare_run_dir
     ds = load_dataset("digits")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -383,17 +384,17 @@ def test_progress_bar_shows_the_latest_validation_accuracy():
     import time
     from types import SimpleNamespace
     from distillery.evaluation.background import BackgroundEval
-    from distillery.run import _Run
+    from distillery.run.loop import LoopState
     bg = BackgroundEval()
     try:
         bg.start(lambda: (4, None, SimpleNamespace(mean=0.931)))
         run = SimpleNamespace(background=bg, has_val=True, val=0.733)
         while bg.peek() is None:
             time.sleep(0.01)
-        assert _Run.latest_val(run) == 0.931
+        assert LoopState.latest_val(run) == 0.931
         bg.result()
-        assert _Run.latest_val(run) == 0.733 and _Run.latest_val(SimpleNamespace(background=None, has_val=True,
-                                                                                 val=-1.0)) is None
+        assert LoopState.latest_val(run) == 0.733
+        assert LoopState.latest_val(SimpleNamespace(background=None, has_val=True, val=-1.0)) is None
     finally:
         bg.close()
 

@@ -17,7 +17,7 @@ from .cli.options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
 from .methods import get_method, list_methods
 from .options import check_known, check_values, flag, option, resumable
-from .run import LoopConfig
+from .run.config import LoopConfig
 
 
 LOOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.name != "seed"}
@@ -80,14 +80,6 @@ def config_classes(method: str) -> list[type]:
     """The option dataclasses whose fields make up a `distill` configuration for `method`."""
     method_cls = get_method(method)
     return [method_cls.config_class, LoopConfig, DataConfig, *method_cls.option_classes]
-
-
-def config_defaults(method: str) -> dict[str, Any]:
-    """The declared default of each key of a `method` configuration (with the values its name fixes): what a run
-    recorded before the key existed did (`--resume` of such a run accepts the key at this value). `processes` is
-    not an option: one process."""
-    return {**{f.name: f.default for cls in config_classes(method) for f in dataclasses.fields(cls)},
-            **get_method(method).fixed, "processes": 1}
 
 
 def resume_may_change(method: str) -> frozenset[str]:
@@ -232,7 +224,8 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     from .data import load_dataset
     from .device import resolve_device
     from .distributed import init_from_env, is_main_process, rank_and_world
-    from .run import prepare_run_dir, run_distillation
+    from .run.loop import run_distillation
+    from .run.resume import prepare_run_dir
 
     started = time.time()
     config = resolve_config(method, given, preset, api=api)
@@ -250,13 +243,13 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     if is_main_process():
         print(describe_defaults(config))
         if not estimate:  # --estimate writes nothing
-            prepare_run_dir(out, config, resume, config_defaults(method), resume_may_change(method))
+            prepare_run_dir(out, config, resume, resume_may_change(method))
     run_dir = Path(out)
     loaded = time.perf_counter()
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=device, zca=config["zca"],
                       val_fraction=config["val_fraction"], seed=0, resolution=config["resolution"])
     setup_s = time.perf_counter() - loaded
-    from .estimate import check_host_memory, estimate_run, is_host_oom, out_of_memory
+    from .run.estimate import check_host_memory, estimate_run, oom_explained
 
     # before experts or steps: a CPU run whose step cannot fit in the memory available is refused with the setting
     memory = check_host_memory(config, ds.spec) if device.type == "cpu" else None
@@ -281,16 +274,8 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
         return estimate_run(method_obj, ds, {**config, "iterations": loop.iterations}, device, setup_s=setup_s,
                             memory=memory)
     print(f"distilling {ds.spec.name} with {config['method']} ({config['ipc']} images per class) into {run_dir}")
-    import torch  # noqa: PLC0415  (torch is imported lazily in this module)
-
-    try:
+    with oom_explained(config, "distillation"):
         result = run_distillation(method_obj, ds, run_dir, loop, resume=resume, progress=progress)
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(config, "distillation") from None
-    except (MemoryError, RuntimeError) as err:
-        if not is_host_oom(err):
-            raise
-        raise out_of_memory(config, "distillation", "host memory") from None
     if is_main_process():  # the HTML report, with the random-real baseline under the same protocol
         from .evaluation.score import measure_baseline
         from .io import atomic_write_text

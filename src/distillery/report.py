@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import UserError
 from .io import atomic_write_text
-from .runfiles import read_config, read_json_file, read_metrics, read_result
+from .run.files import read_config, read_json_file, read_metrics, read_result
 
 REPORT_JSON = "report.json"
 _HIDDEN_CONFIG = ("environment", "history")
@@ -44,7 +44,7 @@ code{background:#f3f3f3;padding:1px 4px}
 
 # --- reading the run directory ------------------------------------------------------------------------------------
 def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """metrics.csv (checked by `runfiles.read_metrics`) as {column: [(iteration, value), ...]} for every column
+    """metrics.csv (checked by `run.files.read_metrics`) as {column: [(iteration, value), ...]} for every column
     other than `it`; {} when there is none yet."""
     series: dict[str, list[tuple[float, float]]] = {}
     for row in read_metrics(run_dir) or []:

@@ -5,7 +5,7 @@ neither it nor the distillation keeps more than a core or two busy (their ops ar
 PyTorch may use between the two and running them at once leaves the numbers of both unchanged (an evaluation
 depends only on the set and its seed; the method never reads its result) while the wall time becomes about the
 larger of the two instead of their sum. The loop records a result when it arrives, in iteration order; a checkpoint
-written while one runs names it (`run.py`'s pending folder), so a kill loses nothing. When the loop stops early
+written while one runs names it (`run/loop.py`'s pending folder), so a kill loses nothing. When the loop stops early
 (Ctrl-C, an error) it cancels the running evaluation, which ends at its next epoch: the evaluation is handed
 `BackgroundEval.check` as its per-epoch `tick` (the training loops know nothing of threads).
 """

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models import create_model
-from ..runfiles import read_config
+from ..run.files import read_config
 from ..synset import SyntheticSet
 from . import dsa, rat
 from .dsa import EvalResult, random_real_runs

@@ -29,7 +29,7 @@ so it can neither turn negative nor explode, but it can sit at a bound; `lr_guar
 learning rate lr_lr / α₀² so the first step equals clamp's, |Δ log α| <= ln 2 per iteration): α stays positive and
 has no bound to stick to; `lr_guard="none"` is the faithful unconstrained mode, and the run stops with a clear
 message if α becomes non-positive or non-finite. `step` also reports `alpha_pinned` and `student_still`, which the
-run loop's health check (run.py, docs/DEFAULTS.md) watches.
+run loop's health check (run/health.py, docs/DEFAULTS.md) watches.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class MTT(Method):
     def host_memory(cls, config: dict[str, Any], spec) -> dict[str, float]:
         """The student graph of one iteration in its --grad mode (autograd's saved bytes of a step, measured at tiny
         sizes and extrapolated) and the fixed tensors."""
-        from ..estimate import mtt_step_bytes
+        from ..run.estimate import mtt_step_bytes
 
         n_images, pixels = config["ipc"] * spec.num_classes, spec.channels * spec.im_size[0] * spec.im_size[1]
         a, c, params = mtt_step_bytes(config.get("model") or spec.default_model, spec)
@@ -202,7 +202,7 @@ class MTT(Method):
 
     @property
     def health_fix(self) -> str:
-        """What to change when the run loop finds this run dead (run.py, health.py)."""
+        """What to change when the run loop finds this run dead (run/health.py)."""
         return (f"lower --lr-lr (now {self.cfg.lr_lr:g}) or --lr-img (now {self.cfg.lr_img:g}), or use --lr-guard "
                 "log, or start from a preset (`distillery presets`)")
 
@@ -276,7 +276,7 @@ class MTT(Method):
             elif not self.lr.item() > 0:
                 raise Diverged(f"step size α became {self.lr.item():.3g} at iteration {it} (--lr-guard none); "
                                "lower --lr-lr or use --lr-guard log or clamp")
-        # health signals for the run loop (run.py): α held at a guard bound; a student that did not move (L ≈ 1)
+        # health signals for the run loop (run/loop.py): α held at a guard bound; a student that did not move (L ≈ 1)
         return {"loss": res.loss, "lr": self.lr.item(), "start_epoch": float(t), "alpha_pinned": pinned,
                 "student_still": float(abs(res.loss - 1) < STILL_TOL)}
 
@@ -408,7 +408,7 @@ def experts_for(config: dict[str, Any], ds, device, progress: bool, estimate: bo
 
 def expert_cost_error(config: dict[str, Any], epoch_s: float) -> UserError:
     """`--estimate` without --experts: what training the run's experts would cost, and how to avoid it."""
-    from ..estimate import duration
+    from ..run.estimate import duration
 
     n, epochs = config["num_experts"], config["expert_epochs_train"]
     needed = config["max_start_epoch"] - 1 + config["expert_epochs"]

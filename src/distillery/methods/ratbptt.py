@@ -244,7 +244,7 @@ class RaTBPTT(Method):
     def host_memory(cls, config: dict[str, Any], spec) -> dict[str, float]:
         """The window's graph (autograd's saved bytes of a step, measured at tiny sizes and extrapolated), the chunked
         meta-loss, the real batch with its augmented copy, and the fixed tensors."""
-        from ..estimate import rat_step_bytes
+        from ..run.estimate import rat_step_bytes
 
         n_images, pixels = config["ipc"] * spec.num_classes, spec.channels * spec.im_size[0] * spec.im_size[1]
         a, c, r, params = rat_step_bytes(config.get("model") or spec.default_model, spec)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ..errors import UserError
-from ..health import DEFAULT_FIX
+from ..run.health import DEFAULT_FIX
 from ..options import option
 from ..synset import SyntheticSet
 
@@ -111,7 +111,7 @@ class Method:
 
     @property
     def health_fix(self) -> str:
-        """What to change when the run loop finds this run dead (health.py)."""
+        """What to change when the run loop finds this run dead (run/health.py)."""
         return DEFAULT_FIX
 
     @property

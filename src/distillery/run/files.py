@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 _FIXES = {"config.json": "restore it, or delete the run directory to start over",
           "metrics.csv": "restore it, or continue the run with --resume, which rewrites it from the checkpoint",

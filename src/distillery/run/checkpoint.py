@@ -23,9 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .errors import UserError
-from .io import atomic_write_bytes
+from ..errors import UserError
+from ..io import atomic_write_bytes
 
+CHECKPOINT = "checkpoint.safetensors"  # the run's checkpoint in RUN_DIR, written every `checkpoint_every` iterations
 FORMAT = "distillery-checkpoint"
 VERSION = "1"
 _FIX = "delete it to start the run again from iteration 0 with the same command, or restore it from a copy"
@@ -33,6 +34,11 @@ _FIX = "delete it to start the run again from iteration 0 with the same command,
 
 class _Damaged(Exception):
     """Why a checkpoint's content is not a valid state (turned into the one-line UserError by `read_checkpoint`)."""
+
+
+def _whole(v: Any) -> bool:
+    """An int that is not a bool (True and False are ints to Python, not to the format)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -59,7 +65,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [_encode(v, tensors) for v in obj]
     if isinstance(obj, dict):
         for k in obj:
-            if not isinstance(k, (str, int)) or isinstance(k, bool):
+            if not (isinstance(k, str) or _whole(k)):
                 raise TypeError(f"checkpoint state key {k!r} is not a str or int")
         return {"dict": [[k, _encode(v, tensors)] for k, v in obj.items()]}
     raise TypeError(f"checkpoint state holds a {type(obj).__name__}, which the format does not store")
@@ -79,8 +85,7 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor], used: set[str]) -> Any:
         if tag == "tuple" and isinstance(value, list):
             return tuple(_decode(v, tensors, used) for v in value)
         if tag == "dict" and isinstance(value, list) and all(
-                isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int)) and not isinstance(p[0], bool)
-                for p in value):
+                isinstance(p, list) and len(p) == 2 and (isinstance(p[0], str) or _whole(p[0])) for p in value):
             return {k: _decode(v, tensors, used) for k, v in value}
     raise _Damaged(f"unexpected entry {json.dumps(node)[:60]}")
 
@@ -98,12 +103,12 @@ def _check_loop(state: Any) -> None:
     if not isinstance(state, dict) or not {"it", "best_val", "rows", "method"} <= set(state):
         raise _Damaged("it lacks the loop state")
     it, pending = state["it"], state.get("pending_eval")
-    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+    if not _whole(it) or it < 0:
         raise _Damaged(f"iteration {it!r}")
     if not isinstance(state["best_val"], (int, float)) or isinstance(state["best_val"], bool) \
             or math.isnan(state["best_val"]):
         raise _Damaged(f"best validation accuracy {state['best_val']!r}")
-    if pending is not None and (not isinstance(pending, int) or isinstance(pending, bool) or not 0 <= pending <= it):
+    if pending is not None and (not _whole(pending) or not 0 <= pending <= it):
         raise _Damaged(f"pending evaluation {pending!r}")
     rows = state["rows"]
     if not isinstance(rows, list) or not all(

@@ -6,7 +6,7 @@ measured), distillation (iterations x s/iteration) and every network the loop an
 `eval_epochs + 1` passes plus its test pass. Nothing is written to the run directory, and no expert is trained.
 Before a CPU run starts, `check_host_memory` projects the memory of one step (autograd's saved tensors measured at
 tiny sizes and extrapolated) and refuses a run that would not fit in the memory available; an out-of-memory error
-(CUDA or host) becomes a UserError naming the setting to lower (`oom_advice`).
+(CUDA or host) becomes a UserError naming the setting to lower (`oom_explained`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import UserError
-from .evaluation.dsa import train_model
-from .methods import get_method
-
+from ..errors import UserError
+from ..evaluation.dsa import train_model
+from ..methods import get_method
 
 GB = 1e9
 
@@ -31,9 +31,9 @@ def mtt_step_bytes(model: str, spec, learned: bool = False) -> tuple[float, floa
     """(a, c, P): autograd keeps a + c·b bytes for one unrolled student step (forward + double backward) on b
     images of `spec`'s size with its DSA, measured at 1 and 2 steps and images; P parameters. `learned`: soft
     labels that get a gradient, as learned labels do."""
-    from .augment import Augment
-    from .methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
-    from .models import FunctionalModel, create_model
+    from ..augment import Augment
+    from ..methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
+    from ..models import FunctionalModel, create_model
 
     fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
     theta, augment, g = fm.flatten(fm.module).detach(), Augment(spec.dsa_strategy), torch.Generator().manual_seed(0)
@@ -56,10 +56,10 @@ def mtt_step_bytes(model: str, spec, learned: bool = False) -> tuple[float, floa
 def rat_step_bytes(model: str, spec) -> tuple[float, float, float, int]:
     """(a, c, r, P): a RaT-BPTT window step on b synthetic images keeps a + c·b bytes, the meta-loss r per real
     image of a chunk; measured at 1 and 2 steps, images and real images; P parameters."""
-    from .augment import Augment
-    from .methods.bptt import InnerOptimizer, meta_gradient
-    from .methods.trajectory import SavedTensorBytes
-    from .models import FunctionalModel, create_model
+    from ..augment import Augment
+    from ..methods.bptt import InnerOptimizer, meta_gradient
+    from ..methods.trajectory import SavedTensorBytes
+    from ..models import FunctionalModel, create_model
 
     fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
     theta, augment, g = fm.flatten(fm.module).detach(), Augment.rat(), torch.Generator().manual_seed(0)
@@ -110,19 +110,29 @@ def oom_advice(config: dict[str, Any]) -> str:
     return get_method(config["method"]).oom_advice(config)
 
 
-def out_of_memory(config: dict[str, Any], where: str, device: str = "CUDA") -> UserError:
-    """The one-line error for an out-of-memory error of `device` ("CUDA" or "host memory") during `where`."""
-    return UserError(f"{device} ran out of memory during {where}; {oom_advice(config)}")
+@contextmanager
+def oom_explained(config: dict[str, Any], where: str) -> Iterator[None]:
+    """Turn running out of memory (CUDA, or the CPU allocator: MemoryError or torch's "can't allocate memory")
+    during `where` into the one-line UserError naming the settings to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA ran out of memory during {where}; {oom_advice(config)}") from None
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "can't allocate memory" not in str(err):
+            raise
+        raise UserError(f"host memory ran out of memory during {where}; {oom_advice(config)}") from None
 
 
-def is_host_oom(err: BaseException) -> bool:
-    """Whether `err` is the CPU allocator failing (MemoryError, or torch's "can't allocate memory")."""
-    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
-
-
-def _sync(device: torch.device) -> None:
+def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """`fn()` and its wall time in seconds, with CUDA's queued work finished before the clock starts and stops."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -161,37 +171,24 @@ def estimate_run(method, ds, config: dict[str, Any], device: torch.device, itera
     projection, printed."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    try:
-        for it in range(iterations):
-            _sync(device)
-            start = time.perf_counter()
-            method.step(it)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+    with oom_explained(config, "the estimate"):
+        times = [_timed(device, lambda: method.step(it))[1] for it in range(iterations)]
         s = method.synset()
         model = config.get("eval_model") or s.meta.get("model") or ds.spec.default_model
         lr = s.lr if s.lr is not None else 0.01
-        _sync(device)
-        start = time.perf_counter()
-        net = train_model(model, s.images.to(device), s.labels.to(device), ds.spec.channels, ds.spec.num_classes,
-                          epochs=1, lr=lr, strategy=ds.spec.dsa_strategy)  # 2 passes (epochs + 1)
-        _sync(device)
-        epoch_s = (time.perf_counter() - start) / 2
+        net, seconds = _timed(device, lambda: train_model(model, s.images.to(device), s.labels.to(device),
+                                                          ds.spec.channels, ds.spec.num_classes, epochs=1, lr=lr,
+                                                          strategy=ds.spec.dsa_strategy))
+        epoch_s = seconds / 2  # 2 passes (epochs + 1)
         probe = ds.test.x[:1000].to(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            net.eval()
-            for i in range(0, len(probe), 256):
-                net(probe[i:i + 256])
-        _sync(device)
-        image_s = (time.perf_counter() - start) / max(len(probe), 1)
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(config, "the estimate") from None
-    except (MemoryError, RuntimeError) as err:
-        if not is_host_oom(err):
-            raise
-        raise out_of_memory(config, "the estimate", "host memory") from None
+
+        def predict() -> None:
+            with torch.no_grad():
+                net.eval()
+                for i in range(0, len(probe), 256):
+                    net(probe[i:i + 256])
+
+        image_s = _timed(device, predict)[1] / max(len(probe), 1)
     per_it = statistics.median(times[1:]) if len(times) > 1 else times[0]  # the first includes warm-up
     if config["method"] == "ratbptt":  # the set's own protocol trains to its longest step count (1 step = 1 epoch)
         passes = max(int(c) for c in str(config.get("rat_eval_steps", "3000")).split(","))

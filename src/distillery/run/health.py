@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from ..errors import UserError
 
 WARN_AFTER = 10    # dead iterations in a row before a warning
 STOP_AFTER = 50    # ... before the run stops
