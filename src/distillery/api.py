@@ -34,7 +34,8 @@ __all__ = ["SyntheticSet", "distill", "evaluate_set", "export_set", "import_expe
 _DECLARED = option_meta(CommandOptions)
 # keyword of an API function -> the CommandOptions declaration it is checked against (where the names differ)
 _SAME_AS = {"epochs": "eval_epochs", "fmt": "format", "directory": "dir", "path": "file"}
-_PATHS = ("out", "run_dir", "path", "directory")  # keywords naming a file or folder: a str or os.PathLike
+# keywords naming a file or folder: a str or os.PathLike
+_PATHS = ("out", "run_dir", "path", "directory", "data_dir", "experts", "init_from")
 
 
 def _check_path(where: str, name: str, value: Any, optional: bool) -> None:
@@ -159,6 +160,10 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
         raise UserError(f"distill(): preset={preset!r} is not a str; `distillery presets` lists the names")
     keys = sorted(config_keys() | {"dataset", "zca", "experts", "seed"})
     check_known(options, [*keys, *_RUN_KEYWORDS], "distill()", lambda n: f"{n}=")
+    for name in _PATHS:
+        if options.get(name) is not None:  # a pathlib.Path is as good as a str; the configuration records the str
+            _check_path("distill()", name, options[name], optional=False)
+            options[name] = os.fspath(options[name])
     run = {k: options.pop(k) for k in _RUN_KEYWORDS if k in options}
     spell = lambda n: f"distill(): {n}="  # noqa: E731
     check_values(CommandOptions, {k: v for k, v in run.items() if k in _DECLARED}, spell)
