@@ -10,8 +10,7 @@ saved after every epoch; index 0 is the init. Data stay on the device; there is 
 Randomness: expert k of a run with `seed` uses `s = seed * 100003 + k` twice: `init_seeded(model, ..., seed=s)`
 for its init, and one `torch.Generator` on the device seeded with `s` for its data order (one `randperm` per epoch)
 and its augmentation (one DSA draw per minibatch). Nothing is shared between experts, so training them one at a
-time or K at once (one grouped ConvNet, or `torch.func.vmap` for other models) gives the same trajectories up
-to float rounding.
+time or side by side gives the same trajectories.
 
 Store format (format_version 1), a directory:
 
@@ -65,12 +64,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from .augment import Augment
@@ -79,7 +76,7 @@ from .device import resolve_device
 from .distributed import barrier, is_main_process, rank_and_world
 from .errors import UserError
 from .evaluation.parallel import map_runs
-from .evaluation.training import CapturedSGD, augment_each, autograd_step, capturable
+from .evaluation.training import FlatSGD, capturable, plain_step
 from .io import atomic_write_bytes, atomic_write_text, inside
 from .models import FunctionalModel, create_model, has_batchnorm, init_seeded
 from .options import option
@@ -93,10 +90,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 PARTIAL = ".partial"
-# Experts trained at once when `parallel=None`, per device type, from benchmarks/expert_speed.py (numbers in
-# docs/EXPERTS.md): on CPU vmap measured 1.2-2x and the grouped ConvNet 1.3x slower per expert than one at a time.
-# CUDA is not measured yet (benchmarks/gpu_suite.py's expert rows decide), so it stays on the one-at-a-time path.
-DEFAULT_PARALLEL = {"cpu": 1, "cuda": 1}
 # Stores up to this size are kept in memory after the first read when `cache=None`.
 AUTO_CACHE_BYTES = 512 * 2**20
 # Experts per file in MTT's replay buffers (buffer.py --save_interval): the unit of distill.py's --max_files.
@@ -106,8 +99,6 @@ _VERIFIED: set[tuple[str, str]] = set()
 # Manifest keys that must agree before an existing directory is resumed.
 _CONFIG_KEYS = ("format_version", "dataset", "model", "channels", "num_classes", "im_size", "preprocess",
                 "epochs", "lr", "decay", "momentum", "weight_decay", "batch", "dsa_strategy", "seed", "layout")
-# step(flats (K, P), images (K, B, C, H, W), labels (K, B)) -> (grads (K, P), losses (K,))
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _FIX = "retrain with `distillery experts` for this setting or pass the matching --experts dir"
 
 
@@ -156,20 +147,15 @@ def epoch_lr(lr: float, epoch: int, epochs: int, decay: bool) -> float:
 
 def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, lr: float = 0.01, batch: int = 256, *,
                   out_dir: str | Path, device: str | torch.device | None = None, seed: int = 0,
-                  parallel: int | None = None, decay: bool = False, progress: bool = True, momentum: float = 0.0,
+                  decay: bool = False, progress: bool = True, momentum: float = 0.0,
                   weight_decay: float = 0.0, fast: bool = False) -> ExpertStore:
     """Train experts 0..num_experts-1 into `out_dir` (resuming whatever is already there) and open the store.
 
     `momentum`, `weight_decay`, `decay`: buffer.py's --mom, --l2 and --decay (torch.optim.SGD's update, dampening 0;
     the momentum restarts from zero when the lr decays, as buffer.py builds a new optimiser then). 0, 0, False is the
     published recipe.
-    `parallel` = experts trained at once (a grouped ConvNet, else `torch.func.vmap`); 1 is the plain
-    one-at-a-time path (plain autograd); all give the
-    same trajectories up to float rounding. None picks `DEFAULT_PARALLEL` for the device: 1 on CPU, where vmap
-    measured 1.2-2x slower per expert (docs/EXPERTS.md), and 1 on CUDA until a GPU measurement says otherwise.
-    Memory grows linearly with `parallel` (~1.1 GB per expert for ConvNet on 32x32 at batch 256).
-    `fast` (CUDA only): every minibatch step replays a captured CUDA graph (`evaluation.training.CapturedSGD`), equal up
-    to float rounding; for a K > 1 group of a model that cannot be grouped it trains as usual.
+    `fast` (CUDA only): every minibatch step replays a captured CUDA graph (`evaluation.training.FlatSGD`), equal up
+    to float rounding; a model with buffers (not capturable) trains as usual.
     Device: `device`, or where `ds.train.x` lives when None. `progress` shows a bar and prints each expert's
     val/test accuracy. With torch.distributed initialised (torchrun) every rank must call this: rank r trains experts
     r, r + G, ... and all ranks return once the whole store is finished.
@@ -184,9 +170,6 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     device = ds.train.x.device if device is None else resolve_device(device)
     if fast:
         check_cuda("--fast", device)
-    parallel = DEFAULT_PARALLEL.get(device.type, 1) if parallel is None else parallel
-    if parallel < 1:
-        raise UserError(f"parallel must be at least 1, got {parallel}")
     spec = ds.spec
     template = create_model(model, spec.channels, spec.num_classes, spec.im_size).to(device)
     if has_batchnorm(template):
@@ -209,7 +192,7 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     for k in sorted(done.intersection(mine)):  # snapshots left by a run killed right after an expert's manifest entry
         if not _partial_dir(out, k).exists():
             continue
-        with _expert_locks(out, [k], wait=False) as held:
+        with _expert_lock(out, k, wait=False) as held:
             if held:
                 shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
     todo = [k for k in mine if k not in done]
@@ -220,36 +203,34 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
     bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
-    def run_group(group: list[int], wait: bool = False) -> list[int]:
-        """Train `group` under its experts' locks; the experts another process holds now are returned (`wait`:
-        wait for them instead), those another process finished are skipped."""
-        with _expert_locks(out, group, wait=wait) as held:
+    def run_expert(k: int, wait: bool = False) -> bool:
+        """Train expert k under its lock; False when another process holds it now (`wait`: wait for it instead),
+        skipped when another process finished it."""
+        with _expert_lock(out, k, wait=wait) as held:
             if not held:
-                return group
+                return False
             with _manifest_lock(out):
                 finished = {e["index"] for e in _read_manifest(out / MANIFEST)["experts"]}
-            for k in finished.intersection(group):
+            if k in finished:
                 shutil.rmtree(_partial_dir(out, k), ignore_errors=True)
                 bar.update(epochs)
-            group = [k for k in group if k not in finished]
-            if not group:
-                return []
+                return True
             own = FunctionalModel(copy.deepcopy(template))  # functional_call swaps a module's parameters: one a thread
-            finals = _train_group(own, init, train, augment, group, seed, epochs, lr, batch, decay, out, bar,
-                                  momentum, weight_decay, fast)
-            for k, final in zip(group, finals):
-                entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
-                if progress:
-                    val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
-                    tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
-        return []
+            final = _train_expert(own, init, train, augment, k, seed, epochs, lr, batch, decay, out, bar, momentum,
+                                  weight_decay, fast)
+            entry = _finish_expert(out, own, ds, device, manifest, k, expert_seed(seed, k), final, epochs)
+            if progress:
+                val = "n/a" if entry["val_acc"] is None else f"{entry['val_acc']:.2%}"
+                tqdm.write(f"expert {k}: val acc {val}, test acc {entry['test_acc']:.2%}")
+        return True
 
-    # groups side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another. Experts
+    # experts side by side on the CPU, one thread each (`parallel.map_runs`): equal to one after another. Experts
     # another process is training (two commands sharing a store or the cache) are left to it, then waited for.
-    busy = map_runs(run_group, [todo[i:i + parallel] for i in range(0, len(todo), parallel)], device)
-    for group in filter(None, busy):
-        tqdm.write(f"experts {group} are being trained by another process into {out}; waiting for it")
-        run_group(group, wait=True)
+    done_now = map_runs(run_expert, todo, device)
+    for k, ran in zip(todo, done_now):
+        if not ran:
+            tqdm.write(f"expert {k} is being trained by another process into {out}; waiting for it")
+            run_expert(k, wait=True)
     bar.close()
     barrier()  # every rank's experts are finished before anyone opens the store or tidies up
     partial = out / PARTIAL
@@ -301,46 +282,38 @@ def _manifest_lock(out: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _expert_locks(out: Path, group: list[int], wait: bool) -> Iterator[bool]:
-    """Hold exclusive flocks on `.partial/expert_K.lock` for every K in `group` (taken in index order, so two
-    processes never deadlock); yield False at once, holding none, if another process holds one and not `wait`.
+def _expert_lock(out: Path, k: int, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on `.partial/expert_K.lock`; yield False at once, holding nothing, if another process
+    holds it and not `wait`.
 
     Only the holder of expert K's lock touches `.partial/expert_K/`, so processes sharing a store never write, resume
-    from or delete each other's snapshots. A lock file is removed when its expert is done; one removed between our
+    from or delete each other's snapshots. The lock file is removed when its expert is done; one removed between our
     open and our flock is opened again (the inode check)."""
-    fds: list[int] = []
-    try:
-        for k in sorted(group):
-            path = out / PARTIAL / f"expert_{k:04d}.lock"
-            while True:
-                try:
-                    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-                except FileNotFoundError:  # another process removed the empty .partial between the two calls
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    os.close(fd)
-                    for held in fds:
-                        os.close(held)
-                    fds = []
-                    yield False
-                    return
-                try:
-                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    fds.append(fd)
-                    break
-                os.close(fd)
-        yield True
-        for k in group:  # finished or skipped: the lock files go (still held, so nobody is waiting on a stale one)
-            (out / PARTIAL / f"expert_{k:04d}.lock").unlink(missing_ok=True)
-    finally:
-        for fd in fds:
+    path = out / PARTIAL / f"expert_{k:04d}.lock"
+    while True:
+        try:
+            (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # another process removed the empty .partial between the two calls
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
             os.close(fd)
+            yield False
+            return
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield True
+        path.unlink(missing_ok=True)  # finished or skipped: still held, so nobody is waiting on a stale file
+    finally:
+        os.close(fd)
 
 
 def _record_expert(out: Path, entry: dict) -> None:
@@ -352,50 +325,38 @@ def _record_expert(out: Path, entry: dict) -> None:
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def _train_group(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
-                 augment: Augment, group: list[int], seed: int, epochs: int, lr: float, batch: int, decay: bool,
-                 out: Path, bar: tqdm, momentum: float = 0.0, weight_decay: float = 0.0,
-                 fast: bool = False) -> torch.Tensor:
-    """Train the experts in `group` side by side from their last saved epoch; return final parameters (K, P).
-    `fast`: from captured CUDA graphs where the model allows it (`CapturedSGD`)."""
+def _train_expert(fm: FunctionalModel, init: Callable[[int], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
+                  augment: Augment, k: int, seed: int, epochs: int, lr: float, batch: int, decay: bool, out: Path,
+                  bar: tqdm, momentum: float = 0.0, weight_decay: float = 0.0, fast: bool = False) -> torch.Tensor:
+    """Train expert k from its last saved epoch, saving every epoch; return its final parameters (P,).
+    `fast`: from captured CUDA graphs where the model allows it (`FlatSGD`)."""
     x, y = train
-    device = x.device
-    seeds = [expert_seed(seed, k) for k in group]
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    start = min(_last_saved_epoch(out, k) for k in group)
-    if start < 0:  # nothing saved yet: fresh inits, saved as epoch 0
+    s = expert_seed(seed, k)
+    gen = torch.Generator(device=x.device).manual_seed(s)
+    start = _last_saved_epoch(out, k)
+    if start < 0:  # nothing saved yet: a fresh init, saved as epoch 0
         start = 0
-        flats = torch.stack([init(s) for s in seeds])
-        for k, flat, gen in zip(group, flats, gens):
-            _save_epoch(out, k, 0, flat, gen)
+        flat = init(s)
+        _save_epoch(out, k, 0, flat, gen)
     else:
-        flats = torch.stack([_load_epoch(out, k, start, gen) for k, gen in zip(group, gens)]).to(device)
-    bufs = None  # SGD momentum buffers (K, P), saved with every snapshot so that a resumed run continues exactly
+        flat = _load_epoch(out, k, start, gen).to(x.device)
+    buf = None  # the SGD momentum buffer, saved with every snapshot so that a resumed run continues exactly
     if momentum:
-        bufs = torch.stack([_load_momentum(out, k, start) for k in group]).to(device) if start else \
-            torch.zeros_like(flats)
-    bar.update(start * len(group))
-    step = _make_step(fm, len(group))
-    captured = None
-    if fast and capturable(fm.module, len(group)):  # the weights and buffers become the graphs' state
-        captured = CapturedSGD(step, augment, x, y, flats, torch.zeros_like(flats) if bufs is None else bufs,
-                               momentum, weight_decay, option="--fast")
+        buf = _load_momentum(out, k, start).to(x.device) if start else torch.zeros_like(flat)
+    bar.update(start)
+    sgd = FlatSGD(plain_step(fm), augment, x, y, flat, buf, momentum, weight_decay,
+                  capture=fast and capturable(fm.module), option="--fast")
     for epoch in range(start, epochs):
         lr_now = epoch_lr(lr, epoch, epochs, decay)
-        if bufs is not None and epoch and lr_now != epoch_lr(lr, epoch - 1, epochs, decay):
-            bufs.zero_()  # buffer.py builds a new SGD optimiser (fresh momentum) when the lr decays
-        if captured is not None:
-            losses = captured.epoch(gens, batch, lr_now)
-        else:
-            flats, losses = _sgd_epoch(step, flats, gens, x, y, augment, batch, lr_now, bufs, momentum, weight_decay)
-        losses = losses.tolist()
-        for i, (k, flat, gen, loss) in enumerate(zip(group, flats, gens, losses)):
-            if not math.isfinite(loss):
-                raise UserError(f"expert {k} diverged in epoch {epoch + 1} (train loss {loss}); use a smaller lr")
-            _save_epoch(out, k, epoch + 1, flat, gen, None if bufs is None else bufs[i])
-        bar.update(len(group))
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
-    return flats
+        if buf is not None and epoch and lr_now != epoch_lr(lr, epoch - 1, epochs, decay):
+            buf.zero_()  # buffer.py builds a new SGD optimiser (fresh momentum) when the lr decays
+        loss = sgd.epoch(gen, batch, lr_now).item()
+        if not math.isfinite(loss):
+            raise UserError(f"expert {k} diverged in epoch {epoch + 1} (train loss {loss}); use a smaller lr")
+        _save_epoch(out, k, epoch + 1, flat, gen, buf)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return flat
 
 
 def time_expert_epoch(ds: Dataset, model: str, batch: int = 256, lr: float = 0.01, probe: int = 2) -> float:
@@ -403,51 +364,17 @@ def time_expert_epoch(ds: Dataset, model: str, batch: int = 256, lr: float = 0.0
     the training code itself (what `--estimate` projects expert training from, without training any)."""
     spec = ds.spec
     fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size).to(ds.train.x.device))
-    step, augment = _make_step(fm, 1), Augment(spec.dsa_strategy)
-    flats = fm.flatten(fm.module).detach()[None]
-    gens = [torch.Generator(device=ds.train.x.device).manual_seed(0)]
+    flat = fm.flatten(fm.module).detach()
+    gen = torch.Generator(device=ds.train.x.device).manual_seed(0)
     x, y = ds.train.x[:batch * (probe + 1)], ds.train.y[:batch * (probe + 1)]
-    _sgd_epoch(step, flats, gens, x[:batch], y[:batch], augment, batch, lr)  # warm-up
+
+    def epoch(xs: torch.Tensor, ys: torch.Tensor) -> None:
+        FlatSGD(plain_step(fm), Augment(spec.dsa_strategy), xs, ys, flat, None, 0.0, 0.0).epoch(gen, batch, lr)
+
+    epoch(x[:batch], y[:batch])  # warm-up
     start = time.perf_counter()
-    _sgd_epoch(step, flats, gens, x[batch:], y[batch:], augment, batch, lr)
+    epoch(x[batch:], y[batch:])
     return (time.perf_counter() - start) * len(ds.train.x) / max(len(x) - batch, 1)
-
-
-def _make_step(fm: FunctionalModel, k: int) -> Step:
-    """The gradient step of K experts: plain autograd for K = 1 or a grouped ConvNet (evaluation/training.py), else
-    vmapped `torch.func.grad` (grad_and_value alone costs 1.3x: GroupNorm's double-differentiable backward)."""
-    fast = autograd_step(fm, k)
-    if fast is not None:
-        return fast
-
-    def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(fm(flat, xb), yb)
-
-    return vmap(grad_and_value(loss))
-
-
-def _sgd_epoch(step: Step, flats: torch.Tensor, gens: list[torch.Generator], x: torch.Tensor, y: torch.Tensor,
-               augment: Augment, batch: int, lr: float, bufs: torch.Tensor | None = None, momentum: float = 0.0,
-               weight_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of SGD for K experts, each with its own order and DSA draws; returns (flats, mean losses).
-
-    Plain SGD by default; with `weight_decay` and momentum buffers `bufs` (updated in place) torch.optim.SGD's
-    step: g += wd * θ, buf = momentum * buf + g, θ -= lr * buf."""
-    orders = [torch.randperm(len(x), generator=g, device=x.device) for g in gens]
-    total = torch.zeros(len(gens), device=x.device)
-    for i in range(0, len(x), batch):
-        idx = [order[i:i + batch] for order in orders]
-        with torch.no_grad():
-            xs = augment_each(augment, [x[j] for j in idx], gens)  # one DSA call per distinct token
-        ys = torch.stack([y[j] for j in idx])
-        grads, losses = step(flats, xs, ys)
-        if weight_decay:
-            grads = grads.add(flats, alpha=weight_decay)
-        if bufs is not None:
-            grads = bufs.mul_(momentum).add_(grads)
-        flats = flats - lr * grads
-        total += losses.detach() * len(idx[0])
-    return flats, total / len(x)
 
 
 def _partial_dir(out: Path, k: int) -> Path:
