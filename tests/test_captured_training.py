@@ -185,7 +185,7 @@ def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp
     from tqdm import tqdm
 
     import distillery.evaluation.training as gt
-    from distillery import experts
+    from distillery.experts import train as experts
 
     monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery import experts
+from distillery.experts import train as experts
 from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.experts import ExpertStore, epoch_lr, expert_seed, train_experts
