@@ -119,6 +119,15 @@ def test_corrupt_shard_refused(store_copy):
         store.checkpoint(1, 0)
 
 
+def test_manifest_without_a_recipe_key_refused(store_copy):
+    """Every manifest holds every recipe key (`store_recipe` and resume read them directly)."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    del manifest["momentum"]
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest.json is damaged: it lacks momentum; retrain"):
+        ExpertStore.open(store_copy)
+
+
 def test_resume_trains_only_missing_expert(ds, store_copy, monkeypatch):
     before = ExpertStore.open(store_copy)
     old_first = (store_copy / "expert_0000.safetensors").read_bytes()
