@@ -137,6 +137,7 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
         return fm.flatten(init_seeded(model, spec.channels, spec.num_classes, spec.im_size, s)).detach().to(device)
 
     bar = tqdm(total=len(todo) * epochs, desc=f"experts {model}", unit="ep", disable=not (progress and rank == 0))
+
     def run_expert(k: int, wait: bool = False) -> bool:
         """Train expert k under its lock; False when another process holds it now (`wait`: wait for it instead),
         skipped when another process finished it."""
