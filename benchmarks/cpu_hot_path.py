@@ -8,8 +8,8 @@ Rows, ConvNet-128 (depth 3, instance norm) on random 3x32x32 tensors (speed does
     (`reference_loops.published_mtt_iteration`: nn.GroupNorm, DSA op by op) against `unrolled_grad`, on the same
     step plan; their image and step-size gradients are compared (equal results).
   * TESLA iteration, same setting (ours; no published port).
-  * expert epoch (batch 256, DSA, SGD lr 0.01): the port of buffer.py's loop against `experts._sgd_epoch` with the
-    one-expert step, from the same init and generator; their parameters after one epoch are compared.
+  * expert epoch (batch 256, DSA, SGD lr 0.01): the port of buffer.py's loop against the experts' `FlatSGD` epoch with the
+    plain step, from the same init and generator; their parameters after one epoch are compared.
   * RaT-BPTT outer step (ours; `--rat-*` set its size, smaller than the published 200-step horizon by default).
 Runs alternate (published, ours, published, ...) so the shared machine's load falls on both; the ratio is of
 process CPU seconds (medians), what a CPU shared with other jobs measures fairly. The floor is FLOPs counted by
@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distillery.augment import Augment
 from distillery.data.registry import get_spec
-from distillery.experts import _make_step, _sgd_epoch
+from distillery.evaluation.training import FlatSGD, plain_step
 from distillery.methods.bptt import InnerOptimizer, meta_gradient
 from distillery.methods.tesla import tesla_grad
 from distillery.methods.trajectory import make_plan, unrolled_grad
@@ -88,26 +88,34 @@ def mtt_rows(steps: int, rounds: int) -> tuple[dict, dict, str]:
     return alternate(fns, rounds, "cpu"), counts, equal
 
 
+def expert_epoch(fm: FunctionalModel, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 augment: Augment) -> torch.Tensor:
+    """The parameters after one expert epoch (SGD lr 0.01, batch 256, generator seed 0) from a copy of `flat`."""
+    out = flat.clone()
+    FlatSGD(plain_step(fm), augment, x, y, out, None, 0.0, 0.0).epoch(torch.Generator().manual_seed(0), 256, 0.01)
+    return out
+
+
 def expert_rows(n: int, rounds: int) -> tuple[dict, float, str]:
     """Published buffer.py epoch vs ours on the same data, init and generator: timings, FLOPs, equality note."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 3, *SIZE, generator=gen), torch.randint(0, 10, (n,), generator=gen)
     strategy = get_spec("cifar10").dsa_strategy
     fm = FunctionalModel(init_seeded("ConvNet", 3, 10, SIZE, 0))
-    flats = fm.flatten(fm.module).detach()[None]
-    step, augment = _make_step(fm, 1), Augment(strategy)
+    flat = fm.flatten(fm.module).detach()
+    step, augment = plain_step(fm), Augment(strategy)
 
     def ours() -> torch.Tensor:
-        return _sgd_epoch(step, flats, [torch.Generator().manual_seed(0)], x, y, augment, 256, 0.01)[0]
+        return expert_epoch(fm, flat, x, y, augment)
 
     net = published_convnet(3, 10, SIZE, 0)
     published_expert_epoch(net, x, y, strategy)  # from the same init and generator seed as `ours`
     theirs = fm.flatten(net).detach()
-    rel = ((ours()[0] - theirs).norm() / (theirs - flats[0]).norm()).item()
+    rel = ((ours() - theirs).norm() / (theirs - flat).norm()).item()
     equal = f"parameters after one epoch: |ours - published| / |published update| = {rel:.1e}"
     fns = {"expert epoch: published (buffer.py port)": lambda: published_expert_epoch(net, x, y, strategy),
            "expert epoch: distillery": ours}
-    count = flops(lambda: step(flats, x[None, :256], y[None, :256])) * n / 256
+    count = flops(lambda: step(flat, x[:256], y[:256])) * n / 256
     return alternate(fns, rounds, "cpu"), count, equal
 
 
@@ -133,8 +141,7 @@ def float64_checks(steps: int = 5, images: int = 512) -> list[str]:
         start = fm.flatten(net).detach()
         published_expert_epoch(net, xs, ys, augment.strategy)
         theirs = fm.flatten(net).detach()
-        mine = _sgd_epoch(_make_step(fm, 1), start[None], [torch.Generator().manual_seed(0)], xs, ys, augment, 256,
-                          0.01)[0][0]
+        mine = expert_epoch(fm, start, xs, ys, augment)
         expert = ((mine - theirs).norm() / (theirs - start).norm()).item()
     finally:
         torch.set_default_dtype(torch.float32)

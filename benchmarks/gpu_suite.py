@@ -7,13 +7,12 @@ DATA_DIR holds the CIFAR-10 JPEG copy as `distillery distill --data-dir` reads i
 row is skipped. Rows (published H100 figures beside ours): MTT unrolled IPC 1/10/50 with N 50/30/30 and IPC 10 with
 N 20 and 80; TESLA and checkpointed at IPC 50 N 30; DATM (learned labels, N 80) unrolled at IPC 10 and checkpointed
 at IPC 50 with k = ceil(sqrt N) and k = 1; RaT-BPTT at the README setting (IPC 10, W 60, T 200, real
-batch 5000; on CUDA also from captured CUDA graphs, `--fast on`); an expert epoch (45,000 images: the published loop's port, ours one at a time, ours K at once, on CUDA
+batch 5000; on CUDA also from captured CUDA graphs, `--fast on`); an expert epoch (45,000 images: the published loop's port, ours, on CUDA
 also from captured CUDA graphs, `experts --fast on`); a
-5 x 1000-epoch evaluation of a 100-image set (published port, ours one by one, ours together, on CUDA both of ours
+5 x 1000-epoch evaluation of a 100-image set (published port, ours, on CUDA
 also from captured CUDA graphs, `--eval-fast on`); a short-schedule
 CIFAR-10 IPC 10 MTT run end to end, experts included, with its test accuracy. "fast on" = distillery's default
-paths (closed-form instance norm, chunked RaT meta-loss, grouped training); "fast off" = nn.GroupNorm, unchunked,
-one network at a time. "CUDA graph on/off" rows time MTT IPC 10 N 30 (default paths) with the whole iteration
+paths (closed-form instance norm, chunked RaT meta-loss); "fast off" = nn.GroupNorm, unchunked. "CUDA graph on/off" rows time MTT IPC 10 N 30 (default paths) with the whole iteration
 captured as one CUDA graph (`--fast on`, methods/graphed.py) against the plain unroll, each also with instance
 norm's double backward as one Triton kernel (`--norm-kernel triton`); --smoke skips the CUDA-only rows and says so. Each timed row: one warm-up (not for the long evaluation rows), then alternating rounds
 (3 for iterations, 2 for expert epochs, 1 for evaluations), min / median / max and
@@ -41,8 +40,7 @@ from reference_loops import alternate, published_convnet, published_evaluate, pu
 from distillery.augment import Augment
 from distillery.cli import main as cli_main
 from distillery.evaluation.dsa import train_runs
-from distillery.evaluation.training import CapturedSGD
-from distillery.experts import _make_step, _sgd_epoch
+from distillery.evaluation.training import FlatSGD, plain_step
 from distillery.io import atomic_write_text
 from distillery.methods.graphed import GraphedUnroll
 from distillery.methods.bptt import InnerOptimizer, meta_gradient
@@ -66,14 +64,14 @@ def sizes(smoke: bool) -> SimpleNamespace:
         return SimpleNamespace(width=8, mtt=[("unrolled", 1, 2), ("tesla", 1, 2), ("checkpointed", 1, 2)],
                                graph=(1, 2), datm=[("unrolled", 1, 2, None), ("checkpointed", 1, 2, None),
                                                    ("checkpointed", 1, 2, 1)],
-                               rat=dict(ipc=1, window=2, horizon=4, real=64), expert_n=300, ks=[2], eval_runs=2,
+                               rat=dict(ipc=1, window=2, horizon=4, real=64), expert_n=300, eval_runs=2,
                                eval_epochs=1, eval_model="ConvNetW8", rounds=1)
     return SimpleNamespace(width=128, mtt=[("unrolled", 1, 50), ("unrolled", 10, 30), ("unrolled", 50, 30),
                                            ("unrolled", 10, 20), ("unrolled", 10, 80), ("tesla", 50, 30),
                                            ("checkpointed", 50, 30)], graph=(10, 30),
                            datm=[("unrolled", 10, 80, None), ("checkpointed", 50, 80, None),
                                  ("checkpointed", 50, 80, 1)],
-                           rat=dict(ipc=10, window=60, horizon=200, real=5000), expert_n=45000, ks=[4, 8],
+                           rat=dict(ipc=10, window=60, horizon=200, real=5000), expert_n=45000,
                            eval_runs=5, eval_epochs=1000, eval_model="ConvNet", rounds=3)
 
 
@@ -164,8 +162,8 @@ def rat_step(width: int, ipc: int, window: int, horizon: int, real: int, fast: b
                                  window, real_x, real_y, augment, augment, g, num_classes=10, real_chunk=chunk)
 
 
-def expert_epochs(n: int, width: int, ks: list[int], device: str) -> dict[str, Callable[[], object]]:
-    """One expert epoch on n random images: the published loop's port, ours (1 expert), ours (K experts at once)."""
+def expert_epochs(n: int, width: int, device: str) -> dict[str, Callable[[], object]]:
+    """One expert epoch on n random images: the published loop's port, ours, ours from captured CUDA graphs."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
@@ -173,45 +171,32 @@ def expert_epochs(n: int, width: int, ks: list[int], device: str) -> dict[str, C
     fns: dict[str, Callable[[], object]] = {"expert epoch, published loop": lambda: published_expert_epoch(net, x, y,
                                                                                                           DSA)}
     fm = FunctionalModel(convnet(width, True, device))
-    for k in [1, *ks]:
-        flats = torch.stack([fm.flatten(fm.module).detach()] * k)
-        step = _make_step(fm, k)
-
-        def run(step=step, flats=flats, k=k) -> object:
-            gens = [torch.Generator(device=device).manual_seed(s) for s in range(k)]
-            return _sgd_epoch(step, flats, gens, x, y, Augment(DSA), 256, 0.01)
-
-        fns[f"expert epoch, ours, K={k} (time / K = per expert)"] = run
-        # `experts --fast on`: the first (warm-up) call captures, later calls replay; off CUDA (--smoke) the same
-        # step runs eagerly, so that the row's code is exercised in CI
-        sgd = CapturedSGD(step, Augment(DSA), x, y, flats.clone(), torch.zeros_like(flats), 0.0, 0.0,
-                          capture=device == "cuda", option="--fast")
-
-        def graphed(sgd=sgd, k=k) -> object:
-            return sgd.epoch([torch.Generator(device=device).manual_seed(s) for s in range(k)], 256, 0.01)
-
-        how = "CUDA graphs" if device == "cuda" else "captured step run eagerly (no CUDA)"
-        fns[f"expert epoch, ours, K={k}, {how} (time / K = per expert)"] = graphed
+    flat = fm.flatten(fm.module).detach()
+    eager = FlatSGD(plain_step(fm), Augment(DSA), x, y, flat.clone(), None, 0.0, 0.0)
+    fns["expert epoch, ours"] = lambda: eager.epoch(torch.Generator(device=device).manual_seed(0), 256, 0.01)
+    if device == "cuda":  # `experts --fast on`: the first (warm-up) call captures, later calls replay
+        sgd = FlatSGD(plain_step(fm), Augment(DSA), x, y, flat.clone(), None, 0.0, 0.0, capture=True, option="--fast")
+        fns["expert epoch, ours, CUDA graphs"] = lambda: sgd.epoch(torch.Generator(device=device).manual_seed(0),
+                                                                   256, 0.01)
     return fns
 
 
 def evaluations(runs: int, epochs: int, model: str, device: str) -> dict[str, Callable[[], object]]:
-    """A runs x epochs evaluation of a 100-image set: published port, ours one by one, ours together; on CUDA also
-    both from captured CUDA graphs (`--eval-fast on`)."""
+    """A runs x epochs evaluation of a 100-image set: published port, ours; on CUDA also ours from captured CUDA
+    graphs (`--eval-fast on`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 3, 32, 32, generator=g).to(device)
     y = torch.arange(10).repeat_interleave(10).to(device)
 
-    def ours(together: bool, fast: bool = False) -> Callable[[], object]:
-        return lambda: train_runs(model, x, y, 3, 10, epochs, 0.01, 256, DSA, list(range(runs)), None, together, fast)
+    def ours(fast: bool) -> Callable[[], object]:
+        return lambda: train_runs(model, x, y, 3, 10, epochs, 0.01, 256, DSA, list(range(runs)), None, fast)
 
     label = f"evaluation {runs} x {epochs} ep"
     fns = {f"{label}, published loop":
            lambda: [published_evaluate(x, y, 3, 10, epochs, DSA, seed=s, model=model) for s in range(runs)],
-           f"{label}, ours one by one": ours(False), f"{label}, ours together": ours(True)}
+           f"{label}, ours": ours(False)}
     if device == "cuda":
-        fns[f"{label}, ours one by one, CUDA graphs"] = ours(False, True)
-        fns[f"{label}, ours together, CUDA graphs"] = ours(True, True)
+        fns[f"{label}, ours, CUDA graphs"] = ours(True)
     return fns
 
 
@@ -324,8 +309,10 @@ def main() -> None:
            for label, (fast, graphed) in rat_rows.items()}, {}, s.rounds)
     if device != "cuda":
         emit(f"| {rat}, CUDA graphs (--fast on) | not run: capture needs CUDA (device {device}) | | |")
-    timed(expert_epochs(s.expert_n, s.width, s.ks, device), {"expert epoch, published loop": "2.6 s"},
+    timed(expert_epochs(s.expert_n, s.width, device), {"expert epoch, published loop": "2.6 s"},
           max(1, s.rounds - 1))
+    if device != "cuda":
+        emit(f"| expert epoch, ours, CUDA graphs | not run: capture needs CUDA (device {device}) | | |")
     timed(evaluations(s.eval_runs, s.eval_epochs, s.eval_model, device), {}, 1, warmup=False)  # long: no warm-up
     if device != "cuda":
         emit(f"| evaluation, CUDA graphs (--eval-fast on) | not run: capture needs CUDA (device {device}) | | |")

@@ -1,7 +1,8 @@
 """Evaluation training from captured CUDA graphs (`evaluation.training.train_captured`, `evaluate_set(fast=True)`).
 
-CPU: the step that gets captured, run eagerly (`capture=False`), trains one network like `evaluate.train_model` and
-K networks like `train_together` (float64, with DSA, a short last batch and the lr decay). Meta device: the captured
+CPU: the flat SGD that gets captured, run eagerly (`capture=False`), trains one network like `dsa.train_model`
+(float64, with DSA, a short last batch and the lr decay), and the captured step under emulated replays trains like it
+too. Meta device: the captured
 functions (this step, MTT's unroll, TESLA's two passes) run on tensors without data, so none of them reads a value
 back to the host or builds a shape from data (what capture forbids). CUDA (skipped without a GPU): the replayed
 graphs equal the eager step, and `evaluate_set(fast=True)` equals the plain evaluation.
@@ -15,7 +16,7 @@ import torch
 from distillery.augment import Augment
 from distillery.errors import UserError
 from distillery.evaluation.dsa import train_model, train_runs
-from distillery.evaluation.training import (autograd_step, capturable, sgd_static, train_captured, train_together)
+from distillery.evaluation.training import capturable, plain_step, sgd_static, train_captured
 from distillery.methods.graphed import pack_plan, tesla_pass1_static, tesla_step_static, unrolled_static
 from distillery.methods.trajectory import make_plan
 from distillery.models import FunctionalModel, init_seeded
@@ -34,12 +35,12 @@ def data(dtype: torch.dtype, device: str = "cpu", n: int = 10):
 
 
 def captured(x, y, seeds, strategy, epochs=3, batch=4, capture=False):
-    """Flat weights after `train_captured` of one network per seed, all at once."""
+    """Flat weights after `train_captured` of one network per seed."""
     template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(x.device, x.dtype)
     fm = FunctionalModel(template)
-    inits = [fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach().to(x.device) for s in seeds]
-    gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
-    return train_captured(template, inits, x, y, epochs, 0.05, batch, Augment(strategy), gens, capture=capture)
+    return [train_captured(template, fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach().to(x.device),
+                           x, y, epochs, 0.05, batch, Augment(strategy), torch.Generator(device=x.device).manual_seed(s),
+                           capture=capture) for s in seeds]
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
@@ -58,19 +59,6 @@ def test_eager_captured_step_trains_like_train_model(strategy):
     assert_close(got, ref, 1e-9)
 
 
-def test_eager_captured_step_trains_k_networks_like_train_together():
-    x, y = data(torch.float64)
-    seeds = [1, 2, 3]
-    got = captured(x, y, seeds, DSA)
-    template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)
-    fm = FunctionalModel(template)
-    inits = [fm.flatten(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, s)).detach() for s in seeds]
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    ref = train_together(template, inits, x, y, 3, 0.05, 4, Augment(DSA), gens)
-    for a, b in zip(got, ref):
-        assert_close(a, b, 1e-9)
-
-
 def test_soft_labels_and_divergence():
     """Per-image probability vectors train like train_model; a diverging run raises FloatingPointError."""
     x, _ = data(torch.float64)
@@ -85,32 +73,31 @@ def test_soft_labels_and_divergence():
 def test_what_can_be_captured_and_where():
     """BatchNorm statistics live outside the flat state: not capturable; fast evaluation needs CUDA."""
     plain = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0)
-    assert capturable(plain, 1) and capturable(plain, 5)
-    assert not capturable(init_seeded("ConvNetBN", CHANNELS, CLASSES, SIZE, 0), 1)
+    assert capturable(plain)
+    assert not capturable(init_seeded("ConvNetBN", CHANNELS, CLASSES, SIZE, 0))
     x, y = data(torch.float32)
     with pytest.raises(UserError, match="--eval-fast off"):
         train_runs(MODEL, x, y, CHANNELS, CLASSES, 1, 0.01, 4, DSA, [0], fast=True)
     with pytest.raises(ValueError, match="mode-'S'"):
-        train_captured(plain, [FunctionalModel(plain).flatten(plain).detach()], x, y, 1, 0.01, 4,
-                       Augment(DSA, mode="M"), [torch.Generator()], capture=False)
+        train_captured(plain, FunctionalModel(plain).flatten(plain).detach(), x, y, 1, 0.01, 4,
+                       Augment(DSA, mode="M"), torch.Generator())
 
 
 def meta(t: torch.Tensor) -> torch.Tensor:
     return t.to("meta")
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_captured_evaluation_step_runs_on_meta_tensors(k):
+def test_captured_evaluation_step_runs_on_meta_tensors():
     """On the meta device .item(), nonzero and CPU tensors mixed in all fail: the step needs no host read."""
     augment = Augment(DSA)
     template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0)
-    step = autograd_step(FunctionalModel(template.to("meta")), k)
-    draws = [augment.sample(4, torch.Generator().manual_seed(s), SIZE) for s in range(k)]
-    flats = torch.zeros(k, FunctionalModel(template).num_params, device="meta")
+    step = plain_step(FunctionalModel(template.to("meta")))
+    draws = [augment.sample(4, torch.Generator().manual_seed(0), SIZE)]
+    flat = torch.zeros(FunctionalModel(template).num_params, device="meta")
     x, y = data(torch.float32)
-    losses = sgd_static(step, augment, meta(x), meta(y), flats, torch.zeros_like(flats), meta(torch.tensor(0.1)),
-                        meta(torch.randint(10, (k, 4))), tuple(meta(t) for t in augment.branch_free_fields(draws)))
-    assert losses.device.type == "meta" and losses.shape == (k,)
+    loss = sgd_static(step, augment, meta(x), meta(y), flat, torch.zeros_like(flat), meta(torch.tensor(0.1)),
+                      meta(torch.randint(10, (4,))), tuple(meta(t) for t in augment.branch_free_fields(draws)))
+    assert loss.device.type == "meta" and loss.shape == ()
 
 
 def test_mtt_captured_functions_run_on_meta_tensors():
@@ -133,19 +120,17 @@ def test_mtt_captured_functions_run_on_meta_tensors():
 
 
 @CUDA
-@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
-def test_replayed_graphs_equal_the_eager_step(seeds):
+def test_replayed_graphs_equal_the_eager_step():
     x, y = data(torch.float32, "cuda")
-    for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
+    for a, b in zip(captured(x, y, [0, 1], DSA, capture=True), captured(x, y, [0, 1], DSA, capture=False)):
         assert_close(a, b, 1e-4)
 
 
 @CUDA
-@pytest.mark.parametrize("together", [False, True])
-def test_fast_train_runs_equal_plain(together):
+def test_fast_train_runs_equal_plain():
     x, y = data(torch.float32, "cuda")
     args = (MODEL, x, y, CHANNELS, CLASSES, 3, 0.05, 4, DSA, [0, 1])
-    for fast, plain in zip(train_runs(*args, together=together, fast=True), train_runs(*args, together=together)):
+    for fast, plain in zip(train_runs(*args, fast=True), train_runs(*args)):
         assert_close(FunctionalModel(fast).flatten(fast).detach(), FunctionalModel(plain).flatten(plain).detach(), 1e-4)
 
 
@@ -165,29 +150,42 @@ def test_capture_warm_up_leaves_the_state_as_it_was(fake_cuda_graphs):
     assert len(calls) == 4 and torch.equal(weights, torch.ones(3))  # 3 warm-ups undone, then the captured call
 
 
-@pytest.mark.parametrize("seeds", [[4], [4, 5]])
-def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, replay_on_cpu, seeds):
+class _CallEachTime:
+    """`capture.Captured` without graph semantics: every call runs the captured function on the given inputs."""
+
+    def __init__(self, fn, inputs, state=(), warmup=3, option="--fast") -> None:
+        self.fn, self.state = fn, list(state)
+
+    def __call__(self, inputs):
+        return self.fn(*self.state, *inputs)
+
+
+def test_training_loop_with_replay_semantics_trains_like_plain(monkeypatch, replay_on_cpu):
     """The loop around the graphs (static buffers, state updated in place, the momentum restart) under emulated
-    replays: the same weights as the eager step, so capture adds nothing but the graph itself."""
+    replays: the same weights as calling the captured step directly, so capture adds nothing but the graph itself;
+    and those equal the eager epochs (ordinary DSA) up to float rounding."""
     import distillery.evaluation.training as gt
 
-    monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     x, y = data(torch.float64)
-    for a, b in zip(captured(x, y, seeds, DSA, capture=True), captured(x, y, seeds, DSA, capture=False)):
+    monkeypatch.setattr(gt, "Captured", replay_on_cpu)
+    replayed = captured(x, y, [4, 5], DSA, capture=True)
+    monkeypatch.setattr(gt, "Captured", _CallEachTime)
+    for a, b, c in zip(replayed, captured(x, y, [4, 5], DSA, capture=True), captured(x, y, [4, 5], DSA)):
         assert torch.equal(a, b)
+        assert_close(a, c, 1e-9)
 
 
-@pytest.mark.parametrize("group,momentum,weight_decay,decay", [([0], 0.0, 0.0, False), ([0, 1], 0.0, 0.0, True),
-                                                              ([0, 1], 0.9, 5e-4, True)])
-def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp_path, group, momentum, weight_decay,
+@pytest.mark.parametrize("k,momentum,weight_decay,decay", [(0, 0.0, 0.0, False), (1, 0.0, 0.0, True),
+                                                          (1, 0.9, 5e-4, True)])
+def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp_path, k, momentum, weight_decay,
                                                  decay):
-    """`--fast on` experts (`_train_group` with CapturedSGD under emulated replays): the same snapshots, momentum
-    buffers and final weights as the plain epoch loop, for one expert and a grouped pair, with the buffer.py recipes."""
+    """`--fast on` experts (`_train_expert` with captured FlatSGD steps under emulated replays): the same snapshots,
+    momentum buffers and final weights as the eager epochs, with the buffer.py recipes."""
     from safetensors.torch import load_file
     from tqdm import tqdm
 
     import distillery.evaluation.training as gt
-    from distillery import experts
+    from distillery.experts import train as experts
 
     monkeypatch.setattr(gt, "Captured", replay_on_cpu)
     template = init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to(torch.float64)
@@ -200,8 +198,8 @@ def test_experts_from_captured_steps_equal_plain(monkeypatch, replay_on_cpu, tmp
     finals = {}
     for fast in (False, True):
         out = tmp_path / str(fast)
-        finals[fast] = experts._train_group(fm, init, (x, y), Augment(DSA), group, 0, 3, 0.05, 4, decay, out,
-                                            tqdm(disable=True), momentum, weight_decay, fast)
+        finals[fast] = experts._train_expert(fm, init, (x, y), Augment(DSA), k, 0, 3, 0.05, 4, decay, out,
+                                             tqdm(disable=True), momentum, weight_decay, fast)
     assert_close(finals[True], finals[False], 1e-9)
     plain = sorted(p.relative_to(tmp_path / "False") for p in (tmp_path / "False").rglob("*.safetensors"))
     assert plain == sorted(p.relative_to(tmp_path / "True") for p in (tmp_path / "True").rglob("*.safetensors"))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from distillery import experts
+from distillery.experts import train as experts
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.distributed import barrier

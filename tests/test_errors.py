@@ -271,7 +271,7 @@ def test_experts_resume_with_other_settings(capsys, tmp_path, store):
 
 def test_shard_is_hashed_once_per_process(tmp_path, store, monkeypatch):
     """experts-shard-sha256: the hash is checked on first use only (later reads cost nothing extra)."""
-    from distillery import experts
+    from distillery.experts import store as experts
 
     s = copy_store(store, tmp_path)
     opened = experts.ExpertStore.open(s)

@@ -83,7 +83,7 @@ def test_recipe_matches_buffer_py_and_is_recorded(digits, tmp_path):
 
 def test_resume_with_momentum_is_exact(digits, tmp_path, monkeypatch):
     """A run killed after epoch 2 resumes with the saved momentum buffers and ends where an unbroken run ends."""
-    import distillery.experts as experts_module
+    import distillery.experts.train as experts_module
 
     whole = train_experts(digits, MODEL, 1, EPOCHS, LR, BATCH, out_dir=tmp_path / "whole", progress=False,
                           momentum=0.5).trajectory(0)

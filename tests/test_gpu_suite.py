@@ -18,7 +18,7 @@ def test_gpu_suite_smoke_runs_every_row(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = out.read_text()
     for what in ("unrolled IPC 1 N 2, fast off", "tesla IPC 1 N 2, fast on", "checkpointed IPC 1 N 2",
-                 "RaT-BPTT", "expert epoch, published loop", "expert epoch, ours, K=2", "ours together",
+                 "RaT-BPTT", "expert epoch, published loop", "expert epoch, ours |", "evaluation 2 x 1 ep, ours |",
                  "end to end, digits", "DATM checkpointed every 1 IPC 1 N 2", "unrolled IPC 1 N 2, CUDA graph off",
                  "CUDA graph on | not run: capture needs CUDA", "norm kernel triton | not run: the kernel needs CUDA"):
         assert what in table, what

@@ -1,16 +1,16 @@
 """Declared option ranges: the metadata, the generated flags, and bad values refused before any data is read."""
 
 import dataclasses
-import json
 
 import pytest
 
 import distillery.data
+from distillery.data import load_dataset
 from distillery.cli import main
 from distillery.cli.options import CommandOptions
 from distillery.distill import DataConfig, config_classes
 from distillery.errors import UserError
-from distillery.experts import ExpertConfig
+from distillery.experts import ExpertConfig, train_experts
 from distillery.methods import get_method, list_methods
 from distillery.options import check_options, check_value, check_values, describe, option
 from distillery.run.config import LoopConfig
@@ -136,8 +136,7 @@ def test_range_errors_offer_none_only_where_the_flag_takes_it(capsys, no_data, a
 
 def test_expert_store_too_short_is_refused_from_its_manifest(capsys, no_data):
     store = no_data / "experts"
-    store.mkdir()
-    (store / "manifest.json").write_text(json.dumps({"format": "distillery-experts", "epochs": 4}))
+    train_experts(load_dataset("digits"), "ConvNetD2W8", 1, epochs=4, out_dir=store, progress=False)
     argv = DISTILL + ["--method", "mtt", "--experts", str(store), "--max-start-epoch", "5"]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_evaluation_side_by_side_equals_one_by_one(digits, protocol):
     def evaluate():
         if protocol == "rat":
             return evaluate_rat(x, y, digits, proto, split="val", progress=False)
-        return evaluate_set(x, y, digits, runs=3, epochs=20, split="val", progress=False, together=False)
+        return evaluate_set(x, y, digits, runs=3, epochs=20, split="val", progress=False)
 
     before = torch.get_num_threads()
     try:

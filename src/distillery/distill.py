@@ -185,13 +185,10 @@ def _check_store_preprocessing(config: dict[str, Any], preset: str) -> None:
     fingerprint check at open would only say the fingerprints differ)."""
     if config.get("experts") is None:
         return
-    try:
-        import json
-
-        kind = json.loads((Path(config["experts"]) / "manifest.json").read_text())["preprocess"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # a missing or unreadable manifest is named by the checks that read it
     from .data.preprocess import zca_flag
+    from .experts import read_manifest
+
+    kind = read_manifest(config["experts"])["preprocess"]["kind"]
 
     theirs = zca_flag(kind) if kind == "standard" or zca_flag(kind) else kind  # an unknown kind is named as is
     if theirs != config["zca"]:

@@ -403,10 +403,11 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
 
     Every file is read and checked (`read_replay_buffer`) before the data are loaded or anything is written.
     `lr`, `batch`, `decay` record the recipe the buffer was trained with (MTT's defaults); they are not in the files.
+    Momentum and weight decay are recorded as buffer.py's defaults, 0 (its --mom and --l2).
     """
     from .data import load_dataset
     from .data.registry import get_spec
-    from .experts import FORMAT, FORMAT_VERSION, MANIFEST, ExpertStore, layout_of, split_accuracy
+    from .experts import FORMAT, FORMAT_VERSION, MANIFEST, ExpertStore, param_layout, split_accuracy
     from .models import FunctionalModel, create_model, has_batchnorm
 
     out = Path(out)
@@ -428,12 +429,13 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     for path in files:  # check everything first: a refused import loads no data and writes nothing
         epochs = len(read_replay_buffer(path, names, shapes, epochs)[0]) - 1
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
-    layout = layout_of(fm)
+    layout = param_layout(fm)
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": ds.spec.name, "model": model,
         "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
         "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
-        "epochs": epochs, "lr": lr, "decay": decay, "batch": batch, "dsa_strategy": spec.dsa_strategy, "seed": None,
+        "epochs": epochs, "lr": lr, "decay": decay, "momentum": 0.0, "weight_decay": 0.0, "batch": batch,
+        "dsa_strategy": spec.dsa_strategy, "seed": None,
         "layout": layout, "torch_version": torch.__version__, "experts": [],
         "source": {"format": "mtt-replay-buffer", "files": [str(f) for f in files]}}
     k = 0

@@ -23,15 +23,10 @@ from ..augment import Augment
 from ..distributed import all_reduce_sum_, rank_and_world
 from ..errors import TrainingDiverged
 from ..models import FunctionalModel, init_seeded
-from ..models.grouped import groupable
 from ..validate import check_cuda
 from .parallel import map_runs
 from .protocol import DEFAULT_EVAL_EPOCHS, EvalProtocol, Scoring
-from .training import MOMENTUM, WEIGHT_DECAY, capturable, sgd_schedule, train_captured, train_together
-
-# Train an evaluation's runs at once (grouped ConvNet) per device type when `together=None`. Off until measured:
-# on the CPU grouped convolutions are not faster; the CUDA row of benchmarks/gpu_suite.py decides.
-TOGETHER = {"cpu": False, "cuda": False}
+from .training import MOMENTUM, WEIGHT_DECAY, capturable, sgd_schedule, train_captured
 
 
 @dataclass
@@ -111,49 +106,41 @@ def train_model(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int
 
 def train_runs(model_name: str, x: torch.Tensor, y: torch.Tensor, channels: int, num_classes: int, epochs: int,
                lr: float, batch: int, strategy: str, seeds: list[int], progress: tqdm | None = None,
-               together: bool | None = None, fast: bool = False,
-               tick: Callable[[], None] | None = None) -> list[nn.Module]:
-    """`train_model` for each seed: separately (side by side on the CPU, `parallel.map_runs`), or all at once as one
-    grouped ConvNet (`together`; None = TOGETHER). `fast` (CUDA): from captured CUDA graphs
-    (`training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
-    together = TOGETHER.get(x.device.type, False) if together is None else together
+               fast: bool = False, tick: Callable[[], None] | None = None) -> list[nn.Module]:
+    """`train_model` for each seed, side by side on the CPU (`parallel.map_runs`). `fast` (CUDA): from captured CUDA
+    graphs (`training.train_captured`), for models without BatchNorm statistics; the others train as usual."""
     if fast:
         check_cuda("--eval-fast", x.device)
     template = init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), 0).to(device=x.device, dtype=x.dtype)
-    group = together and len(seeds) > 1 and groupable(template)
-    fast = fast and capturable(template, len(seeds) if group else 1)
-    if not (group or fast):  # on the CPU: several runs at once, 1 thread each
+    if not (fast and capturable(template)):  # on the CPU: several runs at once, 1 thread each
         return map_runs(lambda s: train_model(model_name, x, y, channels, num_classes, epochs, lr, batch, strategy, s,
                                               progress, tick), seeds, x.device)
     fm = FunctionalModel(template)
-    train = train_captured if fast else train_together
 
-    def run(members: list[int]) -> list[torch.Tensor]:
-        inits = [fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
-                 for s in members]
-        gens = [torch.Generator(device=x.device).manual_seed(s) for s in members]
-        on_epoch = None if progress is None else lambda: progress.update(len(members))
+    def run(s: int) -> torch.Tensor:
+        init = fm.flatten(init_seeded(model_name, channels, num_classes, tuple(x.shape[2:]), s)).detach().to(x.device)
+        gen = torch.Generator(device=x.device).manual_seed(s)
+        on_epoch = None if progress is None else lambda: progress.update(1)
         try:
-            return train(template, inits, x, y, epochs, lr, batch, Augment(strategy), gens, on_epoch, tick=tick)
+            return train_captured(template, init, x, y, epochs, lr, batch, Augment(strategy), gen, on_epoch, tick=tick)
         except FloatingPointError as err:
             raise TrainingDiverged(f"evaluation training diverged ({err}) with lr {lr:g}; "
-                            "evaluate with a smaller --lr") from None
+                                   "evaluate with a smaller --lr") from None
 
-    flats = run(seeds) if group else [f for s in seeds for f in run([s])]
+    flats = [run(s) for s in seeds]
     return [fm.load_into(f, copy.deepcopy(template)) for f in flats]
 
 
 def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = None, runs: int = 5,
                  epochs: int = DEFAULT_EVAL_EPOCHS, lr: float = 0.01, batch: int = 256, strategy: str | None = None,
                  seed: int = 0, split: str = "test", progress: bool = True,
-                 distributed: bool = False, together: bool | None = None, fast: bool = False,
+                 distributed: bool = False, fast: bool = False,
                  tick: Callable[[], None] | None = None) -> EvalResult:
     """Train `runs` fresh networks on (x, y) with the dsa protocol (MTT/TESLA's evaluate_synset, SPEC §7) and test
     each on `dataset`'s `split` ("val" or "test"). `strategy`: the DSA strategy (default the dataset's).
 
-    `together`: train the runs at once as one grouped ConvNet (equal to one by one up to float rounding); None =
-    `TOGETHER` for the device. `fast` (CUDA only): train from captured CUDA graphs (`train_runs`), equal up to float
-    rounding. Select anything (checkpoints, hyperparameters) on "val"; report "test" once.
+    `fast` (CUDA only): train from captured CUDA graphs (`train_runs`), equal up to float rounding. Select anything
+    (checkpoints, hyperparameters) on "val"; report "test" once.
 
     `distributed=True` (torchrun; every rank must call it): rank r trains runs r, r + G, ... with the seeds those
     runs have in one process, and every rank gets all the accuracies, so the result equals a single-process
@@ -173,7 +160,7 @@ def evaluate_set(x: torch.Tensor, y: torch.Tensor, dataset, model: str | None = 
     bar = tqdm(total=len(mine) * (epochs + 1), desc=f"eval {model}", unit="ep", leave=False,
                disable=not (progress and rank == 0))
     nets = train_runs(model, x, y, spec.channels, spec.num_classes, epochs, lr, batch, strategy,
-                      [seed * 1000 + r for r in mine], bar, together, fast, tick)
+                      [seed * 1000 + r for r in mine], bar, fast, tick)
     for r, net in zip(mine, nets):
         accs[r] = accuracy(net, target.x, target.y)
     bar.close()

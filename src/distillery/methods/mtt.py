@@ -34,7 +34,6 @@ run loop's health check (run/health.py, docs/DEFAULTS.md) watches.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -47,7 +46,8 @@ from ..augment import Augment
 from ..defaults import DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import Diverged, UserError
-from ..experts import ExpertConfig, ExpertStore, finished_experts, limit_experts, time_expert_epoch, train_experts
+from ..experts import (ExpertConfig, ExpertStore, finished_experts, limit_experts, read_manifest, time_expert_epoch,
+                       train_experts)
 from ..models import FunctionalModel, create_model, has_batchnorm
 from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
@@ -364,16 +364,7 @@ def expert_epochs_available(config: dict[str, Any]) -> tuple[int, str]:
     path = config.get("experts")
     if path is None:
         return config["expert_epochs_train"], "the experts to train (--expert-epochs-train)"
-    manifest = Path(path) / "manifest.json"
-    try:
-        epochs = json.loads(manifest.read_text())["epochs"]
-    except FileNotFoundError:
-        raise UserError(f"no expert store at {path} (manifest.json missing); train one with `distillery experts` "
-                        "or pass the right --experts dir") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{manifest} is not a readable distillery expert manifest; pass the dir "
-                        "`distillery experts` wrote") from None
-    return int(epochs), f"the experts in {path}"
+    return read_manifest(path)["epochs"], f"the experts in {path}"
 
 
 def experts_for(config: dict[str, Any], ds, device, progress: bool, estimate: bool = False) -> ExpertStore:
