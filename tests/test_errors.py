@@ -1063,6 +1063,9 @@ API_ROWS = [
     ("distill", {"lr_imgg": 1}, "distill() has no option lr_imgg=; did you mean lr_img="),
     ("distill", {"lr_img": "100"}, "lr_img='100' is of type str, not float"),
     ("distill", {"threads": 100000}, "threads=100000 is out of range"),
+    ("distill", {"experts": 3}, "distill(): experts=3 is not a path"),
+    # a pathlib.Path is taken as a path (its store is then looked for), not refused as "not a str"
+    ("distill", {"experts": Path("/nonexistent/store")}, "no expert store at /nonexistent/store"),
 ]
 
 
