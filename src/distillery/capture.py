@@ -27,33 +27,29 @@ class Captured:
         tensors' device (streams and graphs act on the current device: cuda:1 would otherwise capture nothing); a
         capture that fails is a UserError naming `option`, the flag that turns capture off."""
         self.device = next(t.device for t in (*state, *inputs))
-        with torch.cuda.device(self.device):
-            self._capture(fn, inputs, state, warmup, option)
-
-    def _capture(self, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor], warmup: int,
-                 option: str) -> None:
         self.inputs = [t.clone() for t in inputs]
         saved = [t.clone() for t in state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*state, *self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, value in zip(state, saved):
-            t.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.outputs = fn(*state, *self.inputs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as err:  # an op that this PyTorch build cannot capture (the warm-up ran it eagerly)
-            while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the first cause
-                err = err.__context__
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
-                            "(same numbers up to float rounding)") from err
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*state, *self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, value in zip(state, saved):
+                t.copy_(value)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.outputs = fn(*state, *self.inputs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an op this PyTorch build cannot capture (the warm-up ran it eagerly)
+                while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the cause
+                    err = err.__context__
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
+                                "(same numbers up to float rounding)") from err
 
     def __call__(self, inputs: Sequence[Tensor]):
         """Replay on `inputs`; the outputs are static tensors, overwritten by the next replay."""

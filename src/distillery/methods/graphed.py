@@ -1,13 +1,12 @@
-"""The meta-gradients replayed from captured CUDA graphs (`--fast on`): thin wrappers that capture the ONE
-implementation of each (trajectory.py, tesla.py, bptt.py) on a `PackedPlan`.
+"""Captured CUDA graphs of the meta-gradients (`--fast on`): thin wrappers around their one implementation.
 
-A `PackedPlan` is a step plan as fixed-shape tensors with branch-free DSA (augment.py `branch_free_fields`): the ops
-and shapes do not depend on which token a step drew, so one graph serves every iteration. The functions captured
-read nothing back to the host and make their leaves X, α (and θ) themselves, so a capture holds no autograd node
-from an earlier (warm-up) call. Each wrapper draws and packs a call's plan eagerly, replays (`capture.GraphCache`:
-the first call with a new signature captures) and clones the outputs, which the next replay overwrites. Run
-uncaptured (the CPU tests swap `capture.Captured` for an eager stand-in), they are the plain gradients on a packed
-plan, which is how the CPU tests pin them to the exact gradients.
+Each captured function is the plain gradient code (trajectory.py, tesla.py, bptt.py) run on a
+`trajectory.PackedPlan`: the step plan as fixed-shape tensors with branch-free DSA (augment.py `branch_free_fields`),
+so the ops and shapes do not depend on which token a step drew and one graph serves every iteration. Those functions
+read nothing back to the host and make their leaves (X, α, θ) themselves, so a capture holds no autograd node from
+an earlier (warm-up) call. A wrapper draws and packs a call's plan eagerly, replays (`capture.GraphCache`: the first
+call with a new signature captures) and clones the outputs, which the next replay overwrites. The CPU tests swap
+`capture.Captured` for an eager stand-in, which runs the wrappers uncaptured against the exact gradients.
 """
 
 from __future__ import annotations
@@ -94,28 +93,26 @@ class GraphedRat:
         if self.augment_real is not None:
             real_x = self.augment_real(real_x, generator)
         learn = labels.requires_grad
-        buffers = self._buffers(images, labels, theta0, learn, window, real_x, real_y)
-        keys = list(buffers[3])
-        state = [*buffers[:3], *buffers[3].values()]  # each graph's state, read in place
+        images_buf, labels_buf, theta_buf, moments = self._buffers(images, labels, theta0, learn, window, real_x,
+                                                                   real_y)
+        keys = list(moments)
+        state = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
 
-        def split(rest: tuple[Tensor, ...]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-            return dict(zip(keys, rest)), rest[len(keys):]
+        def warm_up_graph(images, labels, theta, *rest) -> None:
+            (idx, *aug) = rest[len(keys):]
+            warm_up_step(self.fm, self.optimizer, images, labels, theta, dict(zip(keys, rest)),
+                         PackedPlan((len(idx),), idx, tuple(aug)), 0, self.augment_syn)
 
-        def warm_up(images, labels, theta, *rest) -> None:
-            moments, (idx, *aug) = split(rest)
-            warm_up_step(self.fm, self.optimizer, images, labels, theta, moments, PackedPlan((len(idx),), idx, aug), 0,
-                         self.augment_syn)
-
-        def window_fn(images, labels, theta, *rest) -> tuple[Tensor, ...]:
-            moments, (indices, *rest) = split(rest)
-            aug, (real_x, real_y) = tuple(rest[:-2]), rest[-2:]
-            return window_grads(self.fm, self.window_optimizer, images, labels, learn, theta, moments,
-                                PackedPlan(win.sizes, indices, aug), self.augment_syn, real_x, real_y, self.real_chunk)
+        def window_graph(images, labels, theta, *rest) -> tuple[Tensor, ...]:
+            indices, *aug, real_x, real_y = rest[len(keys):]
+            return window_grads(self.fm, self.window_optimizer, images, labels, learn, theta, dict(zip(keys, rest)),
+                                PackedPlan(win.sizes, indices, tuple(aug)), self.augment_syn, real_x, real_y,
+                                self.real_chunk)
 
         for idx, params in zip(warm.indices, warm.aug):
             step = StepPlan([idx], [params]).packed(self.augment_syn)
-            self._graphs.replay("warm-up", warm_up, [step.indices, *step.aug], state)
-        outputs = self._graphs.replay(f"window {win.sizes}", window_fn,
+            self._graphs.replay("warm-up", warm_up_graph, [step.indices, *step.aug], state)
+        outputs = self._graphs.replay(f"window {win.sizes}", window_graph,
                                       [win.indices, *win.aug, real_x.detach(), real_y], state)
         loss, grad_x, *grad_y = (t.clone() for t in outputs)  # the next replay overwrites the outputs
         return float(loss), grad_x, grad_y[0] if learn else None

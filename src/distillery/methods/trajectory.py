@@ -6,7 +6,10 @@ One outer iteration unrolls N student SGD steps on the synthetic set,
 
 and scores the end point with L = ‖θ_N − θ*‖² / ‖θ_0 − θ*‖². Everything random about those N steps (minibatch
 indices, augmentation parameters) is drawn up front into a `StepPlan`, so every gradient mode, and every recompute
-inside one, sees exactly the same batches. Two exact gradients of L with respect to X, α (and learned labels) live here:
+inside one, sees exactly the same batches (RaT-BPTT's inner steps, bptt.py, use the same plans). `StepPlan.packed`
+is the same plan as fixed-shape tensors with branch-free DSA (`PackedPlan`): the gradient functions run on either,
+and on a packed plan they are what `--fast on` captures (graphed.py). Two exact gradients of L with respect to X, α
+(and learned labels) live here:
 
 * `unrolled_grad`: MTT's way, backprop through the whole unroll; autograd memory grows linearly in N (SPEC P3).
 * `checkpointed_grad`: the same numbers with memory ~ sqrt(N): keep θ every k steps, then walk the segments
