@@ -63,13 +63,12 @@ class StepPlan:
     def packed(self, augment: Augment | None) -> PackedPlan:
         """The same steps as fixed-shape tensors with branch-free DSA (`PackedPlan`); no DSA fields when the plan has
         no augmentation (augment None or the identity strategy)."""
-        indices = torch.cat(self.indices)
+        sizes, indices = tuple(len(idx) for idx in self.indices), torch.cat(self.indices)
         if augment is None or not augment.tokens:
-            return PackedPlan(tuple(len(idx) for idx in self.indices), indices, ())
-        for idx, params in zip(self.indices, self.aug):
-            if params is None or params.shared or params.batch != len(idx):
-                raise ValueError("a packed plan holds per-image DSA draws, one per step, as make_plan draws them")
-        return PackedPlan(tuple(len(idx) for idx in self.indices), indices, augment.branch_free_fields(self.aug))
+            return PackedPlan(sizes, indices, ())
+        if any(p is None or p.shared or p.batch != n for p, n in zip(self.aug, sizes)):
+            raise ValueError("a packed plan holds per-image DSA draws, one per step, as make_plan draws them")
+        return PackedPlan(sizes, indices, augment.branch_free_fields(self.aug))
 
 
 @dataclass
