@@ -64,8 +64,8 @@ class GraphCache:
     """Captured graphs by name and input signature: the first call with a new signature captures, later ones
     replay. `captures` counts the captures; `clear()` drops every graph (and its memory pool)."""
 
-    def __init__(self, warmup: int = 3, option: str = "--fast") -> None:
-        self.warmup, self.option = warmup, option
+    def __init__(self) -> None:
+        """No graph yet: the first call of each signature captures (`--fast` is the flag a failed capture names)."""
         self.captures = 0
         self._graphs: dict[tuple, Captured] = {}
 
@@ -81,6 +81,6 @@ class GraphCache:
         `inputs` (captured first if there is none yet)."""
         key = (name, *((t.shape, t.dtype, t.device) for t in inputs))
         if key not in self._graphs:
-            self._graphs[key] = Captured(fn, inputs, state, warmup=self.warmup, option=self.option)
+            self._graphs[key] = Captured(fn, inputs, state)
             self.captures += 1
         return self._graphs[key](inputs)

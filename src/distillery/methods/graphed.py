@@ -31,10 +31,10 @@ class GraphedGrad:
     """An MTT gradient mode (`trajectory.unrolled_grads`, `tesla.tesla_grads`) for a fixed model and augmentation,
     one captured CUDA graph per step pattern, replayed per iteration. Hard or fixed soft labels only."""
 
-    def __init__(self, grads: TrajectoryGrads, fm: FunctionalModel, augment: Augment | None, warmup: int = 3) -> None:
+    def __init__(self, grads: TrajectoryGrads, fm: FunctionalModel, augment: Augment | None) -> None:
         """Nothing is captured until the first call (which needs the shapes)."""
         self.grads, self.fm, self.augment = grads, fm, augment
-        self._graphs = GraphCache(warmup)
+        self._graphs = GraphCache()
 
     @property
     def captures(self) -> int:
@@ -68,14 +68,13 @@ class GraphedRat:
     """
 
     def __init__(self, fm: FunctionalModel, optimizer: InnerOptimizer, window_optimizer: InnerOptimizer,
-                 augment_syn: Augment | None, augment_real: Augment | None, real_chunk: int | None,
-                 warmup: int = 3) -> None:
+                 augment_syn: Augment | None, augment_real: Augment | None, real_chunk: int | None) -> None:
         """Nothing is captured until the first call."""
         self.fm, self.optimizer, self.window_optimizer = fm, optimizer, window_optimizer
         self.augment_syn, self.augment_real, self.real_chunk = augment_syn, augment_real, real_chunk
         self._key: tuple | None = None
         self._static: tuple | None = None
-        self._graphs = GraphCache(warmup)
+        self._graphs = GraphCache()
 
     @property
     def captures(self) -> int:
