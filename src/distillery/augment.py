@@ -219,10 +219,9 @@ class Augment:
             if len(p.tokens) > 1 or not set(p.tokens) <= set(self.tokens):
                 raise ValueError(f"branch-free DSA replays one drawn token of {self.tokens}, got {p.tokens}")
             n = 1 if p.shared else p.batch
-            drawn = [getattr(p, name) for name in PARAM_FIELDS if getattr(p, name) is not None]
-            device = drawn[0].device if drawn else torch.device("cpu")
-            columns.append([getattr(p, name) if getattr(p, name) is not None else
-                            torch.full((n, *shape), value, dtype=dtype, device=device)
+            drawn = {name: getattr(p, name) for name in PARAM_FIELDS if getattr(p, name) is not None}
+            device = next(iter(drawn.values())).device if drawn else torch.device("cpu")
+            columns.append([drawn[name] if name in drawn else torch.full((n, *shape), value, dtype=dtype, device=device)
                             for name, (value, shape, dtype) in _IDENTITY.items()])
         return tuple(torch.cat(column) for column in zip(*columns))
 
