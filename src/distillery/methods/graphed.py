@@ -98,7 +98,7 @@ class GraphedRat:
         state = [images_buf, labels_buf, theta_buf, *moments.values()]  # each graph's state, read in place
 
         def warm_up_graph(images, labels, theta, *rest) -> None:
-            (idx, *aug) = rest[len(keys):]
+            idx, *aug = rest[len(keys):]
             warm_up_step(self.fm, self.optimizer, images, labels, theta, dict(zip(keys, rest)),
                          PackedPlan((len(idx),), idx, tuple(aug)), 0, self.augment_syn)
 
