@@ -42,12 +42,12 @@ from distillery.cli import main as cli_main
 from distillery.evaluation.dsa import train_runs
 from distillery.evaluation.training import FlatSGD, plain_step
 from distillery.io import atomic_write_text
-from distillery.methods.graphed import GraphedUnroll
+from distillery.methods.graphed import GraphedGrad
 from distillery.methods.bptt import InnerOptimizer, meta_gradient
 from distillery.methods.datm import softmax_pullback
 from distillery.methods.graphed import GraphedRat
 from distillery.methods.tesla import tesla_grad
-from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad
+from distillery.methods.trajectory import checkpointed_grad, make_plan, unrolled_grad, unrolled_grads
 from distillery.models import FunctionalModel
 from distillery.models.convnet import ConvNet
 from distillery.models.instancenorm import norm_kernel, triton_missing
@@ -100,7 +100,7 @@ def mtt_iteration(mode: str, ipc: int, steps: int, width: int, fast: bool, devic
     lr = torch.tensor(0.01, device=device, requires_grad=True)
     opt = torch.optim.SGD([images, lr], lr=1e-5, momentum=0.5)
     augment = Augment()
-    graph = GraphedUnroll(fm, augment) if graphed else None
+    graph = GraphedGrad(unrolled_grads, fm, augment) if graphed else None
 
     def run() -> None:
         plan = make_plan(len(images), steps, None, augment, g, (32, 32), device)

@@ -1,4 +1,4 @@
-"""Branch-free DSA (augment.py `full_params` / `apply_branch_free`): one fixed op sequence for every mode-'S' draw,
+"""Branch-free DSA (augment.py `branch_free_fields` / `apply_fields`): one fixed op sequence for every mode-'S' draw,
 equal to `Augment.apply` of that draw, values and gradients, so one captured CUDA graph serves every draw.
 
 Tolerances: float64 1e-10 (crop and flip are bilinear samples at shifted pixel centres: exact up to rounding of the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillery.augment import DEFAULT_STRATEGY, Augment, AugParams
+from distillery.augment import DEFAULT_STRATEGY, PARAM_FIELDS, Augment, AugParams
 
 DIGITS_STRATEGY = "color_crop_cutout_scale_rotate"
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -45,9 +45,8 @@ def test_branch_free_equals_apply_values_and_gradients(strategy, token, dtype):
     augment = Augment(strategy)
     x = images(dtype).requires_grad_(True)
     params = draw_of(augment, token, x.shape[0], tuple(x.shape[-2:]))
-    full = augment.full_params(params)
     ref = augment.apply(x, params)
-    got = augment.apply_branch_free(x, full)
+    got = augment.apply_fields(x, augment.branch_free_fields([params]))
     tol = TOLERANCE[dtype]
     assert (got - ref).abs().max() < tol, (got - ref).abs().max()
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
@@ -59,15 +58,14 @@ def test_branch_free_equals_apply_values_and_gradients(strategy, token, dtype):
 
 
 @pytest.mark.parametrize("strategy", [DEFAULT_STRATEGY, DIGITS_STRATEGY])
-def test_full_params_have_the_same_fields_and_shapes_for_every_draw(strategy):
+def test_fields_have_the_same_shapes_for_every_draw(strategy):
     augment = Augment(strategy)
     signatures = set()
     for token in strategy.split("_"):
-        full = augment.full_params(draw_of(augment, token, 5, (8, 8)))
-        assert full.tokens == augment.tokens
-        signatures.add(tuple((name, tuple(t.shape), t.dtype) for name, t in vars(full).items()
-                             if isinstance(t, torch.Tensor)))
-    assert len(signatures) == 1 and len(next(iter(signatures))) == 8
+        fields = augment.branch_free_fields([draw_of(augment, token, 5, (8, 8))] * 2)
+        signatures.add(tuple((tuple(t.shape), t.dtype) for t in fields))
+    assert len(signatures) == 1 and len(next(iter(signatures))) == len(PARAM_FIELDS) == 8
+    assert next(iter(signatures))[0] == ((10,), torch.float32)  # two draws of 5 images, concatenated
 
 
 @pytest.mark.parametrize("strategy", [DEFAULT_STRATEGY, DIGITS_STRATEGY])
@@ -91,9 +89,9 @@ def test_op_sequence_is_identical_across_draws(strategy):
     x = images(torch.float32, (8, 8), 4).requires_grad_(True)
     sequences = []
     for token in strategy.split("_"):
-        full = augment.full_params(draw_of(augment, token, 4, (8, 8)))
+        fields = augment.branch_free_fields([draw_of(augment, token, 4, (8, 8))])
         with Record() as rec:
-            y = augment.apply_branch_free(x, full)
+            y = augment.apply_fields(x, fields)
             torch.autograd.grad(y.sum(), x)
         sequences.append(rec.ops)
     assert len(sequences[0]) > 10
@@ -103,10 +101,10 @@ def test_op_sequence_is_identical_across_draws(strategy):
 def test_identity_draw_and_bad_draws():
     augment = Augment(DIGITS_STRATEGY)
     x = images(torch.float64, (8, 8), 3)
-    empty = AugParams((), (8, 8), 3)
-    identity = augment.full_params(empty)  # a draw of no token: every field at its identity value
-    assert identity.brightness is not None and torch.allclose(augment.apply_branch_free(x, identity), x, atol=1e-12)
+    identity = augment.branch_free_fields([AugParams((), (8, 8), 3)])  # no token: every field at its identity value
+    assert len(identity) == 8 and torch.allclose(augment.apply_fields(x, identity), x, atol=1e-12)
+    assert Augment("none").branch_free_fields([AugParams((), (8, 8), 3)]) == ()
     with pytest.raises(ValueError, match="one drawn token"):
-        augment.full_params(AugParams(("flip",), (8, 8), 3))  # not a token of the digits strategy
+        augment.branch_free_fields([AugParams(("flip",), (8, 8), 3)])  # not a token of the digits strategy
     with pytest.raises(ValueError, match="one drawn token"):
-        Augment(mode="M").full_params(Augment(mode="M").sample(3, torch.Generator(), (8, 8)))
+        Augment(mode="M").branch_free_fields([Augment(mode="M").sample(3, torch.Generator(), (8, 8))])

@@ -17,8 +17,8 @@ from distillery.augment import Augment
 from distillery.errors import UserError
 from distillery.evaluation.dsa import train_model, train_runs
 from distillery.evaluation.training import capturable, plain_step, sgd_static, train_captured
-from distillery.methods.graphed import pack_plan, tesla_pass1_static, tesla_step_static, unrolled_static
-from distillery.methods.trajectory import make_plan
+from distillery.methods.tesla import tesla_grads
+from distillery.methods.trajectory import PackedPlan, make_plan, unrolled_grads
 from distillery.models import FunctionalModel, init_seeded
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -104,19 +104,12 @@ def test_mtt_captured_functions_run_on_meta_tensors():
     augment = Augment(DSA)
     fm = FunctionalModel(init_seeded(MODEL, CHANNELS, CLASSES, SIZE, 0).to("meta"))
     x, y = data(torch.float32, n=6)
-    plan = make_plan(6, 3, 4, augment, torch.Generator().manual_seed(0), SIZE, "cpu")
-    sizes, indices, aug = pack_plan(plan, augment)
+    packed = make_plan(6, 3, 4, augment, torch.Generator().manual_seed(0), SIZE, "cpu").packed(augment)
+    plan = PackedPlan(packed.sizes, meta(packed.indices), tuple(meta(t) for t in packed.aug))
     theta = torch.zeros(fm.num_params, device="meta")
-    aug = tuple(meta(t) for t in aug)
-    out = unrolled_static(fm, augment, sizes, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta,
-                          meta(indices), aug)
-    assert [t.device.type for t in out] == ["meta"] * 3
-    first = tesla_pass1_static(fm, augment, sizes, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta,
-                               meta(indices), aug)
-    assert [t.device.type for t in first] == ["meta"] * 5 and first[0].shape == (len(sizes), fm.num_params)
-    grad = tesla_step_static(fm, augment, meta(x), meta(y), theta, theta, meta(indices[:sizes[0]]),
-                             tuple(t[:sizes[0]] for t in aug))
-    assert grad.device.type == "meta" and grad.shape == x.shape
+    for grads in (unrolled_grads, tesla_grads):
+        out = grads(fm, meta(x), meta(y), meta(torch.tensor(0.01)), theta, theta, plan, augment)
+        assert [t.device.type for t in out] == ["meta"] * 3 and out[1].shape == x.shape
 
 
 @CUDA

@@ -1,9 +1,11 @@
-"""The CUDA-graph fast path of MTT (methods/graphed.py, `--fast on`) against the plain unrolled gradient.
+"""The CUDA-graph fast path of MTT and TESLA (methods/graphed.py `GraphedGrad`, `--fast on`) against the plain
+gradients.
 
-CPU: the function that gets captured, run eagerly (`unrolled_static` on `pack_plan`'s tensors, branch-free DSA),
-equals `trajectory.unrolled_grad` on the same plan (ordinary mode-'S' DSA): float64, rel 1e-9. CUDA (skipped
-without a GPU): one captured graph replayed for 3 iterations with different plans, θ_start and labels equals
-`unrolled_grad` each time; MTT with fast "on" equals fast "off".
+CPU: `GraphedGrad` with `capture.Captured` replaced by an eager stand-in that keeps CUDA's replay semantics
+(conftest `replay_on_cpu`): the one gradient implementation on the packed plan (branch-free DSA) equals it on the
+plan itself (ordinary mode-'S' DSA), float64 rel 1e-9, for several plans through one capture; MTT with fast "on"
+trains like fast "off". CUDA (skipped without a GPU): real captures replayed for 3 iterations with different plans,
+θ_start and labels; MTT with fast "on" equals fast "off".
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import dataclasses
 import pytest
 import torch
 
+import distillery.capture as capture
 from distillery.augment import Augment
-from distillery.methods.graphed import (GraphedTesla, GraphedUnroll, pack_plan, tesla_pass1_static,
-                                         tesla_step_static, unrolled_static)
-from distillery.methods.tesla import tesla_grad, tesla_pass1
-from distillery.methods.trajectory import leaf_copies, make_plan, unrolled_grad
+from distillery.methods.graphed import GraphedGrad
+from distillery.methods.tesla import tesla_grad, tesla_grads
+from distillery.methods.trajectory import make_plan, unrolled_grad, unrolled_grads
 from distillery.models import FunctionalModel, init_seeded
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -61,111 +63,91 @@ def assert_close(got, ref, rtol: float) -> None:
     assert abs(got.loss - ref.loss) <= rtol * abs(ref.loss), (got.loss, ref.loss)
 
 
-def eager(fm, augment, images, labels, lr, theta0, target, plan):
-    """The captured function, run without capture; packed as a GradResult-like triple."""
-    sizes, indices, aug = pack_plan(plan, augment)
-    gx, ga, loss = unrolled_static(fm, augment, sizes, images, labels, lr, theta0, target, indices, aug)
-    return type("R", (), {"grad_images": gx, "grad_lr": ga, "loss": float(loss)})
+@pytest.fixture
+def on_cpu(monkeypatch, replay_on_cpu):
+    """Captures replayed eagerly on the CPU (conftest `replay_on_cpu`)."""
+    monkeypatch.setattr(capture, "Captured", replay_on_cpu)
 
 
 @pytest.mark.parametrize("strategy", ["color_crop_cutout_flip_scale_rotate", "color_crop_cutout_scale_rotate",
                                       "none"])
 @pytest.mark.parametrize("batch", [None, 4])  # 4 of 6: steps of 4 and 2 images (a static pattern per step)
-def test_eager_static_equals_unrolled_grad(strategy, batch):
+@pytest.mark.parametrize("grads,reference", [(unrolled_grads, unrolled_grad), (tesla_grads, tesla_grad)])
+def test_graphed_equals_the_plain_gradient(on_cpu, strategy, batch, grads, reference):
     fm = model(torch.float64, "cpu")
     augment = Augment(strategy)
+    graphed = GraphedGrad(grads, fm, augment)
     drawn = set()
-    for seed in range(4):  # several plans: different tokens per step
+    for seed in range(4):  # several plans through the same captures: different tokens per step
         images, labels, lr, theta0, target = problem(fm, seed, torch.float64, "cpu", soft=seed % 2 == 1)
         plan = plan_for(augment, seed, 5, batch, "cpu")
         drawn.update(p.tokens for p in plan.aug)
-        ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
-        assert_close(eager(fm, augment, images, labels, lr, theta0, target, plan), ref, 1e-9)
+        ref = reference(fm, images, labels, lr, theta0, target, plan, augment)
+        assert_close(graphed(images, labels, lr, theta0, target, plan), ref, 1e-9)
     assert strategy == "none" or len(drawn) >= 4  # the plans exercised most tokens
+    assert graphed.captures == 2  # hard and soft labels: two input signatures
 
 
-def test_eager_static_float32_matches_to_float_rounding():
+def test_graphed_float32_matches_to_float_rounding(on_cpu):
     fm = model(torch.float32, "cpu")
     augment = Augment()
     images, labels, lr, theta0, target = problem(fm, 1, torch.float32, "cpu")
     plan = plan_for(augment, 1, 4, None, "cpu")
     ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
-    assert_close(eager(fm, augment, images, labels, lr, theta0, target, plan), ref, 1e-3)
+    assert_close(GraphedGrad(unrolled_grads, fm, augment)(images, labels, lr, theta0, target, plan), ref, 1e-3)
 
 
-def eager_tesla(fm, augment, images, labels, lr, theta0, target, plan):
-    """TESLA as the two functions that get captured (pass 1 whole, pass 2 per step), run without capture."""
-    sizes, indices, aug = pack_plan(plan, augment)
-    thetas, c, denom, loss, grad_alpha = tesla_pass1_static(fm, augment, sizes, images, labels, lr, theta0, target,
-                                                            indices, aug)
-    total, offset = torch.zeros_like(images), 0
-    for size, theta in zip(sizes, thetas):
-        total += tesla_step_static(fm, augment, images, labels, theta, 2.0 / denom * c,
-                                   indices[offset:offset + size], tuple(t[offset:offset + size] for t in aug))
-        offset += size
-    return type("R", (), {"grad_images": total, "grad_lr": grad_alpha, "loss": float(loss)})
-
-
-def test_eager_tesla_pass1_equals_tesla_pass1():
-    """The captured first pass keeps what `tesla_pass1` keeps: θ_i, c, D, L and ∂L/∂α (float64)."""
-    fm = model(torch.float64, "cpu")
-    augment = Augment()
-    images, labels, lr, theta0, target = problem(fm, 2, torch.float64, "cpu")
-    plan = plan_for(augment, 2, 5, 4, "cpu")
-    x, y, alpha = leaf_copies(images, labels, lr)
-    ref = tesla_pass1(fm, x, y, alpha, theta0, target, plan, augment)
-    sizes, indices, aug = pack_plan(plan, augment)
-    thetas, c, denom, loss, grad_alpha = tesla_pass1_static(fm, augment, sizes, images, labels, lr, theta0, target,
-                                                            indices, aug)
-    pairs = ((thetas, torch.stack(ref.thetas)), (c, ref.c), (denom, ref.denom), (loss, ref.loss),
-             (grad_alpha, ref.grad_alpha))
-    for a, b in pairs:
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("strategy", ["color_crop_cutout_flip_scale_rotate", "none"])
-def test_eager_tesla_step_equals_tesla_grad(strategy):
-    fm = model(torch.float64, "cpu")
-    augment = Augment(strategy)
-    for seed in range(3):
-        images, labels, lr, theta0, target = problem(fm, seed, torch.float64, "cpu", soft=seed == 1)
-        plan = plan_for(augment, seed, 5, 4, "cpu")
-        ref = tesla_grad(fm, images, labels, lr, theta0, target, plan, augment)
-        assert_close(eager_tesla(fm, augment, images, labels, lr, theta0, target, plan), ref, 1e-9)
-
-
-def test_pack_plan_has_static_shapes_across_plans():
+def test_packed_plan_has_static_shapes_across_plans():
     augment = Augment()
     shapes = set()
     for seed in range(5):
-        sizes, indices, aug = pack_plan(plan_for(augment, seed, 5, 4, "cpu"), augment)
-        shapes.add((sizes, tuple(indices.shape), tuple((tuple(t.shape), t.dtype) for t in aug)))
+        packed = plan_for(augment, seed, 5, 4, "cpu").packed(augment)
+        shapes.add((packed.sizes, tuple(packed.indices.shape), tuple((tuple(t.shape), t.dtype) for t in packed.aug)))
     assert len(shapes) == 1
 
 
-def test_graphed_unroll_refuses_cpu_tensors():
+def test_graphed_refuses_cpu_tensors_and_learned_labels():
     fm = model(torch.float64, "cpu")
     images, labels, lr, theta0, target = problem(fm, 0, torch.float64, "cpu")
-    with pytest.raises(ValueError, match="CUDA graph"):
-        GraphedUnroll(fm, Augment())(images, labels, lr, theta0, target, plan_for(Augment(), 0, 2, None, "cpu"))
+    plan = plan_for(Augment(), 0, 2, None, "cpu")
+    with pytest.raises(ValueError, match="cuda device"):
+        GraphedGrad(unrolled_grads, fm, Augment())(images, labels, lr, theta0, target, plan)
+    soft = torch.rand(N_IMAGES, CLASSES, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="do not differentiate the labels"):
+        GraphedGrad(unrolled_grads, fm, Augment())(images, soft, lr, theta0, target, plan)
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "tesla"])
+def test_mtt_fast_on_trains_like_fast_off_on_cpu(on_cpu, tmp_path, grad):
+    """MTT's --fast on hook (captures replayed eagerly): the same gradients as fast off, to float32 rounding."""
+    from distillery.data import load_dataset
+    from distillery.experts import train_experts
+    from distillery.methods.mtt import MTT, MTTConfig
+
+    ds = load_dataset("digits")
+    store = train_experts(ds, "ConvNetD2W8", 1, epochs=2, out_dir=tmp_path / "store", progress=False)
+    cfg = MTTConfig(ipc=1, model="ConvNetD2W8", syn_steps=3, expert_epochs=1, max_start_epoch=1, trajectories=2,
+                    grad=grad)
+    off, on = MTT(ds, store, cfg), MTT(ds, store, dataclasses.replace(cfg, fast="on"))
+    for it in range(2):
+        assert_close(on.gradient(it)[0], off.gradient(it)[0], 1e-3)
+    assert on.graphed.captures == 1
 
 
 @CUDA
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-@pytest.mark.parametrize("graphed_cls,reference,captures", [(GraphedUnroll, unrolled_grad, 1),
-                                                            (GraphedTesla, tesla_grad, 3)])
-def test_captured_graphs_replay_different_iterations(dtype, rtol, graphed_cls, reference, captures):
-    """Different plans (tokens), θ_start, θ* and labels through the same captures: MTT's one graph; TESLA's pass 1
-    and one pass-2 graph per step size (steps of 4 and 2 images)."""
+@pytest.mark.parametrize("grads,reference", [(unrolled_grads, unrolled_grad), (tesla_grads, tesla_grad)])
+def test_captured_graphs_replay_different_iterations(dtype, rtol, grads, reference):
+    """Different plans (tokens), θ_start, θ* and labels through one captured graph (steps of 4 and 2 images)."""
     fm = model(dtype, "cuda")
     augment = Augment()
-    graphed = graphed_cls(fm, augment)
+    graphed = GraphedGrad(grads, fm, augment)
     for seed in range(3):
         images, labels, lr, theta0, target = problem(fm, seed, dtype, "cuda", soft=True)
         plan = plan_for(augment, seed, 5, 4, "cuda")
         ref = reference(fm, images, labels, lr, theta0, target, plan, augment)
         assert_close(graphed(images, labels, lr, theta0, target, plan), ref, rtol)
-    assert graphed.captures == captures
+    assert graphed.captures == 1
 
 
 @CUDA
@@ -183,18 +165,17 @@ def test_mtt_fast_on_equals_off(tmp_path, grad):
     for it in range(2):
         a, b = off.gradient(it)[0], on.gradient(it)[0]
         assert_close(b, a, 1e-3)
-    assert on.graphed.captures == (1 if grad == "unrolled" else 2)  # tesla: pass 1 + one pass-2 (whole-set steps)
+    assert on.graphed.captures == 1
 
 
-def test_fast_is_off_by_default_and_refused_on_cpu():
-    from distillery.data import load_dataset
+def test_fast_is_off_by_default_and_refused_for_checkpointed_and_on_cpu():
     from distillery.distill import resolve_config
     from distillery.errors import UserError
-    from distillery.methods.mtt import MTT, MTTConfig
+    from distillery.methods.mtt import MTTConfig
+    from distillery.validate import check_fast
 
     assert MTTConfig().fast == "off" and resolve_config("mtt", {"dataset": "digits"})["fast"] == "off"
-    ds = load_dataset("digits")  # on the CPU: the library path refuses too, before experts are read
+    with pytest.raises(UserError, match="not --grad checkpointed"):  # MTT.check_config
+        resolve_config("mtt", {"dataset": "digits", "fast": "on", "grad": "checkpointed"})
     with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):
-        MTT(ds, None, MTTConfig(fast="on"))
-    with pytest.raises(UserError, match="not --grad checkpointed"):
-        MTT(ds, None, MTTConfig(fast="on", grad="checkpointed"))
+        check_fast(resolve_config("mtt", {"dataset": "digits", "fast": "on"}), "cpu")

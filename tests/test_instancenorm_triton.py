@@ -121,15 +121,10 @@ def test_cuda_compiled_kernel_equals_closed_form() -> None:
 
 @pytest.fixture
 def counted(interpreter, monkeypatch):
-    """Counts the fused kernel's calls; the CPU device check of --norm-kernel triton is lifted (interpreter)."""
-    import distillery.methods.mtt as mtt
-    import distillery.methods.ratbptt as ratbptt
-
+    """Counts the fused kernel's calls (on the CPU: the interpreter)."""
     calls = []
     real = instancenorm_triton.double_backward
     monkeypatch.setattr(instancenorm_triton, "double_backward", lambda *a: calls.append(1) or real(*a))
-    for module in (mtt, ratbptt):
-        monkeypatch.setattr(module, "check_fast", lambda config, device=None: None)
     return calls
 
 
@@ -170,10 +165,10 @@ def test_ratbptt_window_uses_the_kernel_it_is_given(counted) -> None:
 
 
 def test_captured_function_with_the_kernel_equals_the_plain_path(counted) -> None:
-    """What `--fast on --norm-kernel triton` captures for MTT (`unrolled_static`), run eagerly with the kernel,
-    equals the plain path with the torch closed form (float64)."""
-    from test_graphed import eager, model, plan_for, problem
+    """What `--fast on --norm-kernel triton` captures for MTT (`unrolled_grads` on a packed plan), run eagerly with
+    the kernel, equals the plain path with the torch closed form (float64)."""
     from test_graphed import assert_close as assert_mtt_close
+    from test_graphed import model, plan_for, problem
 
     from distillery.methods.trajectory import unrolled_grad
 
@@ -182,7 +177,7 @@ def test_captured_function_with_the_kernel_equals_the_plain_path(counted) -> Non
     plan = plan_for(augment, 1, 3, 4, "cpu")
     ref = unrolled_grad(fm, images, labels, lr, theta0, target, plan, augment)
     with norm_kernel("triton"):
-        got = eager(fm, augment, images, labels, lr, theta0, target, plan)
+        got = unrolled_grad(fm, images, labels, lr, theta0, target, plan.packed(augment), augment)
     assert len(counted) > 0
     assert_mtt_close(got, ref, 1e-9)
 
@@ -193,11 +188,11 @@ def test_cuda_graph_replays_the_kernel() -> None:
     from test_graphed import assert_close as assert_mtt_close
     from test_graphed import model, plan_for, problem
 
-    from distillery.methods.graphed import GraphedUnroll
-    from distillery.methods.trajectory import unrolled_grad
+    from distillery.methods.graphed import GraphedGrad
+    from distillery.methods.trajectory import unrolled_grad, unrolled_grads
 
     fm, augment = model(torch.float64, "cuda"), Augment()
-    graphed = GraphedUnroll(fm, augment)
+    graphed = GraphedGrad(unrolled_grads, fm, augment)
     for seed in range(3):
         images, labels, lr, theta0, target = problem(fm, seed, torch.float64, "cuda")
         plan = plan_for(augment, seed, 5, 4, "cuda")

@@ -47,15 +47,16 @@ def test_in_place_warm_up_equals_the_formula() -> None:
     """The torch.optim (foreach) warm-up equals InnerOptimizer.step's formula: parameters and state, float64."""
     from functools import partial
 
-    from distillery.methods.bptt import _inner_step, sample_batch, warm_up
+    from distillery.methods.bptt import draw_plan, sample_batch, warm_up, warm_up_step
 
     fm, theta0, images, labels, _, _ = setup()
     draw = partial(sample_batch, 3, 2, 3, 2)
     for opt in (InnerOptimizer("adam", 1e-2), InnerOptimizer("sgd", 1e-2)):
         theta, state = warm_up(fm, images, labels, theta0, opt, 4, draw, None, torch.Generator().manual_seed(2))
-        ref, ref_state, g = theta0, opt.init_state(theta0), torch.Generator().manual_seed(2)
-        for _ in range(4):
-            ref, ref_state = _inner_step(fm, opt, ref, ref_state, images.detach(), labels, draw, None, g, False)
+        ref, ref_state = theta0.clone(), opt.init_state(theta0)
+        plan = draw_plan(4, draw, None, images, torch.Generator().manual_seed(2))
+        for i in range(4):
+            warm_up_step(fm, opt, images.detach(), labels, ref, ref_state, plan, i, None)
         # torch.optim keeps Adam's step count in float32, so its bias corrections are float32: ~1e-8 relative
         torch.testing.assert_close(theta, ref, rtol=1e-7, atol=1e-9)
         assert state.keys() == ref_state.keys()

@@ -3,12 +3,14 @@
 CPU: GraphedRat with `capture.Captured` replaced by an eager stand-in that keeps CUDA's replay semantics (conftest
 `replay_on_cpu`) gives the plain meta-gradient (float64, rel 1e-9) and leaves the generator where the plain path
 leaves it, for Adam (both window formulas) and SGD, hard and learned labels, sampled classes, chunked meta-losses,
-with and without augmentation; the two captured functions run on the meta device (no host sync, no data-dependent
-shape); the method with fast "on" trains like fast "off". CUDA (skipped without a GPU): real captures and replays.
+with and without augmentation; the two captured functions (`bptt.warm_up_step`, `bptt.window_grads` on packed plans)
+run on the meta device (no host sync, no data-dependent shape); the method with fast "on" trains like fast "off".
+CUDA (skipped without a GPU): real captures and replays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -16,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import distillery.capture as capture
-import distillery.methods.ratbptt as rat
 from distillery.augment import Augment
 from distillery.errors import UserError
-from distillery.methods.bptt import InnerOptimizer, meta_gradient
-from distillery.methods.graphed import GraphedRat, warm_up_step_static, window_static
+from distillery.methods.bptt import InnerOptimizer, meta_gradient, warm_up_step, window_grads
+from distillery.methods.graphed import GraphedRat
+from distillery.methods.trajectory import PackedPlan
 from distillery.methods.ratbptt import RaTBPTT, RaTBPTTConfig
 from distillery.models import FunctionalModel, init_seeded
 
@@ -112,17 +114,14 @@ def test_captured_functions_run_on_meta_tensors():
     aug = Augment.rat()
     gen = torch.Generator().manual_seed(0)
     fields = aug.branch_free_fields([aug.sample(4, gen, SIZE, device="cpu") for _ in range(2)])
-    real_fields = aug.branch_free_fields([aug.sample(len(real_x), gen, SIZE, device="cpu")])
     meta = [t.detach().to("meta") for t in (theta0, x, y, real_x, real_y)]
     theta, x, y, real_x, real_y = meta
-    idx = torch.zeros(2, 4, dtype=torch.long, device="meta")
-    fields, real_fields = ([t.to("meta") for t in f] for f in (fields, real_fields))
+    plan = PackedPlan((4, 4), torch.zeros(8, dtype=torch.long, device="meta"), tuple(t.to("meta") for t in fields))
     for kind in ("adam", "sgd"):
         opt = InnerOptimizer(kind, 0.01)
         state = opt.init_state(theta)
-        warm_up_step_static(fm, opt, aug, x, y, theta, state, idx[0], tuple(t[:4] for t in fields))
-        out = window_static(fm, opt.with_adam("higher"), aug, aug, 5, True, x, y, theta, state, idx, tuple(fields),
-                            real_x, real_y, tuple(real_fields))
+        warm_up_step(fm, opt, x, y, theta, state, plan, 1, aug)
+        out = window_grads(fm, opt.with_adam("higher"), x, y, True, theta, state, plan, aug, real_x, real_y, 5)
         assert [t.shape for t in out] == [torch.Size([]), x.shape, y.shape]
 
 
@@ -152,7 +151,6 @@ def config(**kw) -> RaTBPTTConfig:
 def test_method_with_fast_on_trains_like_fast_off(monkeypatch, replay_on_cpu):
     """Three outer steps of RaTBPTT (learned labels, random window starts): the same images, labels and logs."""
     monkeypatch.setattr(capture, "Captured", replay_on_cpu)
-    monkeypatch.setattr(rat, "check_fast", lambda config, device=None: None)  # the stand-in replays on the CPU
     off, on = RaTBPTT(fake_dataset(), config()), RaTBPTT(fake_dataset(), config(fast="on"))
     assert off.graphed is None and on.graphed is not None
     for it in range(3):
@@ -163,9 +161,11 @@ def test_method_with_fast_on_trains_like_fast_off(monkeypatch, replay_on_cpu):
 
 
 def test_fast_is_off_by_default_and_refused_on_cpu():
+    from distillery.validate import check_fast
+
     assert RaTBPTTConfig().fast == "off"
     with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):
-        RaTBPTT(fake_dataset(), config(fast="on"))
+        check_fast(dataclasses.asdict(config(fast="on")), "cpu")
 
 
 @CUDA

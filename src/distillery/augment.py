@@ -31,8 +31,8 @@ the per-token affine matrices (the default strategy runs as color -> one warp):
     clipping between the two warps is reproduced by multiplying with the bilinear coverage of the intermediate
     frame. What remains is interpolation error, largest next to zero-filled edges (mean |Δ| ~1e-2 on unit-scale
     images, concentrated in a 1-2 px band along the frame). Use compose=False where bit-faithfulness matters.
-Branch-free replay (for CUDA-graph capture, `methods/graphed.py`): `full_params` fills a mode-'S' draw with identity
-parameters for the tokens not drawn, and `apply_branch_free` runs color -> crop/cutout mask -> one grid_sample for
+Branch-free replay (for CUDA-graph capture, `methods/graphed.py`): `branch_free_fields` fills mode-'S' draws with
+identity parameters for the tokens not drawn, and `apply_fields` runs color -> crop/cutout mask -> one grid_sample for
 every draw, so the ops and shapes do not depend on which token was drawn (equal to `apply` up to float rounding).
 For square images, align_corners changes flip/scale/rotate only by float rounding (both conventions map pixel
 i to the same point about the centre); it matters for non-square images.
@@ -57,6 +57,10 @@ _IDENTITY_STRATEGIES = ("none", "None", "")
 _RESAMPLING = frozenset({"scale", "rotate"})
 # The tensor fields of AugParams in one fixed order: what a captured graph takes as its static DSA inputs.
 PARAM_FIELDS = ("brightness", "saturation", "contrast", "translate", "cutout", "flip", "scale", "rotate")
+# What a token that was not drawn leaves in each of those fields: (identity value, shape per image, dtype).
+_IDENTITY = {"brightness": (0.0, (), torch.float32), "saturation": (1.0, (), torch.float32),
+             "contrast": (1.0, (), torch.float32), "translate": (0, (2,), torch.int64), "cutout": (0, (4,), torch.int64),
+             "flip": (False, (), torch.bool), "scale": (1.0, (2,), torch.float32), "rotate": (0.0, (), torch.float32)}
 
 
 @dataclass(frozen=True)
@@ -204,61 +208,42 @@ class Augment:
         """Sample fresh per-image parameters from `generator` and apply them (ordinary, non-siamese DSA)."""
         return self.apply(x, self.sample(x.shape[0], generator, x.shape[-2:], device=x.device))
 
-    def full_params(self, params: AugParams) -> AugParams:
-        """A mode-'S' draw with every field filled: identity values (brightness 0, saturation and contrast 1, shift 0,
-        an empty cutout box, no flip, scale 1, angle 0) for the tokens not drawn; tokens = the whole strategy."""
-        if len(params.tokens) > 1 or not set(params.tokens) <= set(self.tokens):
-            raise ValueError(f"branch-free DSA replays one drawn token of {self.tokens}, got {params.tokens}")
-        drawn = {f.name: getattr(params, f.name) for f in fields(params) if isinstance(getattr(params, f.name), Tensor)}
-        n = 1 if params.shared else params.batch
-        device = next(iter(drawn.values())).device if drawn else torch.device("cpu")
-
-        def fill(value: float, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            return torch.full(shape, value, dtype=dtype, device=device)
-
-        identity = {"brightness": fill(0.0, (n,), torch.float32), "saturation": fill(1.0, (n,), torch.float32),
-                    "contrast": fill(1.0, (n,), torch.float32), "translate": fill(0, (n, 2), torch.int64),
-                    "cutout": fill(0, (n, 4), torch.int64), "flip": fill(False, (n,), torch.bool),
-                    "scale": fill(1.0, (n, 2), torch.float32), "rotate": fill(0.0, (n,), torch.float32)}
-        return AugParams(self.tokens, params.im_size, params.batch, **{**identity, **drawn})
-
-    def apply_branch_free(self, x: Tensor, full: AugParams) -> Tensor:
-        """`apply` of a mode-'S' draw as the same ops for every draw (`full_params` output): color, then the crop
-        window and cutout as one mask, then one grid_sample with crop·flip·scale·rotate. Equal to `apply` up to
-        float rounding (crop and flip as bilinear samples at shifted pixel centres: ~1e-5 in float32)."""
-        if tuple(x.shape[-2:]) != full.im_size or (not full.shared and full.batch != x.shape[0]):
-            raise ValueError(f"parameters are for {full.batch} images of size {full.im_size}, got {tuple(x.shape)}")
-        tokens = self.tokens
-        if "color" in tokens:
-            x = _color(x, *(_as(t, x) for t in (full.brightness, full.saturation, full.contrast)))
-        if "crop" in tokens or "cutout" in tokens:
-            shift = full.translate.to(x.device)
-            rows, cols = shift.unbind(1)
-            keep = _inside(torch.stack([rows, cols, rows + x.shape[-2], cols + x.shape[-1]], 1), x)
-            keep = keep & ~_inside(full.cutout.to(x.device) + shift.repeat(1, 2), x)
-            x = x * keep.to(x.dtype).unsqueeze(1)
-        geometric = [token for token in ("crop", "flip", "scale", "rotate") if token in tokens]
-        if geometric:
-            matrix = self._matrix(geometric[0], x, full)
-            for token in geometric[1:]:  # output -> input: crop · flip · scale · rotate (one of them moves)
-                matrix = matrix @ self._matrix(token, x, full)
-            x = _warp(x, matrix, self.align_corners)
-        return x
-
     def branch_free_fields(self, draws: Sequence[AugParams]) -> tuple[Tensor, ...]:
-        """`full_params` of each per-image draw, each PARAM_FIELDS field concatenated over the draws (the fixed-shape
-        DSA inputs of a captured graph); () for the identity strategy."""
+        """The fixed-shape DSA inputs of a captured graph: each PARAM_FIELDS field of the per-image mode-'S' `draws`,
+        concatenated over them, with identity values (brightness 0, saturation and contrast 1, shift 0, an empty
+        cutout box, no flip, scale 1, angle 0) where a draw did not draw that token; () for the identity strategy."""
         if not self.tokens:
             return ()
-        full = [self.full_params(p) for p in draws]
-        return tuple(torch.cat([getattr(p, name) for p in full]) for name in PARAM_FIELDS)
+        columns = []
+        for p in draws:
+            if len(p.tokens) > 1 or not set(p.tokens) <= set(self.tokens):
+                raise ValueError(f"branch-free DSA replays one drawn token of {self.tokens}, got {p.tokens}")
+            n = 1 if p.shared else p.batch
+            drawn = {name: getattr(p, name) for name in PARAM_FIELDS if getattr(p, name) is not None}
+            device = next(iter(drawn.values())).device if drawn else torch.device("cpu")
+            columns.append([drawn[name] if name in drawn else torch.full((n, *shape), value, dtype=dtype, device=device)
+                            for name, (value, shape, dtype) in _IDENTITY.items()])
+        return tuple(torch.cat(column) for column in zip(*columns))
 
     def apply_fields(self, x: Tensor, aug: Sequence[Tensor]) -> Tensor:
-        """`apply_branch_free` of x with `branch_free_fields` output for exactly its images (x itself for ())."""
+        """`apply` of mode-'S' draws given as `branch_free_fields` (for exactly x's images) as the same ops whatever
+        was drawn: color, then the crop window and cutout as one mask, then one grid_sample with
+        crop·flip·scale·rotate. Equal to `apply` up to float rounding (crop and flip as bilinear samples at shifted
+        pixel centres: ~1e-5 in float32); x itself for ()."""
         if not aug:
             return x
-        params = AugParams(self.tokens, tuple(x.shape[-2:]), len(x), **dict(zip(PARAM_FIELDS, aug)))
-        return self.apply_branch_free(x, params)
+        p = AugParams(self.tokens, tuple(x.shape[-2:]), len(x), **dict(zip(PARAM_FIELDS, aug)))
+        if "color" in self.tokens:
+            x = _color(x, *(_as(t, x) for t in (p.brightness, p.saturation, p.contrast)))
+        if "crop" in self.tokens or "cutout" in self.tokens:
+            x = _window_mask(x, p.translate, p.cutout)
+        geometric = [token for token in ("crop", "flip", "scale", "rotate") if token in self.tokens]
+        if geometric:
+            matrix = self._matrix(geometric[0], x, p)
+            for token in geometric[1:]:  # output -> input: crop · flip · scale · rotate (one of them moves)
+                matrix = matrix @ self._matrix(token, x, p)
+            x = _warp(x, matrix, self.align_corners)
+        return x
 
     def _run_stage(self, x: Tensor, stage: tuple[str, ...], p: AugParams) -> Tensor:
         """Apply one stage: a single token, or ('warp', *tokens) composed into one resampling."""
@@ -277,13 +262,8 @@ class Augment:
 
     def _composed_warp(self, x: Tensor, tokens: tuple[str, ...], p: AugParams) -> Tensor:
         """One grid_sample for a run [crop [cutout]] (flip|scale|rotate)+, zeroing what sequential ops would clip."""
-        if tokens[0] == "crop":  # the crop's window (and a following cutout, moved by the shift) as one mask on x
-            shift = p.translate.to(x.device)
-            rows, cols = shift.unbind(1)
-            keep = _inside(torch.stack([rows, cols, rows + x.shape[-2], cols + x.shape[-1]], 1), x)
-            if "cutout" in tokens:
-                keep = keep & ~_inside(p.cutout.to(x.device) + shift.repeat(1, 2), x)
-            x = x * keep.to(x.dtype).unsqueeze(1)
+        if tokens[0] == "crop":
+            x = _window_mask(x, p.translate, p.cutout if "cutout" in tokens else None)
         geometric = [token for token in tokens if token != "cutout"]
         suffix: Tensor | None = None  # A_{j+1} ... A_last: output pixel -> point sampled in op j's output
         coverage: Tensor | None = None
@@ -401,6 +381,17 @@ def _inside(box: Tensor, x: Tensor) -> Tensor:
     in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 2:3])
     in_cols = (cols >= box[:, 1:2]) & (cols < box[:, 3:4])
     return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def _window_mask(x: Tensor, shift: Tensor, cutout: Tensor | None) -> Tensor:
+    """x with the pixels a crop by `shift` drops zeroed, and those of a following `cutout` box moved by the shift:
+    a crop (and cutout) that opens a composed warp, as one mask on the warp's input."""
+    shift = shift.to(x.device)
+    rows, cols = shift.unbind(1)
+    keep = _inside(torch.stack([rows, cols, rows + x.shape[-2], cols + x.shape[-1]], 1), x)
+    if cutout is not None:
+        keep = keep & ~_inside(cutout.to(x.device) + shift.repeat(1, 2), x)
+    return x * keep.to(x.dtype).unsqueeze(1)
 
 
 def _frame_coverage(matrix: Tensor, x: Tensor, align_corners: bool) -> Tensor:

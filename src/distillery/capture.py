@@ -27,33 +27,29 @@ class Captured:
         tensors' device (streams and graphs act on the current device: cuda:1 would otherwise capture nothing); a
         capture that fails is a UserError naming `option`, the flag that turns capture off."""
         self.device = next(t.device for t in (*state, *inputs))
-        with torch.cuda.device(self.device):
-            self._capture(fn, inputs, state, warmup, option)
-
-    def _capture(self, fn: Callable, inputs: Sequence[Tensor], state: Sequence[Tensor], warmup: int,
-                 option: str) -> None:
         self.inputs = [t.clone() for t in inputs]
         saved = [t.clone() for t in state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*state, *self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, value in zip(state, saved):
-            t.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):
-                self.outputs = fn(*state, *self.inputs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as err:  # an op that this PyTorch build cannot capture (the warm-up ran it eagerly)
-            while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the first cause
-                err = err.__context__
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
-                            "(same numbers up to float rounding)") from err
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*state, *self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, value in zip(state, saved):
+                t.copy_(value)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.outputs = fn(*state, *self.inputs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an op this PyTorch build cannot capture (the warm-up ran it eagerly)
+                while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the cause
+                    err = err.__context__
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
+                                "(same numbers up to float rounding)") from err
 
     def __call__(self, inputs: Sequence[Tensor]):
         """Replay on `inputs`; the outputs are static tensors, overwritten by the next replay."""
@@ -68,8 +64,8 @@ class GraphCache:
     """Captured graphs by name and input signature: the first call with a new signature captures, later ones
     replay. `captures` counts the captures; `clear()` drops every graph (and its memory pool)."""
 
-    def __init__(self, warmup: int = 3, option: str = "--fast") -> None:
-        self.warmup, self.option = warmup, option
+    def __init__(self) -> None:
+        """No graph yet: the first call of each signature captures (`--fast` is the flag a failed capture names)."""
         self.captures = 0
         self._graphs: dict[tuple, Captured] = {}
 
@@ -85,6 +81,6 @@ class GraphCache:
         `inputs` (captured first if there is none yet)."""
         key = (name, *((t.shape, t.dtype, t.device) for t in inputs))
         if key not in self._graphs:
-            self._graphs[key] = Captured(fn, inputs, state, warmup=self.warmup, option=self.option)
+            self._graphs[key] = Captured(fn, inputs, state)
             self.captures += 1
         return self._graphs[key](inputs)

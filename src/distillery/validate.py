@@ -2,8 +2,8 @@
 
 Here: every value against the range its option declares (`options.check_values`, over the method's config, the
 loop's and the experts'), IPC vs class sizes (`defaults.DataFacts`), and, once `distill` knows the device, the CUDA
-paths (`check_fast`, every method). The constraints between a method's own options and the data are its
-`Method.check_config` (methods/).
+paths (`check_fast`, every method). The constraints between a method's own options and the data (e.g. which --grad
+modes --fast on captures) are its `Method.check_config` (methods/).
 """
 
 from __future__ import annotations
@@ -40,16 +40,13 @@ def _is_cuda(device: torch.device | str) -> bool:
     return str(device).split(":")[0] == "cuda"
 
 
-def check_fast(config: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """--fast on: MTT/TESLA only with --grad unrolled or tesla; it, --eval-fast on and --norm-kernel triton, once the
-    device is known, only on CUDA (and the last only where Triton imports)."""
-    if config.get("fast") == "on" and "grad" in config and config["grad"] not in ("unrolled", "tesla"):
-        raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config.get('grad')}; "
-                        "use one of those or --fast off")
+def check_fast(config: dict[str, Any], device: torch.device | str) -> None:
+    """--fast on, --eval-fast on and --norm-kernel triton only on CUDA (the last only where Triton imports): checked
+    once, by `distill`, as soon as the device is known."""
     for flag, key in (("--eval-fast", "eval_fast"), ("--fast", "fast")):
-        if config.get(key) == "on" and device is not None:
+        if config.get(key) == "on":
             check_cuda(flag, device)
-    if config.get("norm_kernel") == "triton" and device is not None:
+    if config.get("norm_kernel") == "triton":
         from .models.instancenorm import triton_missing
         if not _is_cuda(device):
             raise UserError(f"--norm-kernel triton runs a CUDA kernel but the device is {device}; "

@@ -18,7 +18,7 @@ the method object around them is `ratbptt.RaTBPTT`, the captured-graph version `
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,11 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models import FunctionalModel
+from .trajectory import PackedPlan, StepPlan
 
-Augmentation = Callable[[Tensor, torch.Generator], Tensor]
+if TYPE_CHECKING:
+    from ..augment import Augment, AugParams
+
 BatchDraw = Callable[[torch.Generator], Tensor]
 
 
@@ -136,44 +139,52 @@ def window_period(it: int, resample: str, steps_per_epoch: int) -> int:
 
 
 # --- the meta-gradient ------------------------------------------------------------------------------------------------
-def _inner_step(fm: FunctionalModel, optimizer: InnerOptimizer, theta: Tensor, state: dict[str, Tensor],
-                images: Tensor, labels: Tensor, draw: BatchDraw, augment: Augmentation | None,
-                generator: torch.Generator, create_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
-    """One inner training step on a sampled, augmented synthetic mini-batch."""
-    idx = draw(generator)
-    x = images[idx]
-    if augment is not None:
-        x = augment(x, generator)
-    if not create_graph:  # a fresh leaf: the gradient w.r.t. theta and nothing else
-        theta = theta.detach().requires_grad_(True)
-    # Learned labels are (n, C) floats: cross_entropy uses them directly as probability targets (SPEC §6.5).
-    loss = F.cross_entropy(fm(theta, x), labels[idx])
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-    if not create_graph:
-        theta = theta.detach()
-    return optimizer.step(theta, grad, state)
+def draw_plan(steps: int, draw: BatchDraw, augment: Augment | None, images: Tensor,
+              generator: torch.Generator) -> StepPlan:
+    """`steps` inner steps' batch indices and per-image DSA draws, in the reference's order (indices, then
+    augmentation, step after step); drawing them ahead of the steps leaves every draw as it was."""
+    indices: list[Tensor] = []
+    aug: list[AugParams | None] = []
+    for _ in range(steps):
+        indices.append(draw(generator))
+        aug.append(None if augment is None else
+                   augment.sample(len(indices[-1]), generator, images.shape[-2:], device=images.device))
+    return StepPlan(indices, aug)
+
+
+def warm_up_step(fm: FunctionalModel, optimizer: InnerOptimizer, images: Tensor, labels: Tensor, theta: Tensor,
+                 state: dict[str, Tensor], plan: StepPlan | PackedPlan, i: int, augment: Augment | None) -> None:
+    """Inner step i of `plan` with `optimizer`'s formula, updating `theta` and `state` in place: first-order, no
+    graph to the images, no host read (with a `PackedPlan`, what `--fast on` captures and replays per step)."""
+    point = theta.detach().requires_grad_(True)
+    x, y = plan.batch(i, images, labels, augment)
+    (grad,) = torch.autograd.grad(F.cross_entropy(fm(point, x), y), point)
+    new_theta, new_state = optimizer.step(theta, grad, state)
+    theta.copy_(new_theta)
+    for key, value in new_state.items():
+        state[key].copy_(value)
 
 
 def warm_up(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
-            steps: int, draw: BatchDraw, augment: Augmentation | None,
+            steps: int, draw: BatchDraw, augment: Augment | None,
             generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
     """Train `steps` inner steps on detached images and labels: no graph reaches the synthetic data (SPEC P13).
 
     torch's Adam and SGD run as torch.optim's in-place foreach (CUDA: fused) step; the formula is the same as
     `InnerOptimizer.step` up to float rounding (tested), and the state continues into the window unchanged."""
     images, labels, theta = images.detach(), labels.detach(), theta.detach()
-    if steps and (optimizer.kind == "sgd" or getattr(optimizer, "adam", "torch") == "torch"):
-        return _warm_up_in_place(fm, images, labels, theta, optimizer, steps, draw, augment, generator)
-    state = optimizer.init_state(theta)
-    for _ in range(steps):
-        theta, state = _inner_step(fm, optimizer, theta, state, images, labels, draw, augment, generator, False)
+    plan = draw_plan(steps, draw, augment, images, generator)
+    if steps and (optimizer.kind == "sgd" or optimizer.adam == "torch"):
+        return _warm_up_in_place(fm, images, labels, theta, optimizer, plan, augment)
+    theta, state = theta.clone(), optimizer.init_state(theta)
+    for i in range(steps):
+        warm_up_step(fm, optimizer, images, labels, theta, state, plan, i, augment)
     return theta, state
 
 
 def _warm_up_in_place(fm: FunctionalModel, images: Tensor, labels: Tensor, theta: Tensor, optimizer: InnerOptimizer,
-                      steps: int, draw: BatchDraw, augment: Augmentation | None,
-                      generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """`warm_up` with torch.optim's in-place step; same draws in the same order; returns InnerOptimizer's state."""
+                      plan: StepPlan, augment: Augment | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """`warm_up` with torch.optim's in-place step; returns InnerOptimizer's state."""
     theta = theta.clone().requires_grad_(True)
     fast = {"fused": True} if theta.device.type == "cuda" else {"foreach": True}
     if optimizer.kind == "sgd":
@@ -182,18 +193,37 @@ def _warm_up_in_place(fm: FunctionalModel, images: Tensor, labels: Tensor, theta
     else:
         opt = torch.optim.Adam([theta], lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                                weight_decay=optimizer.weight_decay, **fast)
-    for _ in range(steps):
-        idx = draw(generator)
-        x = images[idx] if augment is None else augment(images[idx], generator)
-        (theta.grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), labels[idx]), theta)
+    for i in range(plan.steps):
+        x, y = plan.batch(i, images, labels, augment)
+        (theta.grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), y), theta)
         opt.step()
     state = {k: torch.as_tensor(v, dtype=theta.dtype, device=theta.device).detach() for k, v in opt.state[theta].items()}
     return theta.detach(), state
 
 
+def window_grads(fm: FunctionalModel, optimizer: InnerOptimizer, images: Tensor, labels: Tensor, learn_labels: bool,
+                 theta: Tensor, state: dict[str, Tensor], plan: StepPlan | PackedPlan, augment: Augment | None,
+                 real_x: Tensor, real_y: Tensor, real_chunk: int | None) -> tuple[Tensor, ...]:
+    """(meta-loss, ∂/∂images[, ∂/∂labels]) of the window: `plan`'s inner steps with a graph, from θ and optimizer
+    state taken as constants (gradients reach neither the warm-up nor the initialisation, SPEC P16), the meta-loss
+    on the (augmented) real batch, one backward through the window. Tensors only, no host read: with a `PackedPlan`
+    it is what `--fast on` captures."""
+    x = images.detach().requires_grad_(True)
+    y = labels.detach().requires_grad_(learn_labels)
+    theta = theta.detach().requires_grad_(True)
+    state = {key: value.detach().to(theta.dtype) for key, value in state.items()}
+    for i in range(plan.steps):
+        # Learned labels are (n, C) floats: cross_entropy uses them directly as probability targets (SPEC §6.5).
+        batch, target = plan.batch(i, x, y, augment)
+        (grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, batch), target), theta, create_graph=True)
+        theta, state = optimizer.step(theta, grad, state)
+    meta_loss, grad_theta = real_loss_grad(fm, theta, real_x, real_y, real_chunk)
+    return (meta_loss, *torch.autograd.grad(theta, [x, y] if learn_labels else [x], grad_outputs=grad_theta))
+
+
 def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: Tensor, optimizer: InnerOptimizer,
-                  start: int, window: int, real_x: Tensor, real_y: Tensor, augment_syn: Augmentation | None,
-                  augment_real: Augmentation | None, generator: torch.Generator, *, num_classes: int,
+                  start: int, window: int, real_x: Tensor, real_y: Tensor, augment_syn: Augment | None,
+                  augment_real: Augment | None, generator: torch.Generator, *, num_classes: int,
                   task_sampler_nc: int | None = None, batch_per_class: int | None = None,
                   window_optimizer: InnerOptimizer | None = None,
                   real_chunk: int | None = None) -> tuple[float, Tensor, Tensor | None]:
@@ -208,19 +238,13 @@ def meta_gradient(fm: FunctionalModel, images: Tensor, labels: Tensor, theta0: T
     ipc = len(images) // num_classes
     draw = partial(sample_batch, num_classes, ipc, task_sampler_nc or num_classes, batch_per_class or ipc)
     theta, state = warm_up(fm, images, labels, theta0, optimizer, start, draw, augment_syn, generator)
-    # The window starts from constants: gradients reach neither the warm-up nor the initialisation (SPEC P16).
-    theta = theta.detach().requires_grad_(True)
-    state = {k: v.detach() for k, v in state.items()}
-    window_optimizer = window_optimizer or optimizer
-    for _ in range(window):
-        theta, state = _inner_step(fm, window_optimizer, theta, state, images, labels, draw, augment_syn, generator,
-                                   True)
+    plan = draw_plan(window, draw, augment_syn, images, generator)
     if augment_real is not None:
         real_x = augment_real(real_x, generator)
-    meta_loss, grad_theta = real_loss_grad(fm, theta, real_x, real_y, real_chunk)
-    wrt = [images, labels] if labels.requires_grad else [images]
-    grads = torch.autograd.grad(theta, wrt, grad_outputs=grad_theta)  # one backward through the window
-    return float(meta_loss), grads[0], grads[1] if labels.requires_grad else None
+    learn = labels.requires_grad
+    meta_loss, *grads = window_grads(fm, window_optimizer or optimizer, images, labels, learn, theta, state, plan,
+                                     augment_syn, real_x, real_y, real_chunk)
+    return float(meta_loss), grads[0], grads[1] if learn else None
 
 
 def real_loss_grad(fm: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor,

@@ -9,9 +9,8 @@ memory ∝ √N, one extra forward per step), `tesla` (TESLA's two-pass gradient
 in the parameter path: not MTT's exact gradient, SPEC §5.2). TESLA is this class with `grad="tesla"` and,
 optionally, soft labels read off the experts.
 
-`fast="on"` (CUDA; `grad="unrolled"` or `"tesla"`) replaces each segment's gradient call by replays of captured CUDA
-graphs (`graphed.py`, branch-free DSA): the whole unroll as one graph, or TESLA's second pass as one graph per step
-size replayed N times; the same per-segment result to float rounding.
+`fast="on"` (CUDA; `grad="unrolled"` or `"tesla"`) replays each segment's gradient, the same function on a packed
+plan with branch-free DSA, from one captured CUDA graph (`graphed.GraphedGrad`); the same result to float rounding.
 
 Several segments per iteration (`trajectories` = K, and torchrun: G processes): segment j = rank·K + i draws its
 expert, start epoch, minibatches and DSA from streams keyed by (seed, iteration, j) (`stream_generator`); the loss
@@ -53,13 +52,13 @@ from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
-from ..validate import check_fast
-from .graphed import GraphedTesla, GraphedUnroll
+from .graphed import GraphedGrad
 from .registry import Method, MethodConfig, register_method
-from .tesla import expert_soft_labels, tesla_grad
-from .trajectory import GradResult, checkpointed_grad, make_plan, unrolled_grad
+from .tesla import expert_soft_labels, tesla_grad, tesla_grads
+from .trajectory import GradResult, checkpointed_grad, make_plan, unrolled_grad, unrolled_grads
 
 GRADS = {"unrolled": unrolled_grad, "checkpointed": checkpointed_grad, "tesla": tesla_grad}
+CAPTURED = {"unrolled": unrolled_grads, "tesla": tesla_grads}  # the modes --fast on replays
 LABELS = ("hard", "expert", "frozen")
 LR_GUARDS = ("clamp", "log", "none")
 FAST = ("off", "on")
@@ -83,13 +82,11 @@ class MTTConfig(MethodConfig):
     grad: str = option("unrolled", choices=("unrolled", "checkpointed", "tesla"),
                        help="meta-gradient: exact unrolled, exact checkpointed, or TESLA's constant-memory one")
     fast: str = option("off", choices=FAST, resumable=True,
-                       help="on: replay captured CUDA graphs (CUDA only): the whole iteration (grad unrolled) or "
-                            "TESLA's two passes (grad tesla), and the minibatch steps of experts it trains; off "
-                            "until benchmarks/gpu_suite.py has measured it")
+                       help="on: replay captured CUDA graphs (CUDA only): each iteration's gradient (grad unrolled "
+                            "or tesla), and the minibatch steps of experts it trains")
     norm_kernel: str = option("torch", choices=KERNELS, resumable=True,
                               help="instance norm's double backward: torch (closed form, torch ops) or triton (one "
-                                   "fused kernel; CUDA with the triton package); torch until "
-                                   "benchmarks/gpu_suite.py has measured it")
+                                   "fused kernel; CUDA with the triton package)")
     grad_checkpoint_every: int | None = option(None, low=1,
                                                help="--grad checkpointed: keep theta every k steps (ceil(sqrt N))")
     trajectories: int = option(1, low=1, help="K: expert segments per iteration on each process, gradients "
@@ -151,7 +148,9 @@ class MTT(Method):
         if config.get("batch_syn") is not None and config["batch_syn"] > n_syn:
             raise UserError(f"--batch-syn {config['batch_syn']} is larger than the {n_syn} synthetic images "
                             "(ipc x classes); lower it or leave it unset (the whole set)")
-        check_fast(config)
+        if config.get("fast") == "on" and config["grad"] not in CAPTURED:
+            raise UserError(f"--fast on captures --grad unrolled or tesla, not --grad {config['grad']}; "
+                            "use one of those or --fast off")
         every = config.get("grad_checkpoint_every")
         if every is not None and every > config["syn_steps"]:
             raise UserError(f"--grad-checkpoint-every {every} is more than --syn-steps {config['syn_steps']}; "
@@ -212,7 +211,6 @@ class MTT(Method):
         spec = dataset.spec
         device = dataset.train.x.device
         check_options(cfg)  # the declared ranges and choices (grad, labels, pix_init, ...)
-        check_fast(asdict(cfg), device)
         if store.epochs < cfg.max_start_epoch - 1 + cfg.expert_epochs:
             raise UserError(f"experts have {store.epochs} epochs but max_start_epoch {cfg.max_start_epoch} + "
                             f"expert_epochs {cfg.expert_epochs} needs {cfg.max_start_epoch - 1 + cfg.expert_epochs}; "
@@ -223,8 +221,7 @@ class MTT(Method):
                             "distil with an instance-norm or norm-free model (e.g. ConvNet) and evaluate on BN later")
         self.fm = FunctionalModel(model.to(device))
         self.augment = Augment(spec.dsa_strategy if cfg.dsa else "none")
-        graphed = {"unrolled": GraphedUnroll, "tesla": GraphedTesla}.get(cfg.grad) if cfg.fast == "on" else None
-        self.graphed = graphed(self.fm, self.augment) if graphed else None  # --fast on: captured CUDA graphs
+        self.graphed = GraphedGrad(CAPTURED[cfg.grad], self.fm, self.augment) if cfg.fast == "on" else None
 
         images, hard = self.initial_images(stream_generator(cfg.seed, _INIT, device=device))
         self.images = broadcast_(images.clone()).requires_grad_(True)  # torchrun: every rank starts from rank 0's

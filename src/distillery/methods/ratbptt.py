@@ -58,8 +58,7 @@ from ..models.instancenorm import KERNELS, norm_kernel
 from ..options import check_options, option, redefault
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
-from ..validate import check_fast
-from .bptt import Augmentation, InnerOptimizer, check_window, meta_gradient, window_period, window_start
+from .bptt import InnerOptimizer, check_window, meta_gradient, window_period, window_start
 from .graphed import GraphedRat
 from .registry import Method, MethodConfig, register_method
 
@@ -213,11 +212,10 @@ class RaTBPTTConfig(MethodConfig):
                                     help="real images per chunk of the meta-loss gradient (memory; none: all at once)")
     fast: str = option("off", choices=("off", "on"), resumable=True,
                        help="on: each warm-up step and the window with its meta-loss replay captured CUDA graphs "
-                            "(CUDA only); off until benchmarks/gpu_suite.py has measured it")
+                            "(CUDA only)")
     norm_kernel: str = option("torch", choices=KERNELS, resumable=True,
                               help="instance norm's double backward in the window: torch (closed form) or triton "
-                                   "(one fused kernel; CUDA with the triton package); torch until "
-                                   "benchmarks/gpu_suite.py has measured it")
+                                   "(one fused kernel; CUDA with the triton package)")
 
 
 @dataclass
@@ -341,7 +339,6 @@ class RaTBPTT(Method):
         self.augment_syn = _augmentation(cfg.syn_strategy)
         self.augment_real = _augmentation(cfg.real_strategy)
         self.clipper = EmaClipper(cfg.clip_coef)
-        check_fast(asdict(cfg), self.device)  # --fast on and --norm-kernel triton: CUDA only
         self.graphed = GraphedRat(self.fm, self.inner_opt, self.window_opt, self.augment_syn, self.augment_real,
                                   cfg.real_chunk) if cfg.fast == "on" else None
         self.stage = 0
@@ -525,7 +522,7 @@ def _parse_blocks(text: str) -> tuple[int, ...]:
         raise UserError(f"--boost-blocks '{text}' is not a comma-separated list of integers, e.g. 1,1,2") from None
 
 
-def _augmentation(strategy: str) -> Augmentation | None:
+def _augmentation(strategy: str) -> Augment | None:
     """RaT-BPTT augmentation (SPEC §3.5: one token per call, per-image, align_corners=False); None for 'none'."""
     if strategy in ("none", "None", ""):
         return None

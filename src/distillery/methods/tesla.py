@@ -21,15 +21,16 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models import FunctionalModel
-from .trajectory import GradResult, StepPlan, leaf_copies, make_result, step_gradient
+from .trajectory import GradResult, PackedPlan, StepPlan, leaf_copies, make_result, step_gradient
 
 if TYPE_CHECKING:
     from ..augment import Augment
 
 
-def tesla_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
-               theta_target: Tensor, plan: StepPlan, augment: Augment | None) -> GradResult:
-    """TESLA gradient (SPEC §5.2 steps 1-5): autograd memory of one step whatever N; keeps the N θ_i vectors."""
+def tesla_grads(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
+                theta_target: Tensor, plan: StepPlan | PackedPlan, augment: Augment | None) -> tuple[Tensor, ...]:
+    """(L, ∂L/∂X, ∂L/∂α[, ∂L/∂Y]) of TESLA (SPEC §5.2 steps 1-5): autograd memory of one step whatever N; keeps
+    the N θ_i vectors. Tensors only, no host read: with a `PackedPlan` it is what `--fast on` captures."""
     x, y, alpha = leaf_copies(images, labels, lr)
     first = tesla_pass1(fm, x, y, alpha, theta_start, theta_target, plan, augment)
 
@@ -41,7 +42,13 @@ def tesla_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, 
         grad = step_gradient(fm, first.thetas[i], x, y, plan, i, augment, create_graph=True)
         for total, part in zip(totals, torch.autograd.grad(2.0 / first.denom * (first.c @ grad), wrt)):
             total += part
-    return make_result(first.loss, (totals[0], first.grad_alpha, *totals[1:]), labels)
+    return (first.loss, totals[0], first.grad_alpha, *totals[1:])
+
+
+def tesla_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
+               theta_target: Tensor, plan: StepPlan | PackedPlan, augment: Augment | None) -> GradResult:
+    """TESLA's gradient (`tesla_grads`) as a GradResult."""
+    return make_result(*tesla_grads(fm, images, labels, lr, theta_start, theta_target, plan, augment))
 
 
 @dataclass
@@ -56,7 +63,7 @@ class PassOne:
 
 
 def tesla_pass1(fm: FunctionalModel, x: Tensor, y: Tensor, alpha: Tensor, theta_start: Tensor, theta_target: Tensor,
-                plan: StepPlan, augment: Augment | None) -> PassOne:
+                plan: StepPlan | PackedPlan, augment: Augment | None) -> PassOne:
     """Pass 1: run the student without any graph between steps (create_graph=False, P9); store θ_i, sum G."""
     a = alpha.detach()
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
@@ -68,17 +75,11 @@ def tesla_pass1(fm: FunctionalModel, x: Tensor, y: Tensor, alpha: Tensor, theta_
         grad = step_gradient(fm, theta, x.detach(), y.detach(), plan, i, augment, create_graph=False)
         grad_sum += grad
         theta = theta - a * grad
-    return PassOne(thetas, *pass1_summary(theta, theta_start, theta_target, grad_sum, a))
-
-
-def pass1_summary(theta_end: Tensor, theta_start: Tensor, theta_target: Tensor, grad_sum: Tensor,
-                  a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c, D, L, ∂L/∂α) from θ_N, θ_0, θ*, G = Σ g_i and α: what pass 1 leaves besides the θ_i."""
-    residual = theta_end - theta_target
+    residual = theta - theta_target
     denom = (theta_start - theta_target).pow(2).sum()
     c = a * (theta_target - theta_start) + a * a * grad_sum
     grad_alpha = -2.0 / denom * (residual @ grad_sum)  # step 5: G held fixed
-    return c, denom, residual.pow(2).sum() / denom, grad_alpha
+    return PassOne(thetas, c, denom, residual.pow(2).sum() / denom, grad_alpha)
 
 
 @torch.no_grad()

@@ -6,7 +6,10 @@ One outer iteration unrolls N student SGD steps on the synthetic set,
 
 and scores the end point with L = ‖θ_N − θ*‖² / ‖θ_0 − θ*‖². Everything random about those N steps (minibatch
 indices, augmentation parameters) is drawn up front into a `StepPlan`, so every gradient mode, and every recompute
-inside one, sees exactly the same batches. Two exact gradients of L with respect to X, α (and learned labels) live here:
+inside one, sees exactly the same batches (RaT-BPTT's inner steps, bptt.py, use the same plans). `StepPlan.packed`
+is the same plan as fixed-shape tensors with branch-free DSA (`PackedPlan`): the gradient functions run on either,
+and on a packed plan they are what `--fast on` captures (graphed.py). Two exact gradients of L with respect to X, α
+(and learned labels) live here:
 
 * `unrolled_grad`: MTT's way, backprop through the whole unroll; autograd memory grows linearly in N (SPEC P3).
 * `checkpointed_grad`: the same numbers with memory ~ sqrt(N): keep θ every k steps, then walk the segments
@@ -48,6 +51,49 @@ class StepPlan:
     def steps(self) -> int:
         """Number of student steps N."""
         return len(self.indices)
+
+    def batch(self, i: int, images: Tensor, labels: Tensor, augment: Augment | None) -> tuple[Tensor, Tensor]:
+        """Step i's (augmented images, labels); a plan drawn with an Augment must be replayed with that Augment."""
+        idx, params = self.indices[i], self.aug[i]
+        x = images[idx]
+        if params is not None:
+            x = augment.apply(x, params)
+        return x, labels[idx]
+
+    def packed(self, augment: Augment | None) -> PackedPlan:
+        """The same steps as fixed-shape tensors with branch-free DSA (`PackedPlan`); no DSA fields when the plan has
+        no augmentation (augment None or the identity strategy)."""
+        sizes, indices = tuple(len(idx) for idx in self.indices), torch.cat(self.indices)
+        if augment is None or not augment.tokens:
+            return PackedPlan(sizes, indices, ())
+        if any(p is None or p.shared or p.batch != n for p, n in zip(self.aug, sizes)):
+            raise ValueError("a packed plan holds per-image DSA draws, one per step, as make_plan draws them")
+        return PackedPlan(sizes, indices, augment.branch_free_fields(self.aug))
+
+
+@dataclass
+class PackedPlan:
+    """A `StepPlan` as the tensors a CUDA graph takes: every step's indices concatenated, and each branch-free DSA
+    field (`Augment.branch_free_fields`) concatenated over the steps, so the ops and shapes are the same whatever
+    tokens were drawn. Its `batch` reads nothing back to the host."""
+
+    sizes: tuple[int, ...]  # images per step
+    indices: Tensor
+    aug: tuple[Tensor, ...]
+
+    @property
+    def steps(self) -> int:
+        """Number of student steps N."""
+        return len(self.sizes)
+
+    def batch(self, i: int, images: Tensor, labels: Tensor, augment: Augment | None) -> tuple[Tensor, Tensor]:
+        """Step i's (augmented images, labels), by index_select (its backward is an index_add: no sort, no sync)."""
+        start = sum(self.sizes[:i])
+        idx = self.indices[start:start + self.sizes[i]]
+        x = images.index_select(0, idx)
+        if self.aug:
+            x = augment.apply_fields(x, [t[start:start + self.sizes[i]] for t in self.aug])
+        return x, labels.index_select(0, idx)
 
 
 def make_plan(
@@ -100,39 +146,43 @@ def leaf_copies(images: Tensor, labels: Tensor, lr: Tensor) -> tuple[Tensor, Ten
     return x, y, lr.detach().requires_grad_(True)
 
 
-def make_result(loss: Tensor, grads: tuple[Tensor, ...], labels: Tensor) -> GradResult:
-    """Pack (grad X, grad α[, grad Y]) into a GradResult."""
-    return GradResult(float(loss.detach()), grads[0], grads[1], grads[2] if labels.requires_grad else None)
+def make_result(loss: Tensor, grad_images: Tensor, grad_lr: Tensor, grad_labels: Tensor | None = None) -> GradResult:
+    """A GradResult from a gradient mode's tensors (the loss read back to the host)."""
+    return GradResult(float(loss.detach()), grad_images, grad_lr, grad_labels)
 
 
-def step_gradient(fm: FunctionalModel, theta: Tensor, images: Tensor, labels: Tensor, plan: StepPlan, i: int,
-                  augment: Augment | None, create_graph: bool) -> Tensor:
+def step_gradient(fm: FunctionalModel, theta: Tensor, images: Tensor, labels: Tensor, plan: StepPlan | PackedPlan,
+                  i: int, augment: Augment | None, create_graph: bool) -> Tensor:
     """g_i = ∇_θ CE(fm(θ, A_i(X[idx_i])), Y[idx_i]); with create_graph, g_i stays differentiable in θ, X, Y."""
     if not theta.requires_grad:
         theta = theta.detach().requires_grad_(True)
-    idx, params = plan.indices[i], plan.aug[i]
-    x = images[idx]
-    if params is not None:  # a plan drawn with an Augment must be replayed with that same Augment
-        x = augment.apply(x, params)
-    loss = F.cross_entropy(fm(theta, x), labels[idx])
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    x, y = plan.batch(i, images, labels, augment)
+    (grad,) = torch.autograd.grad(F.cross_entropy(fm(theta, x), y), theta, create_graph=create_graph)
     return grad
 
 
-def unrolled_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
-                  theta_target: Tensor, plan: StepPlan, augment: Augment | None) -> GradResult:
-    """Exact MTT gradient: keep the graph of all N steps (incl. double backward) and backprop once."""
+def unrolled_grads(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
+                   theta_target: Tensor, plan: StepPlan | PackedPlan,
+                   augment: Augment | None) -> tuple[Tensor, ...]:
+    """(L, ∂L/∂X, ∂L/∂α[, ∂L/∂Y]) of the exact MTT gradient: keep the graph of all N steps (incl. double backward)
+    and backprop once. Tensors only, no host read: with a `PackedPlan` it is what `--fast on` captures."""
     x, y, alpha = leaf_copies(images, labels, lr)
     theta = theta_start.detach()
     for i in range(plan.steps):
         theta = theta - alpha * step_gradient(fm, theta, x, y, plan, i, augment, create_graph=True)
     loss = match_loss(theta, theta_start.detach(), theta_target.detach())
     wrt = [x, alpha, y] if y.requires_grad else [x, alpha]
-    return make_result(loss, torch.autograd.grad(loss, wrt), labels)
+    return (loss.detach(), *torch.autograd.grad(loss, wrt))
+
+
+def unrolled_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
+                  theta_target: Tensor, plan: StepPlan | PackedPlan, augment: Augment | None) -> GradResult:
+    """Exact MTT gradient (`unrolled_grads`) as a GradResult."""
+    return make_result(*unrolled_grads(fm, images, labels, lr, theta_start, theta_target, plan, augment))
 
 
 def checkpointed_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: Tensor, theta_start: Tensor,
-                      theta_target: Tensor, plan: StepPlan, augment: Augment | None,
+                      theta_target: Tensor, plan: StepPlan | PackedPlan, augment: Augment | None,
                       every: int | None = None) -> GradResult:
     """Exact MTT gradient in memory ~ sqrt(N): keep θ every `every` steps, recompute segments going backwards."""
     steps = plan.steps
@@ -167,7 +217,7 @@ def checkpointed_grad(fm: FunctionalModel, images: Tensor, labels: Tensor, lr: T
         adjoint, *grads = torch.autograd.grad(theta, [theta_seg, *wrt_inputs], grad_outputs=adjoint)
         for total, grad in zip(totals, grads):
             total += grad
-    return make_result(loss, tuple(totals), labels)
+    return make_result(loss, *totals)
 
 
 class SavedTensorBytes:
