@@ -56,9 +56,9 @@ def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 # --- the pieces of the page ---------------------------------------------------------------------------------------
 def _png_data_uri(image) -> str:
-    """A PIL image as an inline data: URI."""
+    """A PIL image or a matplotlib figure as an inline PNG data: URI."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    (image.savefig if hasattr(image, "savefig") else image.save)(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,10 +99,8 @@ def _plots(series: dict[str, list[tuple[float, float]]]) -> str:
         ax.set_title(key, fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        uri = _png_data_uri(fig)
         plt.close(fig)
-        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         out.append(f"<img alt='{html.escape(key)} against iteration' src='{uri}'>")
     return "<div class='plots'>" + "".join(out) + "</div>"
 
@@ -138,22 +136,20 @@ def _pct(mean: Any, std: Any = None, n: int | None = None) -> str:
 
 
 def _rows(entry: dict[str, Any], default_model: str) -> list[dict[str, Any]]:
-    """The test results of one set: one per protocol (`by_protocol`) or the entry itself, then any per-model table."""
+    """The test results of one set: one per protocol (`by_protocol`) or the entry itself, then its per-model table."""
     listed = [r for r in entry.get("by_protocol") or [] if isinstance(r, dict) and "test_mean" in r]
     rows = listed or ([entry] if "test_mean" in entry else [])
     rows = [{**r, "model": str(r.get("model") or default_model), "protocol": str(r.get("protocol") or "dsa")}
             for r in rows]
     own = rows[0]["protocol"] if rows else str(entry.get("protocol") or "dsa")
-    for key, table in entry.items():  # per-model tables, e.g. {"models": {"AlexNet": {"test_mean": ...}}}
-        if key == "by_protocol" or not isinstance(table, dict) or not table:
+    table = entry.get("models")  # the cross-architecture table: {"AlexNet": {"test_mean": ...}, ...}
+    for model, v in table.items() if isinstance(table, dict) else ():
+        if not isinstance(v, dict) or "test_mean" not in v:
             continue
-        if all(isinstance(v, dict) and ("test_mean" in v or "mean" in v) for v in table.values()):
-            for model, v in table.items():
-                if any(r["model"] == model and r["protocol"] == str(v.get("protocol") or own) for r in rows):
-                    continue
-                rows.append({"model": str(model), "protocol": str(v.get("protocol") or own),
-                             "test_mean": v.get("test_mean", v.get("mean")), "test_std": v.get("test_std", v.get("std")),
-                             "test_accs": v.get("test_accs", v.get("accs"))})
+        protocol = str(v.get("protocol") or own)
+        if not any(r["model"] == model and r["protocol"] == protocol for r in rows):
+            rows.append({"model": str(model), "protocol": protocol, "test_mean": v.get("test_mean"),
+                         "test_std": v.get("test_std"), "test_accs": v.get("test_accs")})
     return rows
 
 
