@@ -153,21 +153,13 @@ def _rows(entry: dict[str, Any], default_model: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _baselines(result: dict[str, Any], extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Random-real baselines as {protocol: {model: record}}, from result.json if the run wrote them, else report.json."""
-    for source in (result.get("random_baseline"), extra.get("random_baseline")):
-        if isinstance(source, dict) and source:
-            return source
-    return {}
-
-
 def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]) -> str:
     """The final table: best and last set, test mean ± std per model and protocol, the random-real baseline under
     the same model and protocol, and the gain over it."""
     if not any(isinstance(result.get(k), dict) for k in ("best", "last")):
         return "<p class='note'>no result.json yet: the run has not finished its final test evaluation.</p>"
     default_model = str(config.get("eval_model") or config.get("model") or "default model")
-    base = _baselines(result, extra)
+    base = extra.get("random_baseline") if isinstance(extra.get("random_baseline"), dict) else {}
     rows = []
     for name in ("best", "last"):
         entry = result.get(name)
@@ -184,7 +176,7 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
                 f", lr {r['lr']:.4g}" if isinstance(r.get("lr"), (int, float)) else "")
             rows.append("<tr>" + "".join([
                 f"<td>{name}</td>", f"<td class='num'>{html.escape(str(entry.get('iteration', '')))}</td>",
-                f"<td class='num'>{_pct(val) if val is not None else ''}</td>",
+                f"<td class='num'>{_pct(val)}</td>",
                 f"<td>{html.escape(r['model'])}</td>", f"<td>{html.escape(how)}</td>",
                 f"<td class='num'>{_pct(r.get('test_mean'), r.get('test_std'), len(accs) if accs else None)}</td>",
                 f"<td class='num'>{_pct(b.get('test_mean'), b.get('test_std'), len(b.get('test_accs') or []))}</td>",
@@ -247,7 +239,7 @@ def build_report(run_dir: str | Path) -> str:
     what = ", ".join(str(config[k]) for k in ("method", "dataset") if config.get(k))
     if config.get("ipc"):
         what += f", {config['ipc']} images per class"
-    source = config.get("defaults_from") or (f"preset {config['preset']}" if config.get("preset") else "")
+    source = config.get("defaults_from")
     history = config.get("history") or []
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>{html.escape(what)}" + (f"; defaults from {html.escape(str(source))}" if source else "") + "</p>",

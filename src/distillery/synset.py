@@ -76,11 +76,6 @@ class SyntheticSet:
         return SyntheticSet(self.images[idx], self.labels[idx], self.label_kind, self.lr, self.preprocess, meta,
                             None if self.pixels is None else self.pixels[idx])
 
-    def to(self, device: torch.device | str) -> "SyntheticSet":
-        """The same set with its tensors on `device`."""
-        return SyntheticSet(self.images.to(device), self.labels.to(device), self.label_kind, self.lr,
-                            self.preprocess, self.meta, self.pixels)
-
     # --- file format -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write one safetensors file atomically (a fitted preprocessing as `pixels`, not its matrices)."""
