@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluation.protocol import recorded_protocols
 from .io import atomic_write_bytes
 
@@ -203,8 +203,7 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
         try:
             Preprocess.from_state_dict({k: v for k, v in pre_meta.items() if k != "fingerprint"})
         except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-            raise bad(f"holds a preprocessing that cannot be rebuilt ({reason})") from None
+            raise bad(f"holds a preprocessing that cannot be rebuilt ({first_line(e, 100)})") from None
     recorded_protocols(meta, f"distilled set '{path}'")  # every field of the recorded evaluation checked too
     return SyntheticSet(images=images, labels=labels, label_kind=kind, lr=lr,
                         preprocess={"tensors": {}, "meta": pre_meta}, meta=meta, pixels=tensors.get("pixels"))
