@@ -6,7 +6,7 @@ Every `Preprocess` maps `[0,1]` images `(N, C, H, W)` into *model space* (`trans
 file with a JSON header:
 
     tensors, meta = pre.tensors(), pre.meta()          # dict[str, Tensor] (CPU, contiguous), dict of JSON values
-    pre2 = Preprocess.from_state_dict({**meta, **tensors})   # or from_state_dict(pre.state_dict())
+    pre2 = Preprocess.from_state_dict({**meta, **tensors})
 
 `fingerprint()` hashes the metadata: kind, parameters and, for ZCA, a sha256 of the exact train images it was fitted
 on. Expert trajectories and distilled sets compare it to refuse data preprocessed differently. It deliberately does
@@ -88,13 +88,9 @@ class Preprocess(ABC):
         """Move fitted tensors to `device` in place (like `nn.Module.to`) and return self."""
         return self
 
-    def state_dict(self) -> dict[str, Any]:
-        """Flat dict of metadata and tensors; split it with `isinstance(v, Tensor)` (or use meta()/tensors())."""
-        return {**self.meta(), **self.tensors()}
-
     @staticmethod
     def from_state_dict(state: dict[str, Any]) -> Preprocess:
-        """Rebuild a preprocessing from `state_dict()` (or `{**meta(), **tensors()}` read back from disk)."""
+        """Rebuild a preprocessing from `{**meta(), **tensors()}` (read back from disk)."""
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         meta = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
         kinds: dict[str, type[Preprocess]] = {"standard": Standardize, "zca-kornia": KorniaZCA, "zca-kip": KipZCA}
