@@ -189,14 +189,10 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
 
 
 def _kv_table(items: list[tuple[str, Any]]) -> str:
-    """A two-column table of name/value pairs."""
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items)
+    """A two-column table of name/value pairs (values other than strings as JSON)."""
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v))}"
+                    "</td></tr>" for k, v in items)
     return f"<table>{cells}</table>"
-
-
-def _fmt(v: Any) -> str:
-    """A config value as text."""
-    return v if isinstance(v, str) else json.dumps(v)
 
 
 def _run_info(config: dict[str, Any], result: dict[str, Any], extra: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -21,7 +21,6 @@ from .dsa import EvalResult, random_real_runs
 from .protocol import (DEFAULT_DSA_LR, DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols,
                        dsa_protocol, rat_protocol, recorded_protocols)
 
-PROTOCOLS = tuple(FIELDS)
 # The protocol objects: each trains its networks its own way and scores them; `evaluate_synset` picks one by name.
 SCORERS: dict[str, Callable[[Any, Any, Any, EvalProtocol, Scoring], EvalResult]] = {"dsa": dsa.score,
                                                                                      "rat": rat.score}
@@ -46,7 +45,7 @@ def resolve_protocol(s, spec, name: str | None = None,
     the protocol lacks is a UserError (before any training). `s` must have been checked (`SyntheticSet.load`)."""
     protos, origin = set_protocols(s, spec)
     name = name or protos[0].name
-    if name not in PROTOCOLS:
+    if name not in FIELDS:
         raise UserError(f"unknown --protocol '{name}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
     proto = next((p for p in protos if p.name == name), None)
     sources = dict.fromkeys(FIELDS[name], origin)
