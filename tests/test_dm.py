@@ -34,7 +34,7 @@ def test_loss_is_the_per_class_mean_embedding_distance():
         feat_s = net.features(s).flatten(1).mean(0)
         by_hand = by_hand + ((feat_r - feat_s) ** 2).sum()
     assert torch.allclose(dm_loss(net, real, syn), by_hand, rtol=1e-5)
-    assert net.embed(real[0]).shape == (5, net.feature_dim)
+    assert net.embed(real[0]).shape == (5, net.classifier.in_features)
     assert torch.equal(net(real[0]), net.classifier(net.embed(real[0])))  # forward = classifier(embed)
 
 

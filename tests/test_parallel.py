@@ -9,8 +9,8 @@ from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.evaluation.dsa import evaluate_set, random_real_baseline
 from distillery.evaluation.parallel import map_runs
-from distillery.evaluation.protocol import rat_protocol
-from distillery.evaluation.rat import evaluate_rat
+from distillery.evaluation.protocol import Scoring, rat_protocol
+from distillery.evaluation import rat
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_evaluation_side_by_side_equals_one_by_one(digits, protocol):
 
     def evaluate():
         if protocol == "rat":
-            return evaluate_rat(x, y, digits, proto, split="val", progress=False)
+            return rat.score(x, y, digits, proto, Scoring(split="val"))
         return evaluate_set(x, y, digits, runs=3, epochs=20, split="val", progress=False)
 
     before = torch.get_num_threads()

@@ -43,11 +43,6 @@ class DataFacts:
     resolution: int | None       # image folders: the resolution to load at; None for named datasets
 
 
-def _held_out(n: int, val_fraction: float) -> int:
-    """Images of a class of n that stay in train (the same rounding as `data.dataset.stratified_split`)."""
-    return n - min(int(round(val_fraction * n)), max(n - 1, 0))
-
-
 def native_resolution(train_dir: Path) -> int:
     """Median shorter side over a sample of image headers (no pixels are decoded), clamped to [8, 64]."""
     from PIL import Image
@@ -76,7 +71,7 @@ def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = No
     """Channels, size, classes and train sizes of a dataset, from the registry or folder listings (cheap)."""
     from .data import folders
     from .data.registry import IMAGEFOLDER_PREFIX, DEFAULT_STRATEGY, canonical_name, check_resolution, get_spec, \
-        imagefolder_root
+        held_out, imagefolder_root
 
     if name.startswith(IMAGEFOLDER_PREFIX):
         root = imagefolder_root(name)
@@ -84,7 +79,7 @@ def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = No
         classes = folders.class_folders(train_dir)
         counts = [len(folders.image_files(train_dir / c)) for c in classes]
         res = check_resolution(resolution) if resolution is not None else native_resolution(train_dir)
-        kept = [_held_out(n, val_fraction) for n in counts]
+        kept = [n - held_out(n, val_fraction) for n in counts]
         return DataFacts(f"{IMAGEFOLDER_PREFIX}{root}", folders.detect_channels(train_dir), (res, res), len(classes),
                          sum(kept), min(kept), DEFAULT_STRATEGY, res)
     spec = get_spec(canonical_name(name), resolution)
@@ -92,7 +87,7 @@ def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = No
     per_class = total / spec.num_classes
     n_train = total - spec.num_classes * (int(round(val_fraction * per_class)))
     return DataFacts(spec.name, spec.channels, spec.im_size, spec.num_classes, n_train,
-                     _held_out(smallest, val_fraction), spec.dsa_strategy, None)
+                     smallest - held_out(smallest, val_fraction), spec.dsa_strategy, None)
 
 
 def is_small(facts: DataFacts) -> bool:

@@ -52,10 +52,10 @@ def all_reduce_mean_(t: Tensor) -> Tensor:
     return t
 
 
-def broadcast_(t: Tensor, src: int = 0) -> Tensor:
-    """Overwrite `t` in place with rank `src`'s value (no-op in a single process)."""
+def broadcast_(t: Tensor) -> Tensor:
+    """Overwrite `t` in place with rank 0's value (no-op in a single process)."""
     if rank_and_world()[1] > 1:
-        dist.broadcast(t, src=src)
+        dist.broadcast(t, src=0)
     return t
 
 

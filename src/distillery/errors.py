@@ -11,3 +11,9 @@ class TrainingDiverged(UserError):
 
 class Diverged(UserError):
     """The distillation produced NaN/inf (or a non-positive step size); `run_distillation` adds how to go on."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), at most `limit` characters: the
+    reason a one-line UserError quotes."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

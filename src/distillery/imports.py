@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .checks import check_trajectory, real_dtype, require_finite
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluation.protocol import published_protocol
 from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
@@ -67,8 +67,7 @@ def read_torch_file(path: Path, fix: str) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors come in many types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise UserError(f"cannot read {path} as a PyTorch tensor file ({reason}); {fix}") from None
+        raise UserError(f"cannot read {path} as a PyTorch tensor file ({first_line(err, 120)}); {fix}") from None
 
 
 def _images(x: Any, path: Path) -> tuple[torch.Tensor, bool]:
@@ -241,8 +240,7 @@ def read_h5_set(path: Path) -> PublishedSet:
     except UserError:
         raise
     except Exception as err:  # h5py raises OSError, KeyError, ValueError, ... on damaged files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise UserError(f"cannot read {path} as HDF5 ({reason}); pass the .h5 RaT-BPTT saved") from None
+        raise UserError(f"cannot read {path} as HDF5 ({first_line(err, 120)}); pass the .h5 RaT-BPTT saved") from None
     images, pixels = _images(torch.from_numpy(data), path)
     if label is not None:
         return PublishedSet(images, _labels(torch.from_numpy(label), path), None, "ratbptt-h5",

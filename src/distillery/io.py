@@ -114,16 +114,16 @@ def inside(root: str | os.PathLike, rel: str, what: str, fix: str = "restore it 
 
 
 @contextmanager
-def replaced_dir(path: str | os.PathLike, replace: bool, what: str = "--out") -> Iterator[Path]:
+def replaced_dir(path: str | os.PathLike, replace: bool) -> Iterator[Path]:
     """Yield a private temp folder beside `path` to write into; on success it becomes `path` whole.
 
     A non-empty `path` is refused unless `replace` (then the old folder goes only once the new one is complete); on
     failure the temp folder is removed and `path` is untouched."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is an existing file, not a folder; choose a folder name")
+        raise UserError(f"--out {path} is an existing file, not a folder; choose a folder name")
     if path.is_dir() and any(path.iterdir()) and not replace:
-        raise UserError(f"{what} {path} is not empty; pass --replace (the API: replace=True) to replace it whole, "
+        raise UserError(f"--out {path} is not empty; pass --replace (the API: replace=True) to replace it whole, "
                         "or choose a new folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ def _mtt(dataset: str, ipc: int, n: int, m: int, max_start: int, lr_img: float, 
             "note": note or "SPEC §4.6 (DC-Bench, attributed to the MTT authors)", **extra}
 
 
-def _tesla(*args: Any, labels: str = "hard", note: str = "SPEC §5.4 (TESLA README)", **kw: Any) -> dict[str, Any]:
-    p = _mtt(*args, note=note, **kw)
+def _tesla(*args: Any, labels: str = "hard", **kw: Any) -> dict[str, Any]:
+    p = _mtt(*args, note="SPEC §5.4 (TESLA README)", **kw)
     p.update(method="tesla", grad="tesla", labels=labels, iterations=10000, eval_runs=3)
     return p
 

@@ -56,9 +56,9 @@ def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 # --- the pieces of the page ---------------------------------------------------------------------------------------
 def _png_data_uri(image) -> str:
-    """A PIL image as an inline data: URI."""
+    """A PIL image or a matplotlib figure as an inline PNG data: URI."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    (image.savefig if hasattr(image, "savefig") else image.save)(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,10 +99,8 @@ def _plots(series: dict[str, list[tuple[float, float]]]) -> str:
         ax.set_title(key, fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        uri = _png_data_uri(fig)
         plt.close(fig)
-        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         out.append(f"<img alt='{html.escape(key)} against iteration' src='{uri}'>")
     return "<div class='plots'>" + "".join(out) + "</div>"
 
@@ -138,31 +136,21 @@ def _pct(mean: Any, std: Any = None, n: int | None = None) -> str:
 
 
 def _rows(entry: dict[str, Any], default_model: str) -> list[dict[str, Any]]:
-    """The test results of one set: one per protocol (`by_protocol`) or the entry itself, then any per-model table."""
+    """The test results of one set: one per protocol (`by_protocol`) or the entry itself, then its per-model table."""
     listed = [r for r in entry.get("by_protocol") or [] if isinstance(r, dict) and "test_mean" in r]
     rows = listed or ([entry] if "test_mean" in entry else [])
     rows = [{**r, "model": str(r.get("model") or default_model), "protocol": str(r.get("protocol") or "dsa")}
             for r in rows]
     own = rows[0]["protocol"] if rows else str(entry.get("protocol") or "dsa")
-    for key, table in entry.items():  # per-model tables, e.g. {"models": {"AlexNet": {"test_mean": ...}}}
-        if key == "by_protocol" or not isinstance(table, dict) or not table:
+    table = entry.get("models")  # the cross-architecture table: {"AlexNet": {"test_mean": ...}, ...}
+    for model, v in table.items() if isinstance(table, dict) else ():
+        if not isinstance(v, dict) or "test_mean" not in v:
             continue
-        if all(isinstance(v, dict) and ("test_mean" in v or "mean" in v) for v in table.values()):
-            for model, v in table.items():
-                if any(r["model"] == model and r["protocol"] == str(v.get("protocol") or own) for r in rows):
-                    continue
-                rows.append({"model": str(model), "protocol": str(v.get("protocol") or own),
-                             "test_mean": v.get("test_mean", v.get("mean")), "test_std": v.get("test_std", v.get("std")),
-                             "test_accs": v.get("test_accs", v.get("accs"))})
+        protocol = str(v.get("protocol") or own)
+        if not any(r["model"] == model and r["protocol"] == protocol for r in rows):
+            rows.append({"model": str(model), "protocol": protocol, "test_mean": v.get("test_mean"),
+                         "test_std": v.get("test_std"), "test_accs": v.get("test_accs")})
     return rows
-
-
-def _baselines(result: dict[str, Any], extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Random-real baselines as {protocol: {model: record}}, from result.json if the run wrote them, else report.json."""
-    for source in (result.get("random_baseline"), extra.get("random_baseline")):
-        if isinstance(source, dict) and source:
-            return source
-    return {}
 
 
 def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]) -> str:
@@ -171,7 +159,7 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
     if not any(isinstance(result.get(k), dict) for k in ("best", "last")):
         return "<p class='note'>no result.json yet: the run has not finished its final test evaluation.</p>"
     default_model = str(config.get("eval_model") or config.get("model") or "default model")
-    base = _baselines(result, extra)
+    base = extra.get("random_baseline") if isinstance(extra.get("random_baseline"), dict) else {}
     rows = []
     for name in ("best", "last"):
         entry = result.get(name)
@@ -188,7 +176,7 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
                 f", lr {r['lr']:.4g}" if isinstance(r.get("lr"), (int, float)) else "")
             rows.append("<tr>" + "".join([
                 f"<td>{name}</td>", f"<td class='num'>{html.escape(str(entry.get('iteration', '')))}</td>",
-                f"<td class='num'>{_pct(val) if val is not None else ''}</td>",
+                f"<td class='num'>{_pct(val)}</td>",
                 f"<td>{html.escape(r['model'])}</td>", f"<td>{html.escape(how)}</td>",
                 f"<td class='num'>{_pct(r.get('test_mean'), r.get('test_std'), len(accs) if accs else None)}</td>",
                 f"<td class='num'>{_pct(b.get('test_mean'), b.get('test_std'), len(b.get('test_accs') or []))}</td>",
@@ -201,14 +189,10 @@ def _table(result: dict[str, Any], extra: dict[str, Any], config: dict[str, Any]
 
 
 def _kv_table(items: list[tuple[str, Any]]) -> str:
-    """A two-column table of name/value pairs."""
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items)
+    """A two-column table of name/value pairs (values other than strings as JSON)."""
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v))}"
+                    "</td></tr>" for k, v in items)
     return f"<table>{cells}</table>"
-
-
-def _fmt(v: Any) -> str:
-    """A config value as text."""
-    return v if isinstance(v, str) else json.dumps(v)
 
 
 def _run_info(config: dict[str, Any], result: dict[str, Any], extra: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -251,7 +235,7 @@ def build_report(run_dir: str | Path) -> str:
     what = ", ".join(str(config[k]) for k in ("method", "dataset") if config.get(k))
     if config.get("ipc"):
         what += f", {config['ipc']} images per class"
-    source = config.get("defaults_from") or (f"preset {config['preset']}" if config.get("preset") else "")
+    source = config.get("defaults_from")
     history = config.get("history") or []
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>{html.escape(what)}" + (f"; defaults from {html.escape(str(source))}" if source else "") + "</p>",

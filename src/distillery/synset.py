@@ -6,7 +6,7 @@ File layout (`*.safetensors`):
              The fitted matrices themselves are not stored (2 x 3072^2 float32 = 75 MB at 32x32, against 0.2 MB
              for 10 images): evaluation refits them from the dataset, which the recorded fingerprint (kind,
              parameters, digest of the exact fit images) identifies, so a set file alone still evaluates and
-             displays. Files written with `preprocess.<name>` matrices load and display as before.
+             displays.
     metadata (the safetensors string header) `distillery` = JSON with label_kind, lr, preprocess meta, and `meta`
              (method, dataset, ipc, config, seed, library version, ...) with `eval`, the evaluation protocols
              the set was selected and is scored under (`evaluation.protocol`, checked field by field at load).
@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluation.protocol import recorded_protocols
 from .io import atomic_write_bytes
 
@@ -67,10 +67,6 @@ class SyntheticSet:
         """Images per class."""
         return len(self.images) // self.num_classes
 
-    def hard_labels(self) -> torch.Tensor:
-        """Class ids (argmax for soft/learned labels)."""
-        return self.labels if self.labels.ndim == 1 else self.labels.argmax(1)
-
     def prefix(self, k: int) -> "SyntheticSet":
         """The first `k` images of every class: a smaller set (meaningful for boosted RaT-BPTT sets)."""
         if not 1 <= k <= self.ipc:
@@ -79,11 +75,6 @@ class SyntheticSet:
         meta = {**self.meta, "ipc": k, "prefix_of_ipc": self.ipc}
         return SyntheticSet(self.images[idx], self.labels[idx], self.label_kind, self.lr, self.preprocess, meta,
                             None if self.pixels is None else self.pixels[idx])
-
-    def to(self, device: torch.device | str) -> "SyntheticSet":
-        """The same set with its tensors on `device`."""
-        return SyntheticSet(self.images.to(device), self.labels.to(device), self.label_kind, self.lr,
-                            self.preprocess, self.meta, self.pixels)
 
     # --- file format -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -205,19 +196,17 @@ def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> Synth
     for key, want in (("dataset", str), ("model", str), ("class_names", list)):
         if key in meta and meta[key] is not None and not isinstance(meta[key], want):
             raise bad(f"has a {type(meta[key]).__name__} as its {key}")
-    pre_tensors = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
     pre_meta = header["preprocess_meta"]
     if "pixels" in tensors and tensors["pixels"].shape != images.shape:
         raise bad(f"holds pixels of shape {tuple(tensors['pixels'].shape)} for images {tuple(images.shape)}")
     if pre_meta and "pixels" not in tensors:  # display undoes the preprocessing: it must rebuild
         try:
-            Preprocess.from_state_dict({**{k: v for k, v in pre_meta.items() if k != "fingerprint"}, **pre_tensors})
+            Preprocess.from_state_dict({k: v for k, v in pre_meta.items() if k != "fingerprint"})
         except Exception as e:  # a preprocessing that cannot be rebuilt fails in many ways (type, key, shape)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-            raise bad(f"holds a preprocessing that cannot be rebuilt ({reason})") from None
+            raise bad(f"holds a preprocessing that cannot be rebuilt ({first_line(e, 100)})") from None
     recorded_protocols(meta, f"distilled set '{path}'")  # every field of the recorded evaluation checked too
     return SyntheticSet(images=images, labels=labels, label_kind=kind, lr=lr,
-                        preprocess={"tensors": pre_tensors, "meta": pre_meta}, meta=meta, pixels=tensors.get("pixels"))
+                        preprocess={"tensors": {}, "meta": pre_meta}, meta=meta, pixels=tensors.get("pixels"))
 
 
 def preprocess_record(pre) -> dict[str, Any]:

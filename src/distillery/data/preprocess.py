@@ -6,7 +6,7 @@ Every `Preprocess` maps `[0,1]` images `(N, C, H, W)` into *model space* (`trans
 file with a JSON header:
 
     tensors, meta = pre.tensors(), pre.meta()          # dict[str, Tensor] (CPU, contiguous), dict of JSON values
-    pre2 = Preprocess.from_state_dict({**meta, **tensors})   # or from_state_dict(pre.state_dict())
+    pre2 = Preprocess.from_state_dict({**meta, **tensors})
 
 `fingerprint()` hashes the metadata: kind, parameters and, for ZCA, a sha256 of the exact train images it was fitted
 on. Expert trajectories and distilled sets compare it to refuse data preprocessed differently. It deliberately does
@@ -88,13 +88,9 @@ class Preprocess(ABC):
         """Move fitted tensors to `device` in place (like `nn.Module.to`) and return self."""
         return self
 
-    def state_dict(self) -> dict[str, Any]:
-        """Flat dict of metadata and tensors; split it with `isinstance(v, Tensor)` (or use meta()/tensors())."""
-        return {**self.meta(), **self.tensors()}
-
     @staticmethod
     def from_state_dict(state: dict[str, Any]) -> Preprocess:
-        """Rebuild a preprocessing from `state_dict()` (or `{**meta(), **tensors()}` read back from disk)."""
+        """Rebuild a preprocessing from `{**meta(), **tensors()}` (read back from disk)."""
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         meta = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
         kinds: dict[str, type[Preprocess]] = {"standard": Standardize, "zca-kornia": KorniaZCA, "zca-kip": KipZCA}
@@ -154,6 +150,8 @@ class Standardize(Preprocess):
 class _ZCA(Preprocess):
     """Shared machinery of the ZCA variants: fitted D x D matrices W, W_inv applied in chunks to flat CHW images."""
 
+    param: str  # the name of the variant's one JSON parameter, its eigenvalue regularizer (eps or reg)
+
     def __init__(self) -> None:
         self.shape: list[int] | None = None  # [C, H, W] of the images fitted on
         self.fit_data: str | None = None  # sha256 of the fit images (see images_digest)
@@ -161,9 +159,9 @@ class _ZCA(Preprocess):
         self.W_inv: Tensor | None = None
 
     @property
-    @abstractmethod
     def _params(self) -> dict[str, Any]:
-        """Variant-specific JSON parameters (eps or reg)."""
+        """The variant's JSON parameter by name."""
+        return {self.param: getattr(self, self.param)}
 
     def _fitted_tensors(self) -> dict[str, Tensor | None]:
         """The variant's fitted tensors by name, on their current device (None before fit)."""
@@ -223,6 +221,25 @@ class _ZCA(Preprocess):
                 setattr(self, name, t.to(device))
         return self
 
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> _ZCA:
+        """Rebuild from the parameter, the fitted shape and digest, and the fitted tensors."""
+        pre = cls(meta[cls.param])
+        pre.shape, pre.fit_data = list(meta["shape"]), meta["fit_data"]
+        for name in pre._fitted_tensors():
+            setattr(pre, name, tensors[name])
+        return pre
+
+
+def _gram(x: Tensor, rows: Callable[[Tensor], Tensor]) -> Tensor:
+    """Σ rows(c)^T rows(c) over float64 row chunks c of x (N, D): a covariance without a float64 copy of x."""
+    step = max(1, _CHUNK_ELEMS // x.shape[1])
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], step):
+        c = rows(x[i : i + step].double())
+        cov.addmm_(c.T, c)
+    return cov
+
 
 class KorniaZCA(_ZCA):
     """SPEC §2.2(a), MTT/TESLA: x_zca = (x - mu) W, W = U (S+eps)^-1/2 U^T of the unbiased covariance of [0,1] images.
@@ -231,16 +248,12 @@ class KorniaZCA(_ZCA):
     """
 
     kind = "zca-kornia"
+    param = "eps"  # absolute eigenvalue regularizer
 
     def __init__(self, eps: float = 0.1) -> None:
         super().__init__()
         self.eps = float(eps)
         self.mu: Tensor | None = None
-
-    @property
-    def _params(self) -> dict[str, Any]:
-        """Absolute eigenvalue regularizer."""
-        return {"eps": self.eps}
 
     def _fitted_tensors(self) -> dict[str, Tensor | None]:
         """mu (D,), W, W_inv."""
@@ -255,11 +268,7 @@ class KorniaZCA(_ZCA):
         for i in range(0, n, step):
             mu += x[i : i + step].double().sum(0)
         mu /= n
-        cov = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
-        for i in range(0, n, step):
-            xc = x[i : i + step].double() - mu
-            cov.addmm_(xc.T, xc)
-        S, U = _eigh_psd(cov / (n - 1))
+        S, U = _eigh_psd(_gram(x, lambda c: c - mu) / (n - 1))
         self._set_matrices(U, S + self.eps)
         self.mu = mu.float()
         return self
@@ -276,14 +285,6 @@ class KorniaZCA(_ZCA):
         mu, W_inv = self.mu.to(x.device), self.W_inv.to(x.device)
         return self._chunked(flat, lambda c: c @ W_inv + mu).view(x.shape)
 
-    @classmethod
-    def _from_parts(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> KorniaZCA:
-        """Rebuild from eps, shape and (mu, W, W_inv)."""
-        pre = cls(meta["eps"])
-        pre.shape, pre.fit_data = list(meta["shape"]), meta["fit_data"]
-        pre.mu, pre.W, pre.W_inv = tensors["mu"], tensors["W"], tensors["W_inv"]
-        return pre
-
 
 class KipZCA(_ZCA):
     """SPEC §2.2(b), RaT-BPTT (KIP/FRePo style): per-image centering and L2 normalization, then x_norm W.
@@ -296,15 +297,11 @@ class KipZCA(_ZCA):
     """
 
     kind = "zca-kip"
+    param = "reg"  # regularizer as a fraction of the mean eigenvalue
 
     def __init__(self, reg: float = 0.1) -> None:
         super().__init__()
         self.reg = float(reg)
-
-    @property
-    def _params(self) -> dict[str, Any]:
-        """Regularizer as a fraction of the mean eigenvalue."""
-        return {"reg": self.reg}
 
     @staticmethod
     def _normalize(x: Tensor) -> Tensor:
@@ -315,13 +312,7 @@ class KipZCA(_ZCA):
     def fit(self, x01_train: Tensor) -> KipZCA:
         """Biased covariance of the per-image normalized train set in float64 (chunked), then eigh."""
         x = self._check_fit_input(x01_train)
-        n, dim = x.shape
-        step = max(1, _CHUNK_ELEMS // dim)
-        cov = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
-        for i in range(0, n, step):
-            xn = self._normalize(x[i : i + step].double())
-            cov.addmm_(xn.T, xn)
-        S, U = _eigh_psd(cov / n)
+        S, U = _eigh_psd(_gram(x, self._normalize) / len(x))
         self._set_matrices(U, S + self.reg * S.mean())
         return self
 
@@ -342,14 +333,6 @@ class KipZCA(_ZCA):
             return (y - lo) / (hi - lo).clamp_min(1e-12)
 
         return self._chunked(flat, undo).view(x.shape)
-
-    @classmethod
-    def _from_parts(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> KipZCA:
-        """Rebuild from reg, shape and (W, W_inv)."""
-        pre = cls(meta["reg"])
-        pre.shape, pre.fit_data = list(meta["shape"]), meta["fit_data"]
-        pre.W, pre.W_inv = tensors["W"], tensors["W_inv"]
-        return pre
 
 
 def zca_flag(kind: str | None) -> str | None:

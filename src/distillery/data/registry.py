@@ -200,6 +200,12 @@ def imagefolder_spec(root: Path, resolution: int, train: RawSplit) -> DatasetSpe
     )
 
 
+def held_out(n: int, fraction: float) -> int:
+    """Images of a class of n that the validation split holds out (`data.dataset.stratified_split`): round(fraction
+    * n), at most n - 1 so that no class loses all its train images."""
+    return min(int(round(fraction * n)), max(n - 1, 0))
+
+
 def _convnet_for(resolution: int) -> str:
     """ConvNet depth that leaves a 4x4 map at 32 (D3), 64 (D4), 128 (D5); at least depth 1."""
     depth = max(1, round(math.log2(resolution)) - 2)

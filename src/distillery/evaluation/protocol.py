@@ -25,6 +25,7 @@ from ..errors import UserError
 
 DEFAULT_EVAL_EPOCHS = 300       # dsa training epochs where neither a set nor a flag says otherwise: the one default
 DSA_BATCH = 256                 # evaluate_synset's batch_train
+DEFAULT_DSA_LR = 0.01           # evaluate_synset's lr_net, for a set without a learned step size
 RAT_STEPS = (300, 600, 1000, 3000)  # base.py test(): epoch_list
 PUBLISHED_DSA_EPOCHS = 1000     # MTT/TESLA's --epoch_eval_train (their published numbers)
 PUBLISHED_DSA_RUNS = 5          # MTT/TESLA's --num_eval
@@ -168,11 +169,12 @@ def check_protocol(p: EvalProtocol) -> None:
         raise UserError(f"evaluation protocol field steps = {steps!r} must be increasing positive step counts")
 
 
-def dsa_protocol(model: str, runs: int, seed: int, lr: float, augment: str, epochs: int = DEFAULT_EVAL_EPOCHS,
-                 batch: int = DSA_BATCH, val_fraction: float = 0.1) -> EvalProtocol:
-    """The dsa protocol (MTT/TESLA's evaluate_synset) with these settings."""
-    return EvalProtocol("dsa", model, runs, seed, float(lr), "sgd", SCHEDULES["dsa"], augment, float(val_fraction),
-                        epochs=epochs, batch=batch)
+def dsa_protocol(model: str, runs: int, seed: int, lr: float | None, augment: str,
+                 epochs: int = DEFAULT_EVAL_EPOCHS, val_fraction: float = 0.1) -> EvalProtocol:
+    """The dsa protocol (MTT/TESLA's evaluate_synset) with these settings; `lr` None (no learned step size):
+    DEFAULT_DSA_LR."""
+    return EvalProtocol("dsa", model, runs, seed, float(DEFAULT_DSA_LR if lr is None else lr), "sgd",
+                        SCHEDULES["dsa"], augment, float(val_fraction), epochs=epochs, batch=DSA_BATCH)
 
 
 def rat_protocol(model: str, runs: int, seed: int, optimizer: str = "adam", lr: float = 1e-3,
@@ -200,8 +202,7 @@ def distilled_protocols(meta: Mapping[str, Any], lr: float | None, *, model: str
     """The protocols of a set a method made: its own (meta `protocol`; RaT-BPTT's test() settings under `rat_eval`)
     completed with the evaluation settings, then dsa for a rat set (so it compares with MTT/TESLA numbers).
     The dsa lr is the set's learned one (`lr`), else 0.01."""
-    dsa = dsa_protocol(model, runs, seed, lr if lr is not None else 0.01, dsa_strategy, epochs,
-                       val_fraction=val_fraction)
+    dsa = dsa_protocol(model, runs, seed, lr, dsa_strategy, epochs, val_fraction=val_fraction)
     if meta.get("protocol", "dsa") == "dsa":
         return [dsa]
     if meta["protocol"] != "rat":
@@ -221,5 +222,5 @@ def published_protocol(source: str, model: str, lr: float | None, dsa_strategy: 
     evaluate_synset (1000 epochs, 5 networks, the file's learned lr or the one given, else 0.01)."""
     if source == "ratbptt-h5":
         return rat_protocol(model, PUBLISHED_RAT_RUNS, 0, val_fraction=val_fraction)
-    return dsa_protocol(model, PUBLISHED_DSA_RUNS, 0, lr if lr is not None else 0.01, dsa_strategy,
-                        PUBLISHED_DSA_EPOCHS, val_fraction=val_fraction)
+    return dsa_protocol(model, PUBLISHED_DSA_RUNS, 0, lr, dsa_strategy, PUBLISHED_DSA_EPOCHS,
+                        val_fraction=val_fraction)

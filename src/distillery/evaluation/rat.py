@@ -80,19 +80,17 @@ def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1
     return total / max(1, len(x))
 
 
-def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, split: str = "test",
-                 progress: bool = True, train_loss: bool = False,
-                 tick: Callable[[], None] | None = None) -> EvalResult:
-    """`proto.runs` networks trained with the published test() loop; the step count is chosen on the validation
-    split."""
-    model, runs, seed = proto.model, proto.runs, proto.seed
+def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
+    """The rat protocol object's scoring: `proto.runs` networks trained with the published test() loop, the step
+    count chosen on the validation split (single process; no captured graphs)."""
+    model, runs, seed, split = proto.model, proto.runs, proto.seed, how.split
     spec = dataset.spec
     device = dataset.test.x.device
     x, y = x.to(device), y.to(device)
     has_val = len(dataset.val.y) > 0
     target = dataset.val if split == "val" else dataset.test
     bar = tqdm(total=runs * max(proto.steps), desc=f"eval {model} (rat)", unit="step", leave=False,
-               disable=not progress)
+               disable=not how.progress)
 
     def one(r: int) -> tuple[dict[int, float], dict[int, float], float | None]:
         """Run r: val and target accuracy after each step count (and the train loss, on request)."""
@@ -107,8 +105,8 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol,
             bar.update(count - last[0])
             last[0] = count
 
-        train_rat(net, x, y, spec.num_classes, proto, gen, measure, tick)
-        return val, tgt, mean_loss(net, dataset.train.x, dataset.train.y) if train_loss else None
+        train_rat(net, x, y, spec.num_classes, proto, gen, measure, how.tick)
+        return val, tgt, mean_loss(net, dataset.train.x, dataset.train.y) if how.train_loss else None
 
     per_run = map_runs(one, range(runs), device)  # side by side on the CPU, one thread each
     bar.close()
@@ -123,8 +121,3 @@ def evaluate_rat(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol,
     return EvalResult(target_accs[chosen], model, chosen, proto.lr, split, protocol="rat", steps=chosen,
                       val_by_steps={c: float(np.mean(val_accs[c])) for c in proto.steps} if has_val else None,
                       train_loss=float(np.mean(losses)) if losses else None)
-
-
-def score(x: torch.Tensor, y: torch.Tensor, dataset, proto: EvalProtocol, how: Scoring) -> EvalResult:
-    """The rat protocol object's scoring: `evaluate_rat` (single process; no captured graphs)."""
-    return evaluate_rat(x, y, dataset, proto, how.split, how.progress, how.train_loss, how.tick)

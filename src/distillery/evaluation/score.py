@@ -18,10 +18,9 @@ from ..run.files import read_config
 from ..synset import SyntheticSet
 from . import dsa, rat
 from .dsa import EvalResult, random_real_runs
-from .protocol import (DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols, dsa_protocol,
-                       rat_protocol, recorded_protocols)
+from .protocol import (DEFAULT_DSA_LR, DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols,
+                       dsa_protocol, rat_protocol, recorded_protocols)
 
-PROTOCOLS = tuple(FIELDS)
 # The protocol objects: each trains its networks its own way and scores them; `evaluate_synset` picks one by name.
 SCORERS: dict[str, Callable[[Any, Any, Any, EvalProtocol, Scoring], EvalResult]] = {"dsa": dsa.score,
                                                                                      "rat": rat.score}
@@ -46,14 +45,13 @@ def resolve_protocol(s, spec, name: str | None = None,
     the protocol lacks is a UserError (before any training). `s` must have been checked (`SyntheticSet.load`)."""
     protos, origin = set_protocols(s, spec)
     name = name or protos[0].name
-    if name not in PROTOCOLS:
+    if name not in FIELDS:
         raise UserError(f"unknown --protocol '{name}'; use dsa (MTT/TESLA) or rat (RaT-BPTT)")
     proto = next((p for p in protos if p.name == name), None)
     sources = dict.fromkeys(FIELDS[name], origin)
     if proto is None:
         own = protos[0]
-        proto = (dsa_protocol(own.model, own.runs, own.seed, s.lr if s.lr is not None else 0.01, spec.dsa_strategy,
-                              val_fraction=own.val_fraction)
+        proto = (dsa_protocol(own.model, own.runs, own.seed, s.lr, spec.dsa_strategy, val_fraction=own.val_fraction)
                  if name == "dsa" else rat_protocol(own.model, own.runs, own.seed, val_fraction=own.val_fraction))
         shared = ("model", "runs", "seed", "val_fraction")
         sources = {f: origin if f in shared else "default" for f in FIELDS[name]}
@@ -136,7 +134,8 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
                                         seed=int(config.get("seed", 0)),
                                         epochs=int(config.get("eval_epochs", DEFAULT_EVAL_EPOCHS)),
                                         dsa_strategy=dataset.spec.dsa_strategy)
-    protocols = [p.replace(lr=0.01) if p.name == "dsa" else p for p in protocols]  # real images: no learned lr
+    # real images have no learned step size
+    protocols = [p.replace(lr=DEFAULT_DSA_LR) if p.name == "dsa" else p for p in protocols]
     extra_models = parse_models(config.get("eval_models"), dataset.spec) if isinstance(config.get("eval_models"),
                                                                                       str) else []
     own = protocols[0]
@@ -157,8 +156,8 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
     return out
 
 
-def run_baseline(run_dir: str | Path, data_dir: str | None = None, device: str = "auto",
-                 progress: bool = True) -> dict[str, dict[str, Any]] | None:
+def run_baseline(run_dir: str | Path, data_dir: str | None = None,
+                 device: str = "auto") -> dict[str, dict[str, Any]] | None:
     """`measure_baseline` of a finished run directory: its dataset loaded as the run loaded it (preprocessing,
     validation share, resolution), from config.json."""
     from ..data import load_dataset
@@ -169,4 +168,4 @@ def run_baseline(run_dir: str | Path, data_dir: str | None = None, device: str =
         raise UserError(f"{run_dir}/config.json names no dataset; a baseline needs a finished run's directory")
     ds = load_dataset(config["dataset"], data_dir=data_dir, device=resolve_device(device), zca=config.get("zca"),
                       val_fraction=config.get("val_fraction", 0.1), seed=0, resolution=config.get("resolution"))
-    return measure_baseline(ds, run_dir, progress)
+    return measure_baseline(ds, run_dir)

@@ -215,14 +215,10 @@ class DATM(MTT):
                     "student_still": 0.0, "skipped": 1.0}
         logs = self.update(res, t, it)
         if self.label_logits is not None:
-            self.label_logits.grad = self.logit_grad(res.grad_labels)
+            self.label_logits.grad = softmax_pullback(self.label_logits, res.grad_labels)
             self.opt_y.step()
             self.labels = torch.softmax(self.label_logits.detach(), 1)
         return {**logs, "skipped": 0.0}
-
-    def logit_grad(self, grad_probs: torch.Tensor) -> torch.Tensor:
-        """∂L/∂z of the current label logits from ∂L/∂p."""
-        return softmax_pullback(self.label_logits, grad_probs)
 
     def synset(self) -> SyntheticSet:
         """MTT's set, named DATM, with softmax(z) as learned labels."""

@@ -85,14 +85,8 @@ class DM(Method):
         self.model_name = cfg.model or spec.default_model
         # the reference's DiffAugment: affine_grid with PyTorch's default align_corners (False), SPEC §3.2
         self.augment = Augment(spec.dsa_strategy, align_corners=False) if cfg.dsa else None
-        gen = stream_generator(cfg.seed, _INIT, device=self.device)
-        if cfg.pix_init == "noise":
-            images = torch.randn((cfg.ipc * spec.num_classes, spec.channels, *spec.im_size), generator=gen,
-                                 device=self.device)
-        else:
-            images = dataset.random_set(cfg.ipc, gen)[0]
+        images, self.labels = self.initial_images(stream_generator(cfg.seed, _INIT, device=self.device))
         self.images = images.detach().clone().requires_grad_(True)
-        self.labels = torch.arange(spec.num_classes, device=self.device).repeat_interleave(cfg.ipc)
         self.opt = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=0.5)
 
     def step(self, it: int) -> dict[str, float]:

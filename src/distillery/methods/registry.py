@@ -123,6 +123,14 @@ class Method:
         """See the validation evaluation of iteration `it`; True ends the run there."""
         return False
 
+    def initial_images(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting images and their class ids, class-blocked (`pix_init`: noise, else random real images)."""
+        spec, device = self.ds.spec, self.ds.train.x.device
+        if self.cfg.pix_init != "noise":
+            return self.ds.random_set(self.cfg.ipc, gen)
+        hard = torch.arange(spec.num_classes, device=device).repeat_interleave(self.cfg.ipc)
+        return torch.randn((len(hard), spec.channels, *spec.im_size), generator=gen, device=device), hard
+
     def init_from(self, s: SyntheticSet) -> None:
         """Start from a saved set (`--init-from`): its images replace `self.images`."""
         if tuple(s.images.shape) != tuple(self.images.shape):

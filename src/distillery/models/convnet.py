@@ -68,7 +68,6 @@ class ConvNet(nn.Module):
             self.features.append(nn.AdaptiveAvgPool2d(1))
             h = w = 1
         self.classifier = nn.Linear(width * h * w, num_classes)
-        self.feature_dim = width * h * w
 
     def embed(self, x: Tensor) -> Tensor:
         """The features the classifier reads (the embedding contract, models/registry.py)."""

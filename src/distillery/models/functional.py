@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -24,13 +22,9 @@ class FunctionalModel:
         self.numels = [p.numel() for _, p in named]
         self.num_params = sum(self.numels)
 
-    def flatten(self, params: nn.Module | Iterable[torch.Tensor] | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate parameters (a module, a list in parameters() order, or a name->tensor dict) into one vector."""
-        if isinstance(params, nn.Module):
-            params = list(params.parameters())
-        elif isinstance(params, dict):
-            params = [params[n] for n in self.names]
-        return torch.cat([p.reshape(-1) for p in params])
+    def flatten(self, module: nn.Module) -> torch.Tensor:
+        """Concatenate the parameters of `module` (built like the template) into one vector."""
+        return torch.cat([p.reshape(-1) for p in module.parameters()])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split `flat` into named views with the template's shapes."""

@@ -60,6 +60,14 @@ def triton_missing() -> str | None:
     return None
 
 
+def _fused_backward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                    mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dw, db) of GroupNorm(C, C) from the fused kernel `nn.GroupNorm` uses, those `mask` asks for."""
+    n, c = x.shape[:2]
+    return torch.ops.aten.native_group_norm_backward(grad.contiguous(), x.contiguous(), mean, rstd, weight, n, c,
+                                                     math.prod(x.shape[2:]), c, mask)
+
+
 class InstanceNormFunction(torch.autograd.Function):
     """GroupNorm(C, C) forward/backward with fused kernels; a closed-form, differentiable backward under create_graph.
 
@@ -87,10 +95,7 @@ class InstanceNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if not torch.is_grad_enabled():  # first order: the fused kernel nn.GroupNorm uses
-            n, c = x.shape[:2]
-            dx, dw, db = torch.ops.aten.native_group_norm_backward(grad.contiguous(), x.contiguous(), mean, rstd,
-                                                                   weight, n, c, math.prod(x.shape[2:]), c,
-                                                                   [need_x, need_w, need_b])
+            dx, dw, db = _fused_backward(grad, x, weight, mean, rstd, [need_x, need_w, need_b])
             return dx, dw, db, None
         dx, dw, db = _InstanceNormBackward.apply(grad, x, weight, mean, rstd, ctx.kernel)  # create_graph
         return dx, dw, db, None
@@ -109,9 +114,7 @@ class _InstanceNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                 kernel: str) -> tuple[Tensor, Tensor, Tensor]:
-        n, c = x.shape[:2]
-        return torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(), x.contiguous(), mean, rstd, weight, n, c, math.prod(x.shape[2:]), c, [True, True, True])
+        return _fused_backward(grad, x, weight, mean, rstd, [True, True, True])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -12,6 +12,8 @@ and `state_dict()` keys match the reference. Deliberate differences:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,61 +208,18 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
-@register_model("MLP")
-def mlp(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """Three-layer perceptron on flattened pixels."""
-    return MLP(channels, num_classes, im_size)
-
-
-@register_model("LeNet")
-def lenet(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """LeNet-5 (ReLU, max-pool)."""
-    return LeNet(channels, num_classes, im_size)
-
-
-@register_model("AlexNet")
-def alexnet(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """AlexNet as in MTT/DC: no normalization."""
-    return AlexNet(channels, num_classes, im_size, norm="none")
-
-
-@register_model("AlexNetBN")
-def alexnet_bn(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """AlexNet with BatchNorm after every conv (DC's AlexNetBN)."""
-    return AlexNet(channels, num_classes, im_size, norm="batchnorm")
-
-
-@register_model("VGG11")
-def vgg11(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """VGG11 with instance norm (GroupNorm(C, C))."""
-    return VGG11(channels, num_classes, im_size, norm="instancenorm")
-
-
-@register_model("VGG11BN")
-def vgg11_bn(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """VGG11 with BatchNorm."""
-    return VGG11(channels, num_classes, im_size, norm="batchnorm")
-
-
-@register_model("ResNet18")
-def resnet18(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """ResNet-18 with instance norm (the MTT/DC default)."""
-    return ResNet18(channels, num_classes, im_size, norm="instancenorm")
-
-
-@register_model("ResNet18BN")
-def resnet18_bn(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """ResNet-18 with BatchNorm."""
-    return ResNet18(channels, num_classes, im_size, norm="batchnorm")
-
-
-@register_model("ResNet18_AP")
-def resnet18_ap(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """ResNet-18 with average-pool downsampling and instance norm."""
-    return ResNet18(channels, num_classes, im_size, norm="instancenorm", ap=True)
-
-
-@register_model("ResNet18BN_AP")
-def resnet18_bn_ap(channels: int, num_classes: int, im_size: tuple[int, int]) -> nn.Module:
-    """ResNet-18 with average-pool downsampling and BatchNorm."""
-    return ResNet18(channels, num_classes, im_size, norm="batchnorm", ap=True)
+# name -> (class, keyword arguments): the reference's names for each variant
+VARIANTS = {
+    "MLP": (MLP, {}),
+    "LeNet": (LeNet, {}),
+    "AlexNet": (AlexNet, {"norm": "none"}),            # as in MTT/DC: no normalization
+    "AlexNetBN": (AlexNet, {"norm": "batchnorm"}),     # BatchNorm after every conv (DC's AlexNetBN)
+    "VGG11": (VGG11, {"norm": "instancenorm"}),
+    "VGG11BN": (VGG11, {"norm": "batchnorm"}),
+    "ResNet18": (ResNet18, {"norm": "instancenorm"}),  # the MTT/DC default
+    "ResNet18BN": (ResNet18, {"norm": "batchnorm"}),
+    "ResNet18_AP": (ResNet18, {"norm": "instancenorm", "ap": True}),  # average-pool downsampling
+    "ResNet18BN_AP": (ResNet18, {"norm": "batchnorm", "ap": True}),
+}
+for _name, (_cls, _kwargs) in VARIANTS.items():
+    register_model(_name)(partial(_cls, **_kwargs))
