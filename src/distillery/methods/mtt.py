@@ -233,14 +233,6 @@ class MTT(Method):
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=0.5)
         self.opt_lr = torch.optim.SGD([self.lr], lr=cfg.lr_lr, momentum=0.5)
 
-    def initial_images(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The starting images and their class ids (`pix_init`); a subclass may pick them another way."""
-        spec, device = self.ds.spec, self.ds.train.x.device
-        if self.cfg.pix_init != "noise":  # real, and auto (MTT's own choice: real)
-            return self.ds.random_set(self.cfg.ipc, gen)
-        hard = torch.arange(spec.num_classes, device=device).repeat_interleave(self.cfg.ipc)
-        return torch.randn((len(hard), spec.channels, *spec.im_size), generator=gen, device=device), hard
-
     def start_range(self, it: int) -> tuple[int, int]:
         """Start epochs of iteration `it` are drawn from [low, high): MTT's [0, max_start_epoch) at every iteration."""
         return 0, self.cfg.max_start_epoch
