@@ -151,10 +151,11 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
     The configuration is built from the keywords directly (`distill.resolve_config`, as the CLI does from its
     flags) and checked against the same declarations; nothing is read or written before that."""
     from .distill import DistillOptions, config_keys, run_distill
+    from .methods import list_methods
     from .options import check_values
 
     if not isinstance(method, str):
-        raise UserError(f"distill(): method={method!r} is not a str; pass one of mtt, tesla, ratbptt")
+        raise UserError(f"distill(): method={method!r} is not a str; pass one of {', '.join(list_methods())}")
     _check_path("distill()", "out", out, optional=False)
     if preset is not None and not isinstance(preset, str):
         raise UserError(f"distill(): preset={preset!r} is not a str; `distillery presets` lists the names")

@@ -2,8 +2,9 @@
 
 A method is one file in `methods/`: its config dataclass (extending `MethodConfig`, the options every method shares)
 and a `Method` subclass that owns everything method-specific, from the data-derived defaults and the up-front config
-checks to the run-time hooks of the shared loop (`distillery.run`). Every optional hook has a default here, so the
-loop and `distill` call them on any method without asking whether it has one.
+checks to the run-time hooks of the shared loop (`distillery.run`), and its named presets (`register_presets`).
+Every optional hook has a default here, so the loop and `distill` call them on any method without asking whether it
+has one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..defaults import DataFacts
 
 _REGISTRY: dict[str, type[Method]] = {}
+_PRESETS: dict[str, dict[str, Any]] = {}
 
 
 @dataclass
@@ -71,6 +73,22 @@ class Method:
         """Bytes one step of this run holds beyond the data, by what sets them (the flags in each key), for the
         up-front host-memory check of a CPU run; empty: no model of its memory (the run is not checked)."""
         return {}
+
+    @classmethod
+    def eval_cost(cls, config: dict[str, Any]) -> tuple[int, int]:
+        """(protocols the final report scores a set of this method under, epochs each of its evaluation networks
+        trains), for the projection of `--estimate`."""
+        return 1, config["eval_epochs"] + 1
+
+    @classmethod
+    def preset_budget(cls, preset: dict[str, Any], published_train: int | None) -> str:
+        """A preset's budget in the paper's units beside ours (`distillery presets`); `published_train`: the train
+        split of the published run (None: not a published row)."""
+        it = preset["iterations"]
+        if published_train is None:
+            return f"{it} outer iterations (ours; not a published row)"
+        return (f"{it} outer iterations (published --Iteration {it}, the same unit; its loop runs {it} + 1 "
+                f"times, SPEC P12)")
 
     @classmethod
     def start_ipc(cls, config: dict[str, Any]) -> int:
@@ -123,6 +141,10 @@ class Method:
         """See the validation evaluation of iteration `it`; True ends the run there."""
         return False
 
+    def stop_message(self, it: int) -> str:
+        """The line the loop prints when `observe_eval` ended the run at iteration `it`."""
+        return f"the method ended the run at iteration {it}"
+
     def init_from(self, s: SyntheticSet) -> None:
         """Start from a saved set (`--init-from`): its images replace `self.images`."""
         if tuple(s.images.shape) != tuple(self.images.shape):
@@ -141,6 +163,17 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return wrap
+
+
+def register_presets(presets: dict[str, dict[str, Any]]) -> None:
+    """Register named presets (`--preset NAME`): each a flat dict of option values with its `method`, named
+    'METHOD/...'; a method's file registers its own."""
+    _PRESETS.update(presets)
+
+
+def registered_presets() -> dict[str, dict[str, Any]]:
+    """Every registered preset by name, the methods in `list_methods` order, each method's in registration order."""
+    return {name: p for method in list_methods() for name, p in _PRESETS.items() if p["method"] == method}
 
 
 def list_methods() -> list[str]:
