@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +288,18 @@ class RaTBPTT(Method):
             sizes = _parse_blocks(blocks)
             if min(sizes) < 1 or sum(sizes) != config["ipc"]:
                 raise UserError(f"--boost-blocks {blocks} must be positive sizes adding up to --ipc {config['ipc']}")
+
+    @classmethod
+    def check_given(cls, flags: dict[str, Any], spell: Callable[[str], str], api: bool) -> None:
+        """The budget is --real-epochs passes or --iterations, never both; an explicit --iterations wins over a
+        preset's or derived passes."""
+        if "iterations" in flags and flags.get("real_epochs") is not None:
+            raise UserError(f"{spell('iterations')} and {spell('real_epochs')} both set the budget; give one "
+                            f"({spell('real_epochs')}none hands it to {spell('iterations')})" if api else
+                            "--iterations and --real-epochs (the published --epochs) both set the budget; give one "
+                            "(--real-epochs none hands it to --iterations)")
+        if "iterations" in flags:
+            flags.setdefault("real_epochs", None)
 
     @classmethod
     def oom_advice(cls, config: dict[str, Any]) -> str:

@@ -64,6 +64,11 @@ class Method:
         """UserError for a combination of the method's options (or with the data's facts) that cannot work."""
 
     @classmethod
+    def check_given(cls, flags: dict[str, Any], spell: Callable[[str], str], api: bool) -> None:
+        """UserError for given flags (`api`: keywords; `spell` names them as given) that contradict each other, and
+        the values a given flag implies added to `flags`, before they override the preset or derived values."""
+
+    @classmethod
     def oom_advice(cls, config: dict[str, Any]) -> str:
         """The settings that lower this run's GPU memory, in the order to try them."""
         return "use fewer images per class (--ipc) or a smaller --model"

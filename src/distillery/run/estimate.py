@@ -2,11 +2,12 @@
 
 Prints seconds per iteration, peak memory and the projected wall time of the whole run: data and ZCA loading (as
 measured), distillation (iterations x s/iteration) and every network the loop and the report train
-(`evaluation_count`: validation from iteration 0 to the end, best and last, the random-real baseline), each
-`eval_epochs + 1` passes plus its test pass. Nothing is written to the run directory, and no expert is trained.
-Before a CPU run starts, `check_host_memory` projects the memory of one step (autograd's saved tensors measured at
-tiny sizes and extrapolated) and refuses a run that would not fit in the memory available; an out-of-memory error
-(CUDA or host) becomes a UserError naming the setting to lower (`oom_explained`).
+(`evaluation_count`: validation from iteration 0 to the end, best and last, the random-real baseline), each for
+the method's number of epochs (`eval_cost`) plus its test pass. Nothing is written to the run directory, and no
+expert is trained. Before a CPU run starts, `check_host_memory` projects the memory of one step (the method's
+`host_memory`: autograd's saved tensors measured at tiny sizes and extrapolated) and refuses a run that would not fit
+in the memory available; an out-of-memory error (CUDA or host) becomes a UserError naming the setting to lower
+(`oom_explained`).
 """
 
 from __future__ import annotations
