@@ -83,13 +83,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     presets = {name: p for name, p in PRESETS.items() if name.startswith(args.only)}
     for name, p in presets.items():
-        if p["method"] != "ratbptt":  # every trajectory-matching preset
+        if "syn_steps" in p:  # every trajectory-matching preset
             print(mtt_row(name, p), flush=True)
     print(f"\n| preset | model | images per step x window | real batch R | GB, 1 process | GB per process, "
           f"G={args.world} | published GB |")
     print("|---|---|---|---|---|---|---|")
     for name, p in presets.items():
-        if p["method"] == "ratbptt":
+        if "window" in p:  # every RaT-BPTT preset
             print(rat_row(name, p, args.world), flush=True)
 
 
