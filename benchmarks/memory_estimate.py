@@ -1,8 +1,9 @@
 """Estimated GPU memory per process of every trajectory-matching and RaT-BPTT preset (an estimate, not a measurement).
 
 What autograd keeps for backward grows linearly in the student steps and in the images per step, so it is measured
-here on the CPU at tiny sizes (`distillery.run.estimate`, which `--estimate` also uses: one and two steps, one and two images per step, the preset's
-model, resolution and DSA) and extrapolated, float32:
+here on the CPU at tiny sizes (`methods.mtt.mtt_step_bytes`, `methods.ratbptt.rat_step_bytes`, which `--estimate`
+also uses: one and two steps, one and two images per step, the preset's model, resolution and DSA) and extrapolated,
+float32:
 
     step(b)      = a + c·b          saved bytes of one student step (forward + double-backward graph) on b images
     unrolled     = N · step(b)                       (MTT default: every step's graph until the backward)
@@ -28,7 +29,8 @@ import math
 import torch
 
 from distillery.data.registry import get_spec
-from distillery.run.estimate import mtt_step_bytes, rat_step_bytes
+from distillery.methods.mtt import mtt_step_bytes
+from distillery.methods.ratbptt import rat_step_bytes
 from distillery.presets import PRESETS
 
 GB = 1e9
@@ -81,13 +83,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     presets = {name: p for name, p in PRESETS.items() if name.startswith(args.only)}
     for name, p in presets.items():
-        if p["method"] != "ratbptt":  # every trajectory-matching preset
+        if "syn_steps" in p:  # every trajectory-matching preset
             print(mtt_row(name, p), flush=True)
     print(f"\n| preset | model | images per step x window | real batch R | GB, 1 process | GB per process, "
           f"G={args.world} | published GB |")
     print("|---|---|---|---|---|---|---|")
     for name, p in presets.items():
-        if p["method"] == "ratbptt":
+        if "window" in p:  # every RaT-BPTT preset
             print(rat_row(name, p, args.world), flush=True)
 
 

@@ -145,7 +145,7 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
         chosen = get_preset(name)
         if chosen["method"] != method:
             raise UserError(f"preset {name} is for --method {chosen['method']}, not {method}")
-        config.update({k: v for k, v in chosen.items() if k not in ("note", "budget")})
+        config.update({k: v for k, v in chosen.items() if k != "note"})
         config["defaults_from"] = f"preset {name}"
     dataset = flags.get("dataset", config.get("dataset"))
     if not dataset:
@@ -156,14 +156,7 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     if name is None:
         config.update(method_cls.derive_defaults(facts, flags.get("ipc", config["ipc"])))
         config["defaults_from"] = "derived from the data (docs/DEFAULTS.md)"
-    if "real_epochs" in config:  # RaT-BPTT: the budget is --real-epochs passes or --iterations, never both
-        if "iterations" in flags and flags.get("real_epochs") is not None:
-            raise UserError(f"{spell('iterations')} and {spell('real_epochs')} both set the budget; give one "
-                            f"({spell('real_epochs')}none hands it to {spell('iterations')})" if api else
-                            "--iterations and --real-epochs (the published --epochs) both set the budget; give one "
-                            "(--real-epochs none hands it to --iterations)")
-        if "iterations" in flags:  # an explicit --iterations wins over a preset's or derived passes
-            flags.setdefault("real_epochs", None)
+    method_cls.check_given(flags, spell, api)
     config["resolution"] = facts.resolution
     config.update(flags)
     config.setdefault("seed", 0)

@@ -231,7 +231,7 @@ def cmd_experts(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Distil a dataset with MTT, TESLA or RaT-BPTT into RUN_DIR."""
+    """Distil a dataset with the --method method into RUN_DIR."""
     from ..distill import distill_from_args
 
     return {"command": "distill", "run_dir": args.out, **distill_from_args(args)}

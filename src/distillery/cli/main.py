@@ -32,7 +32,7 @@ def build_parser() -> OneLineParser:
     from ..experts import EXPERTS_COMMAND_ALIASES, ExpertConfig
     from ..methods import list_methods
 
-    parser = OneLineParser(prog="distillery", description="Dataset distillation: MTT, TESLA, RaT-BPTT.")
+    parser = OneLineParser(prog="distillery", description=f"Dataset distillation: {', '.join(list_methods())}.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # {command: its parser}
     for command, spec in COMMANDS.items():

@@ -148,7 +148,7 @@ COMMANDS: dict[str, Command] = {
                         [*_DATA, "model", "batch", "fast", "out", *_RUNNING], required=["out"],
                         helps={"out": "directory for the expert store",
                                "model": "model to train (default: the dataset's ConvNet)"}),
-    "distill": _command("distil a dataset (MTT, TESLA or RaT-BPTT)",
+    "distill": _command("distil a dataset with one of the --method methods",
                         ["device", "no_progress", "threads", "data_dir", "json", "quiet"]),  # --seed: a config key
     "report": _command("write a self-contained HTML report of a run directory",
                        ["run_dir", "out", "baseline", "data_dir", "device"],

@@ -269,6 +269,14 @@ def time_expert_epoch(ds: Dataset, model: str, batch: int = 256, lr: float = 0.0
     return (time.perf_counter() - start) * len(ds.train.x) / max(len(x) - batch, 1)
 
 
+def duration(seconds: float) -> str:
+    """Seconds as 'h:mm:ss' (or 's' below a minute)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+
+
 def _partial_dir(out: Path, k: int) -> Path:
     """Where expert k keeps its per-epoch snapshots while it trains."""
     return out / PARTIAL / f"expert_{k:04d}"

@@ -6,9 +6,11 @@ Importing the package imports every module in it, so a method registers by being
 import importlib
 import pkgutil
 
-from .registry import Method, MethodConfig, get_method, list_methods, register_method
+from .registry import (Method, MethodConfig, get_method, list_methods, register_method, register_presets,
+                       registered_presets)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Method", "MethodConfig", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "MethodConfig", "get_method", "list_methods", "register_method", "register_presets",
+           "registered_presets"]

@@ -32,7 +32,7 @@ from ..experts import ExpertStore
 from ..options import option
 from ..synset import SyntheticSet
 from .mtt import MTT, MTTConfig, expert_epochs_available
-from .registry import register_method
+from .registry import register_method, register_presets
 from .tesla import expert_logits
 
 PIX_INITS = ("auto", "correct", "real", "noise")
@@ -255,3 +255,43 @@ class DATM(MTT):
             for group, lr in zip(self.opt_y.param_groups, lrs):
                 group["lr"] = lr
             self.labels = torch.softmax(self.label_logits.detach(), 1)
+
+
+def _datm(dataset: str, ipc: int, model: str, n: int, m: int, min_start: int, max_start: int, current: int | None,
+          expansion_end: int, lr_img: float, lr_lr: float, lr_y: float, threshold: float, batch_syn: int | None,
+          pix_init: str, source: str, grad: str = "unrolled") -> dict[str, Any]:
+    """A DATM row from its config file `source` (NUS-HPC-AI-Lab/DATM at 97ae510); batch_syn None = the whole set.
+    `grad` checkpointed (the same exact gradient) where the unroll needs more than one 80 GB GPU (docs/SCALING.md)."""
+    return {"method": "datm", "dataset": dataset, "ipc": ipc, "model": model, "syn_steps": n, "expert_epochs": m,
+            "min_start_epoch": min_start, "max_start_epoch": max_start, "current_max_start_epoch": current,
+            "expansion_end_epoch": expansion_end, "lr_img": lr_img, "lr_lr": lr_lr, "lr_teacher": 0.01,
+            "lr_y": lr_y, "momentum_y": 0.9, "threshold": threshold, "batch_syn": batch_syn, "pix_init": pix_init,
+            "labels": "learned", "label_epoch": None, "grad": grad, "zca": "kornia", "iterations": 10000,
+            "eval_every": 500, "eval_runs": 1, "eval_epochs": 1000, "num_experts": 100, "expert_epochs_train": 100,
+            "expert_lr": 0.01,
+            "note": f"DATM {source} (read at 97ae510); experts: 100 x 100 epochs at lr 0.01 per its README, but plain "
+                    "SGD here where DATM trains FTD experts (GSAM, rho 0.01, alpha 0.3); DATM evaluates at batch 128, "
+                    "we at 256 (same for sets of <= 128 images); unverified: no row reproduced here"}
+
+
+# DATM's configs/<dataset>/ConvIN/IPC<n>.yaml (SPEC §10.5; flags in docs/PUBLISHED_FLAGS.md)
+register_presets({
+    "datm/cifar10-ipc1": _datm("cifar10", 1, "ConvNet", 80, 2, 0, 4, None, 3000, 100, 1e-7, 5.0, 1.1, None,
+                               "correct", "configs/CIFAR-10/ConvIN/IPC1.yaml"),
+    "datm/cifar10-ipc10": _datm("cifar10", 10, "ConvNet", 80, 2, 0, 20, 10, 1000, 100, 1e-5, 2.0, 1.0, None,
+                                "correct", "configs/CIFAR-10/ConvIN/IPC10.yaml"),
+    "datm/cifar10-ipc50": _datm("cifar10", 50, "ConvNet", 80, 2, 0, 40, 20, 2000, 1000, 1e-5, 2.0, 1.0, None,
+                                "correct", "configs/CIFAR-10/ConvIN/IPC50.yaml", "checkpointed"),
+    "datm/cifar100-ipc1": _datm("cifar100", 1, "ConvNet", 40, 3, 0, 20, 10, 1000, 1000, 1e-5, 10.0, 1.0, None,
+                                "correct", "configs/CIFAR-100/ConvIN/IPC1.yaml (zca: its default True)"),
+    "datm/cifar100-ipc10": _datm("cifar100", 10, "ConvNet", 80, 2, 0, 50, 30, 2000, 1000, 1e-5, 10.0, 1.0, None,
+                                 "correct", "configs/CIFAR-100/ConvIN/IPC10.yaml", "checkpointed"),
+    "datm/cifar100-ipc50": _datm("cifar100", 50, "ConvNet", 80, 2, 20, 70, None, 3000, 1000, 1e-5, 10.0, 1.0, 1000,
+                                 "real", "configs/CIFAR-100/ConvIN/IPC50.yaml", "checkpointed"),
+    "datm/tiny-imagenet-ipc1": _datm("tiny-imagenet", 1, "ConvNetD4", 40, 2, 0, 20, 15, 2000, 10000, 1e-4, 10.0, 1.0,
+                                     None, "correct", "configs/TinyImageNet/ConvIN/IPC1.yaml", "checkpointed"),
+    "datm/tiny-imagenet-ipc10": _datm("tiny-imagenet", 10, "ConvNetD4", 40, 2, 10, 50, None, 3000, 100, 1e-4, 10.0,
+                                      1.0, 500, "correct", "configs/TinyImageNet/ConvIN/IPC10.yaml", "checkpointed"),
+    "datm/tiny-imagenet-ipc50": _datm("tiny-imagenet", 50, "ConvNetD4", 20, 2, 40, 70, None, 3000, 100, 1e-4, 10.0,
+                                      1.0, 1000, "correct", "configs/TinyImageNet/ConvIN/IPC50.yaml", "checkpointed"),
+})

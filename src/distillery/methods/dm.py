@@ -30,7 +30,7 @@ from ..models import init_seeded
 from ..options import option
 from ..streams import stream_generator
 from ..synset import SyntheticSet, preprocess_record
-from .registry import Method, MethodConfig, register_method
+from .registry import Method, MethodConfig, register_method, register_presets
 
 # Purposes of the random streams (first key after the seed in `stream_generator`).
 _INIT, _STEP = 0, 1
@@ -131,3 +131,18 @@ class DM(Method):
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr_img
+
+
+def _dm(ipc: int, published: float) -> dict[str, Any]:
+    """DM's CIFAR-10 row (SPEC §10.5, `[DC-code] main_DM.py` defaults): 20000 iterations, evaluated every 2000."""
+    return {"method": "dm", "dataset": "cifar10", "ipc": ipc, "model": "ConvNet", "zca": None, "pix_init": "real",
+            "lr_img": 1.0, "batch_real": 256, "dsa": True, "iterations": 20000, "eval_every": 2000,
+            "eval_epochs": 1000, "note": f"SPEC §10.5 ([DC-code] main_DM.py); published {published} (ConvNet, "
+                                         "DM row of [PAD-T1], SPEC §8.3)"}
+
+
+register_presets({
+    "dm/cifar10-ipc1": _dm(1, 26.0),
+    "dm/cifar10-ipc10": _dm(10, 48.9),
+    "dm/cifar10-ipc50": _dm(50, 63.0),
+})

@@ -2,8 +2,9 @@
 
 A method is one file in `methods/`: its config dataclass (extending `MethodConfig`, the options every method shares)
 and a `Method` subclass that owns everything method-specific, from the data-derived defaults and the up-front config
-checks to the run-time hooks of the shared loop (`distillery.run`). Every optional hook has a default here, so the
-loop and `distill` call them on any method without asking whether it has one.
+checks to the run-time hooks of the shared loop (`distillery.run`), and its named presets (`register_presets`).
+Every optional hook has a default here, so the loop and `distill` call them on any method without asking whether it
+has one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..defaults import DataFacts
 
 _REGISTRY: dict[str, type[Method]] = {}
+_PRESETS: dict[str, dict[str, Any]] = {}
 
 
 @dataclass
@@ -62,6 +64,11 @@ class Method:
         """UserError for a combination of the method's options (or with the data's facts) that cannot work."""
 
     @classmethod
+    def check_given(cls, flags: dict[str, Any], spell: Callable[[str], str], api: bool) -> None:
+        """UserError for given flags (`api`: keywords; `spell` names them as given) that contradict each other, and
+        the values a given flag implies added to `flags`, before they override the preset or derived values."""
+
+    @classmethod
     def oom_advice(cls, config: dict[str, Any]) -> str:
         """The settings that lower this run's GPU memory, in the order to try them."""
         return "use fewer images per class (--ipc) or a smaller --model"
@@ -71,6 +78,22 @@ class Method:
         """Bytes one step of this run holds beyond the data, by what sets them (the flags in each key), for the
         up-front host-memory check of a CPU run; empty: no model of its memory (the run is not checked)."""
         return {}
+
+    @classmethod
+    def eval_cost(cls, config: dict[str, Any]) -> tuple[int, int]:
+        """(protocols the final report scores a set of this method under, epochs each of its evaluation networks
+        trains), for the projection of `--estimate`."""
+        return 1, config["eval_epochs"] + 1
+
+    @classmethod
+    def preset_budget(cls, preset: dict[str, Any], published_train: int | None) -> str:
+        """A preset's budget in the paper's units beside ours (`distillery presets`); `published_train`: the train
+        split of the published run (None: not a published row)."""
+        it = preset["iterations"]
+        if published_train is None:
+            return f"{it} outer iterations (ours; not a published row)"
+        return (f"{it} outer iterations (published --Iteration {it}, the same unit; its loop runs {it} + 1 "
+                f"times, SPEC P12)")
 
     @classmethod
     def start_ipc(cls, config: dict[str, Any]) -> int:
@@ -131,6 +154,10 @@ class Method:
         hard = torch.arange(spec.num_classes, device=device).repeat_interleave(self.cfg.ipc)
         return torch.randn((len(hard), spec.channels, *spec.im_size), generator=gen, device=device), hard
 
+    def stop_message(self, it: int) -> str:
+        """The line the loop prints when `observe_eval` ended the run at iteration `it`."""
+        return f"the method ended the run at iteration {it}"
+
     def init_from(self, s: SyntheticSet) -> None:
         """Start from a saved set (`--init-from`): its images replace `self.images`."""
         if tuple(s.images.shape) != tuple(self.images.shape):
@@ -149,6 +176,17 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return wrap
+
+
+def register_presets(presets: dict[str, dict[str, Any]]) -> None:
+    """Register named presets (`--preset NAME`): each a flat dict of option values with its `method`, named
+    'METHOD/...'; a method's file registers its own."""
+    _PRESETS.update(presets)
+
+
+def registered_presets() -> dict[str, dict[str, Any]]:
+    """Every registered preset by name, the methods in `list_methods` order, each method's in registration order."""
+    return {name: p for method in list_methods() for name, p in _PRESETS.items() if p["method"] == method}
 
 
 def list_methods() -> list[str]:

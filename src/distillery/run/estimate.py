@@ -2,11 +2,12 @@
 
 Prints seconds per iteration, peak memory and the projected wall time of the whole run: data and ZCA loading (as
 measured), distillation (iterations x s/iteration) and every network the loop and the report train
-(`evaluation_count`: validation from iteration 0 to the end, best and last, the random-real baseline), each
-`eval_epochs + 1` passes plus its test pass. Nothing is written to the run directory, and no expert is trained.
-Before a CPU run starts, `check_host_memory` projects the memory of one step (autograd's saved tensors measured at
-tiny sizes and extrapolated) and refuses a run that would not fit in the memory available; an out-of-memory error
-(CUDA or host) becomes a UserError naming the setting to lower (`oom_explained`).
+(`evaluation_count`: validation from iteration 0 to the end, best and last, the random-real baseline), each for
+the method's number of epochs (`eval_cost`) plus its test pass. Nothing is written to the run directory, and no
+expert is trained. Before a CPU run starts, `check_host_memory` projects the memory of one step (the method's
+`host_memory`: autograd's saved tensors measured at tiny sizes and extrapolated) and refuses a run that would not fit
+in the memory available; an out-of-memory error (CUDA or host) becomes a UserError naming the setting to lower
+(`oom_explained`).
 """
 
 from __future__ import annotations
@@ -22,61 +23,10 @@ import torch
 
 from ..errors import UserError
 from ..evaluation.dsa import train_model
+from ..experts import duration
 from ..methods import get_method
 
 GB = 1e9
-
-
-def mtt_step_bytes(model: str, spec, learned: bool = False) -> tuple[float, float, int]:
-    """(a, c, P): autograd keeps a + c·b bytes for one unrolled student step (forward + double backward) on b
-    images of `spec`'s size with its DSA, measured at 1 and 2 steps and images; P parameters. `learned`: soft
-    labels that get a gradient, as learned labels do."""
-    from ..augment import Augment
-    from ..methods.trajectory import SavedTensorBytes, make_plan, unrolled_grad
-    from ..models import FunctionalModel, create_model
-
-    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
-    theta, augment, g = fm.flatten(fm.module).detach(), Augment(spec.dsa_strategy), torch.Generator().manual_seed(0)
-
-    def peak(steps: int, batch: int) -> int:
-        x = torch.randn(batch, spec.channels, *spec.im_size, generator=g)
-        y = torch.arange(batch) % spec.num_classes
-        if learned:
-            y = torch.softmax(torch.randn(batch, spec.num_classes, generator=g), 1).requires_grad_(True)
-        plan = make_plan(batch, steps, None, augment, g, spec.im_size, "cpu")
-        with SavedTensorBytes() as meter:
-            unrolled_grad(fm, x, y, torch.tensor(0.01), theta, theta + 0.01, plan, augment)
-        return meter.peak
-
-    one = peak(1, 1)
-    c = peak(1, 2) - one
-    return peak(2, 1) - one - c, c, fm.num_params
-
-
-def rat_step_bytes(model: str, spec) -> tuple[float, float, float, int]:
-    """(a, c, r, P): a RaT-BPTT window step on b synthetic images keeps a + c·b bytes, the meta-loss r per real
-    image of a chunk; measured at 1 and 2 steps, images and real images; P parameters."""
-    from ..augment import Augment
-    from ..methods.bptt import InnerOptimizer, meta_gradient
-    from ..methods.trajectory import SavedTensorBytes
-    from ..models import FunctionalModel, create_model
-
-    fm = FunctionalModel(create_model(model, spec.channels, spec.num_classes, spec.im_size))
-    theta, augment, g = fm.flatten(fm.module).detach(), Augment.rat(), torch.Generator().manual_seed(0)
-    images = torch.randn(spec.num_classes, spec.channels, *spec.im_size, generator=g)  # ipc 1
-    labels = torch.arange(spec.num_classes)
-
-    def peak(window: int, batch: int, real: int) -> int:
-        real_x = torch.randn(real, spec.channels, *spec.im_size, generator=g)
-        with SavedTensorBytes() as meter:
-            meta_gradient(fm, images.requires_grad_(True), labels, theta, InnerOptimizer("adam"), 0, window,
-                          real_x, labels[:real], augment, None, g, num_classes=spec.num_classes,
-                          task_sampler_nc=batch, batch_per_class=1)
-        return meter.peak
-
-    one = peak(1, 1, 1)
-    c, r = peak(1, 2, 1) - one, peak(1, 1, 2) - one
-    return peak(2, 1, 1) - one - c, c, r, fm.num_params
 
 
 def available_host_bytes() -> float | None:
@@ -144,22 +94,14 @@ def _peak_memory(device: torch.device) -> str:
     return f"{rss:.0f} MiB peak resident (process, CPU)"
 
 
-def duration(seconds: float) -> str:
-    """Seconds as 'h:mm:ss' (or 's' below a minute)."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
-
-
 def evaluation_count(config: dict[str, Any]) -> tuple[int, int, int]:
     """(validation evaluations, final test networks, baseline networks) the loop and the report will train: the
     validation at iteration 0, every `eval_every` and at the end; best and last (last is skipped when it is the
     best) and the random-real baseline, each `final_eval_runs` networks under every protocol of the final report
-    (RaT-BPTT sets: rat and dsa)."""
+    (the method's `eval_cost`)."""
     iterations, every = config["iterations"], config["eval_every"]
     evals = len(range(0, iterations, every)) + 1
-    protocols = 2 if config["method"] == "ratbptt" else 1
+    protocols = get_method(config["method"]).eval_cost(config)[0]
     sets = 2 if config.get("val_fraction", 0.1) > 0 else 1
     return evals, sets * protocols * config["final_eval_runs"], protocols * config["final_eval_runs"]
 
@@ -190,10 +132,7 @@ def estimate_run(method, ds, config: dict[str, Any], device: torch.device, itera
 
         image_s = _timed(device, predict)[1] / max(len(probe), 1)
     per_it = statistics.median(times[1:]) if len(times) > 1 else times[0]  # the first includes warm-up
-    if config["method"] == "ratbptt":  # the set's own protocol trains to its longest step count (1 step = 1 epoch)
-        passes = max(int(c) for c in str(config.get("rat_eval_steps", "3000")).split(","))
-    else:
-        passes = config["eval_epochs"] + 1
+    passes = get_method(config["method"]).eval_cost(config)[1]
     evals, finals, baseline = evaluation_count(config)
     val_net = passes * epoch_s + len(ds.val.y) * image_s
     test_net = passes * epoch_s + len(ds.test.y) * image_s

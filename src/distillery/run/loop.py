@@ -1,7 +1,8 @@
 """The loop every method shares: evaluate, step, checkpoint, and at the end the final report.
 
 A method (`methods.Method`) implements `step(it) -> dict`, `synset()`, `state_dict()` and `load_state_dict()`, and
-may override the loop's hooks (`health_fix`, `wants_eval_train_loss`, `observe_eval`, `divergence_fix`).
+may override the loop's hooks (`health_fix`, `wants_eval_train_loss`, `observe_eval`, `stop_message`,
+`divergence_fix`).
 Iterations are counted as the reference code does (SPEC P12): evaluation at 0, every `eval_every`, and at the end.
 `--time-budget S` makes the end the first iteration after S seconds of steps (summed over resumes), so methods can
 be compared at equal distillation time.
@@ -97,7 +98,7 @@ def _run_loop(method: Method, dataset, run_dir: Path, loop: LoopConfig, resume: 
         run.stop_background()
     bar.close()
     if run.stop_at is not None and main:
-        print(f"the plateau curriculum ended the run at iteration {run.stop_at} (window start at its cap, no progress)")
+        print(method.stop_message(run.stop_at))
     if end < loop.iterations and main:
         print(f"--time-budget {loop.time_budget:g} s spent: the run ends at iteration {end} of {loop.iterations}")
     end = end if run.stop_at is None else run.stop_at
