@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..checks import check_trajectory
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import atomic_write_bytes, atomic_write_text, inside
 from ..models import FunctionalModel
 
@@ -359,7 +359,7 @@ def _check_shard(root: Path, entry: dict, manifest: dict) -> None:
             rows = f.get_slice("trajectory")
             shape, dtype = list(rows.get_shape()), rows.get_dtype()
     except (SafetensorError, OSError) as err:
-        raise _corrupt(path, str(err).splitlines()[0]) from err
+        raise _corrupt(path, first_line(err)) from err
     if shape != want or dtype != "F32":
         raise _corrupt(path, f"its trajectory is {dtype} {shape}, expected F32 {want}")
     if meta.get("layout_hash") != manifest["layout"]["hash"] or meta.get("expert") != str(entry["index"]):
