@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class Captured:
@@ -47,9 +47,8 @@ class Captured:
             except RuntimeError as err:  # an op this PyTorch build cannot capture (the warm-up ran it eagerly)
                 while isinstance(err.__context__, RuntimeError):  # ending a failed capture raises again: the cause
                     err = err.__context__
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise UserError(f"capturing a CUDA graph failed ({first}); rerun with {option} off, the plain path "
-                                "(same numbers up to float rounding)") from err
+                raise UserError(f"capturing a CUDA graph failed ({first_line(err)}); rerun with {option} off, the "
+                                "plain path (same numbers up to float rounding)") from err
 
     def __call__(self, inputs: Sequence[Tensor]):
         """Replay on `inputs`; the outputs are static tensors, overwritten by the next replay."""

@@ -18,8 +18,6 @@ values, ranges; docs/INTEROP.md lists them): `read_pt_set`, `read_h5_set` (with 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import warnings
@@ -29,12 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from .checks import check_trajectory, real_dtype, require_finite
 from .errors import UserError, first_line
 from .evaluation.protocol import published_protocol
-from .io import atomic_write_bytes, atomic_write_text
 from .synset import SyntheticSet, preprocess_record
 
 if TYPE_CHECKING:
@@ -405,7 +401,7 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     """
     from .data import load_dataset
     from .data.registry import get_spec
-    from .experts import FORMAT, FORMAT_VERSION, MANIFEST, ExpertStore, param_layout, split_accuracy
+    from .experts import MANIFEST, ExpertStore, new_manifest, split_accuracy, write_expert, write_manifest
     from .models import FunctionalModel, create_model, has_batchnorm
 
     out = Path(out)
@@ -427,27 +423,17 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     for path in files:  # check everything first: a refused import loads no data and writes nothing
         epochs = len(read_replay_buffer(path, names, shapes, epochs)[0]) - 1
     ds = load_dataset(dataset, data_dir=data_dir, zca=zca, val_fraction=val_fraction, seed=0)
-    layout = param_layout(fm)
-    manifest: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": ds.spec.name, "model": model,
-        "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
-        "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
-        "epochs": epochs, "lr": lr, "decay": decay, "momentum": 0.0, "weight_decay": 0.0, "batch": batch,
-        "dsa_strategy": spec.dsa_strategy, "seed": None,
-        "layout": layout, "torch_version": torch.__version__, "experts": [],
-        "source": {"format": "mtt-replay-buffer", "files": [str(f) for f in files]}}
-    k = 0
+    manifest = new_manifest(ds, model, fm, epochs=epochs, lr=lr, decay=decay, momentum=0.0, weight_decay=0.0,
+                            batch=batch, seed=None)
+    manifest["source"] = {"format": "mtt-replay-buffer", "files": [str(f) for f in files]}
+    cpu = torch.device("cpu")
     for path in files:
         for e, trajectory in enumerate(read_replay_buffer(path, names, shapes, epochs)):
-            meta = {"format": FORMAT, "expert": str(k), "seed": "imported", "layout_hash": layout["hash"]}
-            data = safetensors_bytes({"trajectory": trajectory.contiguous()}, metadata=meta)
-            entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": None,
-                     "sha256": hashlib.sha256(data).hexdigest(), "source": f"{path.name}[{e}]",
-                     "val_acc": split_accuracy(fm, trajectory[-1], ds.val, torch.device("cpu")),
-                     "test_acc": split_accuracy(fm, trajectory[-1], ds.test, torch.device("cpu"))}
-            atomic_write_bytes(out / entry["file"], data)
-            manifest["experts"].append(entry)
-            k += 1
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+            k = len(manifest["experts"])
+            manifest["experts"].append(write_expert(
+                out, k, trajectory, manifest["layout"]["hash"], None, source=f"{path.name}[{e}]",
+                val_acc=split_accuracy(fm, trajectory[-1], ds.val, cpu),
+                test_acc=split_accuracy(fm, trajectory[-1], ds.test, cpu)))
+    write_manifest(out, manifest)
     return ExpertStore.open(out, expect_dataset=ds.spec.name, expect_model=model,
                             expect_fingerprint=ds.preprocess.fingerprint(), expect_layout=fm)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import atomic_write_bytes
 from .formats import RawSplit
 
@@ -118,7 +118,7 @@ def _read_decoded(path: Path, shape: tuple[int, ...], labels: np.ndarray, classe
         if not np.array_equal(got_labels, labels) or got_classes != list(classes):
             raise ValueError("its labels or class names differ from the files'")
     except Exception as e:  # noqa: BLE001 - the npz reader raises many kinds (even tokenize errors); rebuild
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warnings.warn(f"the decoded-image cache {path} is damaged ({why}); decoding the images again", stacklevel=4)
+        warnings.warn(f"the decoded-image cache {path} is damaged ({first_line(e)}); decoding the images again",
+                      stacklevel=4)
         return None
     return RawSplit(images, got_labels.astype(np.int64), got_classes)

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ..device import resolve_device
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import atomic_write_bytes
 from . import folders, formats, imagenet
 from .cache import cache_dir
@@ -157,8 +157,8 @@ def fit_preprocess(spec: DatasetSpec, zca: str | None, x_train01: Tensor) -> Pre
             check_fitted(cached, pre, x_train01.shape[1:], digest)
             return cached.to(x_train01.device)
         except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
-            warnings.warn(f"the ZCA cache {path} is damaged ({why}); fitting the whitening again", stacklevel=3)
+            warnings.warn(f"the ZCA cache {path} is damaged ({first_line(err)}); fitting the whitening again",
+                          stacklevel=3)
     pre.fit(x_train01)
     try:  # a private temp file, renamed: another process reads the old file or the whole new one
         atomic_write_bytes(path, st_save(pre.tensors(), metadata={"preprocess": json.dumps(pre.meta())}))

@@ -30,17 +30,21 @@ import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..checks import check_trajectory
-from ..errors import UserError
-from ..io import atomic_write_text, inside
+from ..errors import UserError, first_line
+from ..io import atomic_write_bytes, atomic_write_text, inside
 from ..models import FunctionalModel
+
+if TYPE_CHECKING:
+    from ..data import Dataset
 
 FORMAT = "distillery-experts"
 FORMAT_VERSION = 1
@@ -64,6 +68,36 @@ def param_layout(fm: FunctionalModel) -> dict:
     digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
     return {"names": list(fm.names), "shapes": [list(s) for s in fm.shapes], "num_params": fm.num_params,
             "hash": digest}
+
+
+def new_manifest(ds: Dataset, model: str, fm: FunctionalModel, *, epochs: int, lr: float, decay: bool,
+                 momentum: float, weight_decay: float, batch: int, seed: int | None) -> dict:
+    """The manifest of a store of `model` experts on `ds` trained with this recipe, no expert finished yet."""
+    spec = ds.spec
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "dataset": spec.name, "model": model,
+            "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
+            "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
+            "epochs": epochs, "lr": lr, "decay": decay, "momentum": momentum, "weight_decay": weight_decay,
+            "batch": batch, "dsa_strategy": spec.dsa_strategy, "seed": seed, "layout": param_layout(fm),
+            "torch_version": torch.__version__, "experts": []}
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write manifest.json atomically (processes sharing the store hold `manifest_lock` around read and write)."""
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def write_expert(out: Path, k: int, trajectory: torch.Tensor, layout_hash: str, seed: int | None,
+                 **extra: Any) -> dict:
+    """Write expert k's shard atomically and return its manifest entry: index, file, seed, sha256, then `extra`
+    (accuracies, where it came from). `seed` None: an imported expert (its header says "imported")."""
+    meta = {"format": FORMAT, "expert": str(k), "seed": "imported" if seed is None else str(seed),
+            "layout_hash": layout_hash}
+    data = safetensors_bytes({"trajectory": trajectory.contiguous()}, metadata=meta)
+    entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": seed,
+             "sha256": hashlib.sha256(data).hexdigest(), **extra}
+    atomic_write_bytes(out / entry["file"], data)
+    return entry
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -112,9 +146,8 @@ def _is_int(value, low: int) -> bool:
 
 def start_manifest(out: Path, fresh: dict) -> dict:
     """Load the manifest of a run to resume (same settings, only experts whose shard still exists) or write `fresh`."""
-    path = out / MANIFEST
-    if not path.exists():
-        atomic_write_text(path, json.dumps(fresh, indent=1))
+    if not (out / MANIFEST).exists():
+        write_manifest(out, fresh)
         return fresh
     old = read_manifest(out)
     for key in _CONFIG_KEYS:
@@ -125,7 +158,7 @@ def start_manifest(out: Path, fresh: dict) -> dict:
     kept = [e for e in old["experts"] if (out / e["file"]).exists()]
     if kept != old["experts"]:  # forget experts whose shard is gone, on disk too: other ranks re-read the manifest
         old["experts"] = kept
-        atomic_write_text(path, json.dumps(old, indent=1))
+        write_manifest(out, old)
     return old
 
 
@@ -144,7 +177,7 @@ def record_expert(out: Path, entry: dict) -> None:
         manifest = read_manifest(out)
         others = [e for e in manifest["experts"] if e["index"] != entry["index"]]
         manifest["experts"] = sorted([*others, entry], key=lambda e: e["index"])
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+        write_manifest(out, manifest)
 
 
 def finished_experts(path: str | Path) -> set[int]:
@@ -326,7 +359,7 @@ def _check_shard(root: Path, entry: dict, manifest: dict) -> None:
             rows = f.get_slice("trajectory")
             shape, dtype = list(rows.get_shape()), rows.get_dtype()
     except (SafetensorError, OSError) as err:
-        raise _corrupt(path, str(err).splitlines()[0]) from err
+        raise _corrupt(path, first_line(err)) from err
     if shape != want or dtype != "F32":
         raise _corrupt(path, f"its trajectory is {dtype} {shape}, expected F32 {want}")
     if meta.get("layout_hash") != manifest["layout"]["hash"] or meta.get("expert") != str(entry["index"]):

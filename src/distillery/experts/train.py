@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import hashlib
 import math
 import os
 import shutil
@@ -60,8 +59,8 @@ from ..evaluation.training import FlatSGD, capturable, plain_step
 from ..io import atomic_write_bytes
 from ..models import FunctionalModel, create_model, has_batchnorm, init_seeded
 from ..validate import check_cuda
-from .store import (FORMAT, FORMAT_VERSION, ExpertStore, manifest_lock, param_layout, read_manifest, record_expert,
-                    start_manifest)
+from .store import (ExpertStore, manifest_lock, new_manifest, read_manifest, record_expert, start_manifest,
+                    write_expert)
 
 if TYPE_CHECKING:
     from ..data import Dataset, Split
@@ -113,14 +112,9 @@ def train_experts(ds: Dataset, model: str, num_experts: int, epochs: int = 50, l
     out = Path(out_dir)
     rank, world = rank_and_world()
     with manifest_lock(out):  # torchrun ranks start at once: one creates the manifest, the others check it
-        manifest = start_manifest(out, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": spec.name, "model": model,
-            "channels": spec.channels, "num_classes": spec.num_classes, "im_size": list(spec.im_size),
-            "preprocess": {"kind": ds.preprocess.kind, "fingerprint": ds.preprocess.fingerprint()},
-            "epochs": epochs, "lr": lr, "decay": decay, "momentum": momentum, "weight_decay": weight_decay,
-            "batch": batch, "dsa_strategy": spec.dsa_strategy,
-            "seed": seed, "layout": param_layout(fm), "torch_version": torch.__version__, "experts": [],
-        })
+        manifest = start_manifest(out, new_manifest(ds, model, fm, epochs=epochs, lr=lr, decay=decay,
+                                                    momentum=momentum, weight_decay=weight_decay, batch=batch,
+                                                    seed=seed))
     done = {e["index"] for e in manifest["experts"]}
     mine = range(rank, num_experts, world)  # this process's experts: r, r + G, r + 2G, ...
     for k in sorted(done.intersection(mine)):  # snapshots left by a run killed right after an expert's manifest entry
@@ -331,13 +325,9 @@ def _finish_expert(out: Path, fm: FunctionalModel, ds: Dataset, device: torch.de
                    final: torch.Tensor, epochs: int) -> dict:
     """Write expert k's shard from its snapshots, record it with its accuracies in the manifest, drop the snapshots."""
     trajectory = torch.stack([_load_epoch(out, k, e) for e in range(epochs + 1)])
-    meta = {"format": FORMAT, "expert": str(k), "seed": str(s), "layout_hash": manifest["layout"]["hash"]}
-    data = safetensors_bytes({"trajectory": trajectory}, metadata=meta)
-    entry = {"index": k, "file": f"expert_{k:04d}.safetensors", "seed": s,
-             "sha256": hashlib.sha256(data).hexdigest(),
-             "val_acc": split_accuracy(fm, final, ds.val, device),
-             "test_acc": split_accuracy(fm, final, ds.test, device)}
-    atomic_write_bytes(out / entry["file"], data)
+    entry = write_expert(out, k, trajectory, manifest["layout"]["hash"], s,
+                         val_acc=split_accuracy(fm, final, ds.val, device),
+                         test_acc=split_accuracy(fm, final, ds.test, device))
     record_expert(out, entry)
     shutil.rmtree(_partial_dir(out, k))
     return entry

@@ -123,6 +123,19 @@ class BoostSchedule:
         if self.steps_per_block < 1:
             raise UserError(f"--boost-every {self.steps_per_block} must be at least 1")
 
+    @classmethod
+    def parse(cls, text: str, ipc: int, beta: float, steps_per_block: int) -> BoostSchedule:
+        """--boost-blocks '1,1,2' (with --boost-beta, --boost-every) -> the checked schedule of an `ipc` run."""
+        try:
+            blocks = tuple(int(b) for b in str(text).split(","))
+        except ValueError:
+            raise UserError(f"--boost-blocks '{text}' is not a comma-separated list of integers, e.g. 1,1,2") from None
+        schedule = cls(blocks, beta, steps_per_block)
+        if sum(blocks) != ipc:
+            raise UserError(f"--boost-blocks {text} sum to {sum(blocks)}, not --ipc {ipc}; give positive sizes "
+                            f"adding up to --ipc {ipc}")
+        return schedule
+
     def stage(self, it: int) -> int:
         """Index of the newest block at outer step `it`."""
         return min(it // self.steps_per_block, len(self.blocks) - 1)
@@ -283,11 +296,8 @@ class RaTBPTT(Method):
         nc = config.get("task_sampler_nc")
         if nc is not None and nc > facts.num_classes:
             raise UserError(f"--task-sampler-nc {nc} is more than the {facts.num_classes} classes of {facts.name}")
-        blocks = config.get("boost_blocks")
-        if blocks:
-            sizes = _parse_blocks(blocks)
-            if min(sizes) < 1 or sum(sizes) != config["ipc"]:
-                raise UserError(f"--boost-blocks {blocks} must be positive sizes adding up to --ipc {config['ipc']}")
+        if config.get("boost_blocks"):
+            BoostSchedule.parse(config["boost_blocks"], config["ipc"], config["boost_beta"], config["boost_every"])
 
     @classmethod
     def check_given(cls, flags: dict[str, Any], spell: Callable[[str], str], api: bool) -> None:
@@ -310,8 +320,10 @@ class RaTBPTT(Method):
     @classmethod
     def start_ipc(cls, config: dict[str, Any]) -> int:
         """A boosted run starts with its first block."""
-        blocks = config.get("boost_blocks")
-        return _parse_blocks(blocks)[0] if blocks else int(config["ipc"])
+        if not config.get("boost_blocks"):
+            return int(config["ipc"])
+        return BoostSchedule.parse(config["boost_blocks"], config["ipc"], config["boost_beta"],
+                                   config["boost_every"]).blocks[0]
 
     @classmethod
     def eval_cost(cls, config: dict[str, Any]) -> tuple[int, int]:
@@ -356,12 +368,8 @@ class RaTBPTT(Method):
         real_batch = min(cfg.real_batch, n_train) // world
         if real_batch < 1:
             raise UserError(f"--real-batch {cfg.real_batch} is smaller than the {world} processes; raise it")
-        boost = None
-        if cfg.boost_blocks:
-            boost = BoostSchedule(_parse_blocks(cfg.boost_blocks), cfg.boost_beta, cfg.boost_every)
-            if sum(boost.blocks) != cfg.ipc:
-                raise UserError(f"--boost-blocks {cfg.boost_blocks} sum to {sum(boost.blocks)}, not --ipc {cfg.ipc}; "
-                                "make the block sizes add up to the ipc")
+        boost = (BoostSchedule.parse(cfg.boost_blocks, cfg.ipc, cfg.boost_beta, cfg.boost_every)
+                 if cfg.boost_blocks else None)
         self.setup = _Setup(spec.num_classes, (spec.channels, *spec.im_size), real_batch,
                             math.ceil(n_train / real_batch), rank, boost)
         self.model_name = cfg.model or spec.default_model
@@ -571,14 +579,6 @@ def parse_steps(text: str) -> tuple[int, ...]:
     if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
         raise UserError(f"--rat-eval-steps '{text}' must be increasing positive step counts, e.g. 300,600,1000,3000")
     return steps
-
-
-def _parse_blocks(text: str) -> tuple[int, ...]:
-    """'1,1,2' -> (1, 1, 2)."""
-    try:
-        return tuple(int(b) for b in str(text).split(","))
-    except ValueError:
-        raise UserError(f"--boost-blocks '{text}' is not a comma-separated list of integers, e.g. 1,1,2") from None
 
 
 def _augmentation(strategy: str) -> Augment | None:

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 _FIXES = {"config.json": "restore it, or delete the run directory to start over",
           "metrics.csv": "restore it, or continue the run with --resume, which rewrites it from the checkpoint",
@@ -51,7 +51,7 @@ def read_json_file(run_dir: str | Path, name: str) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
     except ValueError as err:
-        raise _damaged(run_dir, name, f"not JSON ({str(err).splitlines()[0]})") from None
+        raise _damaged(run_dir, name, f"not JSON ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise _damaged(run_dir, name, f"it holds a JSON {type(data).__name__}, not an object")
     return data
@@ -101,5 +101,5 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]] | None:
                 raise ValueError(f"line {n} has no iteration number")
             rows.append(values)
     except (ValueError, csv.Error) as err:
-        raise _damaged(run_dir, "metrics.csv", str(err).splitlines()[0]) from None
+        raise _damaged(run_dir, "metrics.csv", first_line(err)) from None
     return rows
