@@ -73,7 +73,7 @@ def available_methods() -> list[str]:
 
 def preset_name(method: str) -> str | None:
     """The library's CIFAR-10 IPC 1 preset of `method`, if it has one."""
-    from distillery.presets import PRESETS
+    from distillery.config.presets import PRESETS
 
     name = f"{method}/cifar10-ipc1"
     return name if name in PRESETS else None

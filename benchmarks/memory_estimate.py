@@ -31,7 +31,7 @@ import torch
 from distillery.data.registry import get_spec
 from distillery.methods.mtt import mtt_step_bytes
 from distillery.methods.ratbptt import rat_step_bytes
-from distillery.presets import PRESETS
+from distillery.config.presets import PRESETS
 
 GB = 1e9
 # Published peaks on an H100 (benchmarks/RESULTS.md), for calibration.

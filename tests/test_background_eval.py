@@ -13,7 +13,7 @@ from distillery.run import loop as run_module
 from distillery.run.checkpoint import CHECKPOINT, read_checkpoint
 from distillery.run.config import LoopConfig
 from distillery.run.loop import run_distillation
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 
 class Drifts(Method):

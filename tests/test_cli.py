@@ -66,7 +66,7 @@ def test_distill_wiring_end_to_end(capsys, tmp_path, monkeypatch, method, extra)
                             "--out", str(out), "--iterations", "4", "--eval-every", "2", "--eval-runs", "1",
                             "--eval-epochs", "2", "--final-eval-runs", "1", *extra, "--no-progress")
     assert code == 0, err
-    from distillery.synset import SyntheticSet
+    from distillery.sets.synset import SyntheticSet
 
     assert SyntheticSet.load(out / "best.safetensors").meta["method"] == method
     s = SyntheticSet.load(out / "last.safetensors")  # boosted: the best-on-val set may be an earlier, smaller stage
@@ -124,7 +124,7 @@ def test_rat_header_says_how_the_step_count_was_chosen(capsys, tmp_path):
     import torch
 
     from distillery.data import load_dataset
-    from distillery.synset import SyntheticSet
+    from distillery.sets.synset import SyntheticSet
 
     x, y = load_dataset("digits").random_set(1, torch.Generator().manual_seed(0))
     meta = {"method": "ratbptt", "dataset": "digits", "num_classes": 10, "model": "ConvNetD1", "protocol": "rat",

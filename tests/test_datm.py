@@ -22,7 +22,7 @@ from distillery.errors import UserError
 from distillery.experts import train_experts
 from distillery.methods import mtt as mtt_module
 from distillery.methods.datm import DATM, DATMConfig, check_datm_options, softmax_pullback, start_upper_bound
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -215,9 +215,9 @@ def test_config_checks():
 @pytest.mark.parametrize("n_train, channels, size, classes, ipc", [
     (60, 1, 8, 3, 1), (1078, 1, 8, 10, 1), (45000, 3, 32, 10, 10), (45000, 3, 32, 100, 10)])
 def test_derived_defaults_pass_every_check(n_train, channels, size, classes, ipc):
-    from distillery.defaults import DataFacts
+    from distillery.config.defaults import DataFacts
     from distillery.distill import config_classes
-    from distillery.validate import check_config as check_all
+    from distillery.config.validate import check_config as check_all
 
     facts = DataFacts("toy", channels, (size, size), classes, n_train, max(ipc, n_train // classes),
                       "color_crop_cutout_flip_scale_rotate", None)
@@ -230,7 +230,7 @@ def test_derived_defaults_pass_every_check(n_train, channels, size, classes, ipc
 
 def test_presets_pass_every_check():
     from distillery.distill import resolve_config
-    from distillery.presets import PRESETS, list_presets
+    from distillery.config.presets import PRESETS, list_presets
 
     names = list_presets("datm")
     assert {PRESETS[n]["dataset"] for n in names} == {"cifar10", "cifar100", "tiny-imagenet"}

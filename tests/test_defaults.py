@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from distillery.cli import build_parser, main
-from distillery.defaults import MAX_RESOLUTION, DataFacts, data_facts
+from distillery.config.defaults import MAX_RESOLUTION, DataFacts, data_facts
 from distillery.distill import config_classes, given_from_args, resolve_config
 from distillery.run.health import STOP_AFTER, VAL_STOP, WARN_AFTER, HealthMonitor, Stalled
 from distillery.methods import get_method, list_methods
-from distillery.presets import get_preset, preset_for
-from distillery.validate import check_config
+from distillery.config.presets import get_preset, preset_for
+from distillery.config.validate import check_config
 
 
 def write_folder(root, size, classes=3, per_class=6, mode="L"):
@@ -143,7 +143,7 @@ def test_small_regime_experts_train_exactly_the_epochs_the_run_reads(tmp_path):
 
     from distillery.data import load_dataset
     from distillery.experts import train_experts
-    from distillery.presets import PRESETS
+    from distillery.config.presets import PRESETS
 
     for name in ("mtt/digits-ipc1", "tesla/digits-ipc1"):
         p = PRESETS[name]

@@ -35,7 +35,7 @@ from distillery.errors import UserError
 from distillery.evaluation.dsa import evaluate_set
 from distillery.experts import ExpertStore, train_experts
 from distillery.methods.mtt import MTT, MTTConfig
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 from test_ratbptt_distributed import free_port
 
 WORLD = 2

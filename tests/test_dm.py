@@ -12,7 +12,7 @@ from distillery.evaluation.protocol import dsa_protocol
 from distillery.methods import get_method, list_methods
 from distillery.methods.dm import DM, DMConfig, dm_loss
 from distillery.models import create_model, init_seeded
-from distillery.presets import get_preset
+from distillery.config.presets import get_preset
 from distillery.evaluation.score import evaluate_synset
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "distillery"

@@ -25,8 +25,8 @@ from distillery.data import load_dataset
 from distillery.data.download import SOURCES
 from distillery.errors import UserError
 from distillery.experts import train_experts
-from distillery.imports import import_set
-from distillery.synset import SyntheticSet, preprocess_record
+from distillery.sets.imports import import_set
+from distillery.sets.synset import SyntheticSet, preprocess_record
 
 
 @pytest.fixture(autouse=True)
@@ -1009,7 +1009,7 @@ def test_fast_rows(capsys, tmp_path, row, argv, needle):
 def test_norm_kernel_without_triton(monkeypatch):
     """norm-kernel-no-triton: on CUDA, a Triton that does not import is one line naming both ways out."""
     from distillery.models import instancenorm
-    from distillery.validate import check_fast
+    from distillery.config.validate import check_fast
 
     monkeypatch.setattr(instancenorm, "triton_missing", lambda: "the triton package does not import (No module)")
     with pytest.raises(UserError, match=r"--norm-kernel triton needs Triton, but the triton package does not import "

@@ -61,7 +61,7 @@ def test_host_memory_check_names_what_dominates_and_the_flag() -> None:
     from distillery.data.registry import get_spec
     from distillery.run.estimate import check_host_memory
     from distillery.methods import get_method
-    from distillery.presets import get_preset
+    from distillery.config.presets import get_preset
 
     rat = {**get_preset("ratbptt/cifar10-ipc10"), "real_chunk": 1000}
     terms = get_method("ratbptt").host_memory(rat, get_spec("cifar10"))

@@ -17,9 +17,9 @@ from distillery.errors import UserError
 from distillery.evaluation.protocol import (PUBLISHED_DSA_EPOCHS, EvalProtocol, dsa_protocol, published_protocol,
                                             rat_protocol)
 from distillery.experts import train_experts
-from distillery.imports import import_set
+from distillery.sets.imports import import_set
 from distillery.evaluation.score import resolve_protocol
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 LOOP = ["--eval-every", "1", "--eval-runs", "1", "--eval-epochs", "2", "--final-eval-runs", "2", "--health", "off",
         "--no-progress", "--threads", "1"]

@@ -24,9 +24,9 @@ from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.experts import ExpertStore
-from distillery.imports import import_experts
+from distillery.sets.imports import import_experts
 from distillery.models import init_seeded
-from distillery.synset import SyntheticSet, preprocess_record
+from distillery.sets.synset import SyntheticSet, preprocess_record
 
 SEED = 20261205
 MODEL = "ConvNetD1W8"  # the smallest model whose layout an MTT buffer on digits can hold

@@ -22,7 +22,7 @@ from distillery.distill import DistillOptions, config_classes
 from distillery.experts import ExpertConfig
 from distillery.methods import list_methods
 from distillery.errors import UserError
-from distillery.options import base_type, option_meta
+from distillery.config.options import base_type, option_meta
 
 SEED = 20
 POSITIONAL = {"kind": "random", "name": "mnist", "set": "set.safetensors", "run_dir": "rundir", "file": "file.pt",

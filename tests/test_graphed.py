@@ -172,7 +172,7 @@ def test_fast_is_off_by_default_and_refused_for_checkpointed_and_on_cpu():
     from distillery.distill import resolve_config
     from distillery.errors import UserError
     from distillery.methods.mtt import MTTConfig
-    from distillery.validate import check_fast
+    from distillery.config.validate import check_fast
 
     assert MTTConfig().fast == "off" and resolve_config("mtt", {"dataset": "digits"})["fast"] == "off"
     with pytest.raises(UserError, match="not --grad checkpointed"):  # MTT.check_config

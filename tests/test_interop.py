@@ -11,10 +11,10 @@ from distillery.data import load_dataset
 from distillery.data.preprocess import Standardize
 from distillery.errors import UserError
 from distillery.experts import ExpertStore
-from distillery.export import ECCV2024, export_set
-from distillery.imports import import_experts, import_set
+from distillery.sets.export import ECCV2024, export_set
+from distillery.sets.imports import import_experts, import_set
 from distillery.models import FunctionalModel, create_model, init_seeded
-from distillery.synset import SyntheticSet, preprocess_record
+from distillery.sets.synset import SyntheticSet, preprocess_record
 
 
 @pytest.fixture(scope="module")

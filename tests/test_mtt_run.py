@@ -15,7 +15,7 @@ from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
 from distillery.evaluation.dsa import random_real_baseline
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 SMALL = ["--dataset", "digits", "--ipc", "1", "--num-experts", "2", "--expert-epochs-train", "5",
          "--max-start-epoch", "3", "--syn-steps", "10", "--lr-img", "100", "--eval-runs", "1",

@@ -12,7 +12,7 @@ from distillery.distill import DataConfig, config_classes
 from distillery.errors import UserError
 from distillery.experts import ExpertConfig, train_experts
 from distillery.methods import get_method, list_methods
-from distillery.options import check_options, check_value, check_values, describe, option
+from distillery.config.options import check_options, check_value, check_values, describe, option
 from distillery.run.config import LoopConfig
 
 

@@ -17,7 +17,7 @@ from distillery.augment import Augment
 from distillery.cli import main
 from distillery.data import load_dataset
 from distillery.errors import UserError
-from distillery.init_from import load_init_set
+from distillery.sets.init_from import load_init_set
 from distillery.methods import Method
 from distillery.methods.bptt import sample_batch
 from distillery.methods.ratbptt import Plateau, RaTBPTT, RaTBPTTConfig
@@ -27,7 +27,7 @@ from distillery.evaluation.rat import train_rat
 from distillery.run.config import LoopConfig
 from distillery.run.loop import run_distillation
 from distillery.evaluation.score import evaluate_synset, resolve_protocol, set_protocols
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 C, IPC = 4, 3
 D = torch.float64

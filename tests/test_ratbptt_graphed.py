@@ -161,7 +161,7 @@ def test_method_with_fast_on_trains_like_fast_off(monkeypatch, replay_on_cpu):
 
 
 def test_fast_is_off_by_default_and_refused_on_cpu():
-    from distillery.validate import check_fast
+    from distillery.config.validate import check_fast
 
     assert RaTBPTTConfig().fast == "off"
     with pytest.raises(UserError, match="--fast on replays captured CUDA graphs but the device is cpu"):

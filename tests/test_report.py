@@ -16,7 +16,7 @@ import torch
 
 from distillery.cli import main
 from distillery.report import build_report, write_report
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -9,7 +9,7 @@ from distillery.methods import Method
 from distillery.errors import Diverged
 from distillery.run.config import LoopConfig
 from distillery.run.loop import run_distillation
-from distillery.synset import SyntheticSet
+from distillery.sets.synset import SyntheticSet
 
 
 class BreaksAt(Method):

@@ -124,7 +124,7 @@ def test_no_unsafe_loads_in_the_sources():
 
 
 def _tiny_set():
-    from distillery.synset import SyntheticSet
+    from distillery.sets.synset import SyntheticSet
     return SyntheticSet(torch.rand(10, 1, 8, 8), torch.arange(10), meta={"dataset": "digits", "num_classes": 10})
 
 
@@ -151,7 +151,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(tmp_path, capsy
 
 def test_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     """export-atomic: an export that fails half-way leaves --out (and its parent) as they were."""
-    from distillery import export
+    from distillery.sets import export
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -403,7 +403,7 @@ def test_a_set_on_a_moved_image_folder_is_evaluated_with_its_new_path(tmp_path, 
     """set-folder-moved: a set distilled on imagefolder:X whose folder moved: without --dataset the message says to
     pass the new path; --dataset imagefolder:NEW with the same classes and size evaluates it; other classes do not."""
     from distillery.data import load_dataset
-    from distillery.synset import SyntheticSet, preprocess_record
+    from distillery.sets.synset import SyntheticSet, preprocess_record
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
     old = _image_folder(tmp_path / "old")
     ds = load_dataset(f"imagefolder:{old}")

@@ -5,7 +5,7 @@ import torch
 
 from distillery.data.preprocess import make_preprocess
 from distillery.errors import UserError
-from distillery.synset import SyntheticSet, preprocess_record
+from distillery.sets.synset import SyntheticSet, preprocess_record
 
 
 def _set(label_kind="hard", zca=None):

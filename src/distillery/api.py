@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 from . import data as _data
 from .evaluation import dsa as _evaluate
-from . import export as _export
-from . import imports as _imports
+from .sets import export as _export
+from .sets import imports as _imports
 from . import report as _report
 from .cli.options import CommandOptions
 from .errors import UserError
-from .options import check_known, check_value, option_meta
-from .synset import SyntheticSet
+from .config.options import check_known, check_value, option_meta
+from .sets.synset import SyntheticSet
 
 __all__ = ["SyntheticSet", "distill", "evaluate_set", "export_set", "import_experts", "import_set", "load_dataset",
            "random_real_baseline", "write_report"]
@@ -152,7 +152,7 @@ def distill(method: str, out: str | Path, preset: str | None = None, **options: 
     flags) and checked against the same declarations; nothing is read or written before that."""
     from .distill import DistillOptions, config_keys, run_distill
     from .methods import list_methods
-    from .options import check_values
+    from .config.options import check_values
 
     if not isinstance(method, str):
         raise UserError(f"distill(): method={method!r} is not a str; pass one of {', '.join(list_methods())}")

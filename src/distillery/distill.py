@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .cli.options import CommandOptions, DataConfig, add_options, option_help
 from .errors import UserError
 from .methods import get_method, list_methods
-from .options import check_known, check_values, flag, option, resumable
+from .config.options import check_known, check_values, flag, option, resumable
 from .run.config import LoopConfig
 
 
@@ -108,9 +108,9 @@ def resolve_config(method: str, given: Mapping[str, Any], preset: str | None = N
     checked for types and ranges against the declarations first, the whole configuration before any data is read.
     `api`: name keys as keywords (`lr_img=`) rather than flags in messages."""
     from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
-    from .defaults import data_facts
-    from .presets import get_preset, preset_for
-    from .validate import check_config
+    from .config.defaults import data_facts
+    from .config.presets import get_preset, preset_for
+    from .config.validate import check_config
 
     spell = _api_spell if api else flag
     if method not in list_methods():
@@ -221,12 +221,12 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
     config = resolve_config(method, given, preset, api=api)
     init = None
     if init_from:
-        from .init_from import load_init_set
+        from .sets.init_from import load_init_set
 
         config["init_from"] = init_from
         init = load_init_set(init_from, config)  # checked before any data is read
     device = init_from_env(resolve_device(device))
-    from .validate import check_fast
+    from .config.validate import check_fast
 
     check_fast(config, device)  # --fast on needs CUDA: refused before any data is read or anything is written
     config["processes"] = rank_and_world()[1]  # G x trajectories segments per iteration: --resume keeps G
@@ -247,7 +247,7 @@ def run_distill(method: str, out: str | Path, given: Mapping[str, Any], preset: 
 
     parse_models(config.get("eval_models"), ds.spec)  # a model that cannot take these images: say so now
     if init is not None:
-        from .init_from import check_init_set
+        from .sets.init_from import check_init_set
 
         check_init_set(init, ds)
     t = time.time()

@@ -107,7 +107,7 @@ def _plots(series: dict[str, list[tuple[float, float]]]) -> str:
 
 def _grid(run_dir: Path, name: str) -> str:
     """The grid of RUN_DIR/{name}.safetensors (class names on top, small images scaled up), inlined."""
-    from .synset import SyntheticSet
+    from .sets.synset import SyntheticSet
 
     path = run_dir / f"{name}.safetensors"
     if not path.is_file():

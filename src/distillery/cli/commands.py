@@ -14,7 +14,7 @@ from ..evaluation.protocol import DEFAULT_EVAL_EPOCHS
 def _checked_eval_fast(args: argparse.Namespace) -> bool:
     """Whether --eval-fast is on; on is refused (UserError) before any data is read where the device is not CUDA."""
     from ..device import resolve_device
-    from ..validate import check_cuda
+    from ..config.validate import check_cuda
 
     if args.eval_fast == "on":
         check_cuda("--eval-fast", resolve_device(args.device))
@@ -32,7 +32,7 @@ def _load_dataset(args: argparse.Namespace, dataset: str | None = None, zca: str
     zca = None if zca in (None, "none") else zca
     resolution = getattr(args, "resolution", None)
     if resolution is None and name.startswith("imagefolder:"):  # the resolution rule of distill (docs/DEFAULTS.md)
-        from ..defaults import data_facts
+        from ..config.defaults import data_facts
 
         resolution = data_facts(name, args.val_fraction).resolution
     return load_dataset(name, data_dir=args.data_dir, device=resolve_device(args.device), zca=zca,
@@ -151,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..distributed import init_from_env, is_main_process
     from ..evaluation.protocol import recorded_protocols
     from ..evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
-    from ..synset import SyntheticSet
+    from ..sets.synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
     fast = _checked_eval_fast(args)
@@ -191,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     """Write a PNG grid of a distilled set (normalisation and ZCA undone)."""
-    from ..synset import SyntheticSet
+    from ..sets.synset import SyntheticSet
 
     s = SyntheticSet.load(args.set)
     s.save_grid(args.out, max_per_class=args.max_per_class, scale=args.scale)
@@ -200,7 +200,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> None:
     """List the named presets and their values."""
-    from ..presets import PRESETS, budget, list_presets
+    from ..config.presets import PRESETS, budget, list_presets
 
     for name in list_presets(args.method):
         p = {k: v for k, v in PRESETS[name].items() if k != "note"}
@@ -213,7 +213,7 @@ def cmd_experts(args: argparse.Namespace) -> None:
     from ..distributed import init_from_env, is_main_process
     from ..experts import train_experts
     from ..io import ensure_dir
-    from ..validate import check_cuda
+    from ..config.validate import check_cuda
 
     device = resolve_device(args.device)
     if args.fast == "on":
@@ -251,8 +251,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a distilled set as published-code tensors, an image folder or an ECCV-2024 submission."""
-    from ..export import export_set
-    from ..synset import SyntheticSet
+    from ..sets.export import export_set
+    from ..sets.synset import SyntheticSet
 
     files = export_set(SyntheticSet.load(args.set), args.format, args.out, tag=args.tag, replace=args.replace)
     print(f"wrote {len(files)} files into {args.out} ({args.format})")
@@ -261,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import_set(args: argparse.Namespace) -> None:
     """Convert an MTT/TESLA/DATM images_*.pt or a RaT-BPTT .h5 into a distillery set."""
     from ..evaluation.protocol import EvalProtocol
-    from ..imports import import_set
+    from ..sets.imports import import_set
 
     s = import_set(args.file, args.dataset, zca=args.zca, data_dir=args.data_dir, val_fraction=args.val_fraction,
                    lr=args.lr)
@@ -279,7 +279,7 @@ def cmd_import_set(args: argparse.Namespace) -> None:
 
 def cmd_import_experts(args: argparse.Namespace) -> None:
     """Convert MTT replay_buffer_*.pt files into an expert store, checking the parameter layout."""
-    from ..imports import import_experts
+    from ..sets.imports import import_experts
 
     store = import_experts(args.dir, args.dataset, args.model, args.out, zca=args.zca, data_dir=args.data_dir,
                            val_fraction=args.val_fraction, lr=args.lr, batch=args.batch)

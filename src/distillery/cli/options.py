@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from ..defaults import MIN_RESOLUTION
+from ..config.defaults import MIN_RESOLUTION
 from ..evaluation.protocol import DEFAULT_EVAL_EPOCHS
-from ..options import base_type, check_values, describe, flag, option, option_meta
+from ..config.options import base_type, check_values, describe, flag, option, option_meta
 
 ZCA_CHOICES = ("kornia", "kip", "none")
 

@@ -23,7 +23,7 @@ from ..augment import Augment
 from ..distributed import all_reduce_sum_, rank_and_world
 from ..errors import TrainingDiverged
 from ..models import FunctionalModel, init_seeded
-from ..validate import check_cuda
+from ..config.validate import check_cuda
 from .parallel import map_runs
 from .protocol import DEFAULT_EVAL_EPOCHS, EvalProtocol, Scoring
 from .training import MOMENTUM, WEIGHT_DECAY, capturable, sgd_schedule, train_captured

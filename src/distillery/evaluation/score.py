@@ -15,7 +15,7 @@ import torch
 from ..errors import UserError
 from ..models import create_model
 from ..run.files import read_config
-from ..synset import SyntheticSet
+from ..sets.synset import SyntheticSet
 from . import dsa, rat
 from .dsa import EvalResult, random_real_runs
 from .protocol import (DEFAULT_DSA_LR, DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols,

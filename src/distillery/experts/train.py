@@ -58,7 +58,7 @@ from ..evaluation.parallel import map_runs
 from ..evaluation.training import FlatSGD, capturable, plain_step
 from ..io import atomic_write_bytes
 from ..models import FunctionalModel, create_model, has_batchnorm, init_seeded
-from ..validate import check_cuda
+from ..config.validate import check_cuda
 from .store import (ExpertStore, manifest_lock, new_manifest, read_manifest, record_expert, start_manifest,
                     write_expert)
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from ..defaults import DataFacts, is_small
+from ..config.defaults import DataFacts, is_small
 from ..distributed import broadcast_
 from ..errors import UserError
 from ..experts import ExpertStore
-from ..options import option
-from ..synset import SyntheticSet
+from ..config.options import option
+from ..sets.synset import SyntheticSet
 from .mtt import MTT, MTTConfig, expert_epochs_available
 from .registry import register_method, register_presets
 from .tesla import expert_logits

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ..augment import Augment
-from ..defaults import DataFacts, is_small
+from ..config.defaults import DataFacts, is_small
 from ..models import init_seeded
-from ..options import option
+from ..config.options import option
 from ..streams import stream_generator
-from ..synset import SyntheticSet, preprocess_record
+from ..sets.synset import SyntheticSet, preprocess_record
 from .registry import Method, MethodConfig, register_method, register_presets
 
 # Purposes of the random streams (first key after the seed in `stream_generator`).

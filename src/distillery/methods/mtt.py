@@ -42,16 +42,16 @@ from typing import Any
 import torch
 
 from ..augment import Augment
-from ..defaults import DIGITS_PRESET, DataFacts, is_small, whitening_pays_off
+from ..config.defaults import DIGITS_PRESET, DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import Diverged, UserError
 from ..experts import (ExpertConfig, ExpertStore, duration, finished_experts, limit_experts, read_manifest,
                        time_expert_epoch, train_experts)
 from ..models import FunctionalModel, create_model, has_batchnorm
 from ..models.instancenorm import KERNELS, norm_kernel
-from ..options import check_options, option
+from ..config.options import check_options, option
 from ..streams import stream_generator
-from ..synset import SyntheticSet, preprocess_record
+from ..sets.synset import SyntheticSet, preprocess_record
 from .graphed import GraphedGrad
 from .registry import Method, MethodConfig, register_method, register_presets
 from .tesla import expert_soft_labels, tesla_grad, tesla_grads

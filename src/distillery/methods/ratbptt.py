@@ -50,14 +50,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import Augment
-from ..defaults import DIGITS_PRESET, DataFacts, is_small, whitening_pays_off
+from ..config.defaults import DIGITS_PRESET, DataFacts, is_small, whitening_pays_off
 from ..distributed import all_reduce_mean_, broadcast_, rank_and_world
 from ..errors import UserError
 from ..models import FunctionalModel, create_model, init_seeded
 from ..models.instancenorm import KERNELS, norm_kernel
-from ..options import check_options, option, redefault
+from ..config.options import check_options, option, redefault
 from ..streams import stream_generator
-from ..synset import SyntheticSet, preprocess_record
+from ..sets.synset import SyntheticSet, preprocess_record
 from .bptt import InnerOptimizer, check_window, meta_gradient, window_period, window_start
 from .graphed import GraphedRat
 from .registry import Method, MethodConfig, register_method, register_presets

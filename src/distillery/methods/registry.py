@@ -17,11 +17,11 @@ import torch
 
 from ..errors import UserError
 from ..run.health import DEFAULT_FIX
-from ..options import option
-from ..synset import SyntheticSet
+from ..config.options import option
+from ..sets.synset import SyntheticSet
 
 if TYPE_CHECKING:
-    from ..defaults import DataFacts
+    from ..config.defaults import DataFacts
 
 _REGISTRY: dict[str, type[Method]] = {}
 _PRESETS: dict[str, dict[str, Any]] = {}

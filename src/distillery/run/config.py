@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..evaluation.protocol import DEFAULT_EVAL_EPOCHS
-from ..options import option
+from ..config.options import option
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 from ..distributed import is_main_process
 from ..evaluation.protocol import distilled_protocols
 from ..evaluation.score import evaluate_synset, model_table, parse_models, record, set_protocols
-from ..synset import SyntheticSet
+from ..sets.synset import SyntheticSet
 from .config import LoopConfig
 
 

@@ -29,7 +29,7 @@ from ..errors import Diverged, TrainingDiverged
 from ..evaluation.background import BackgroundEval, overlap_wanted
 from ..evaluation.score import evaluate_synset, set_protocols
 from ..io import atomic_write_text, ensure_dir
-from ..synset import SyntheticSet
+from ..sets.synset import SyntheticSet
 from .checkpoint import CHECKPOINT, write_checkpoint
 from .config import LoopConfig
 from .final import final_report, record_protocols

@@ -24,7 +24,7 @@ from .. import __version__
 from ..distributed import is_main_process
 from ..errors import UserError
 from ..io import atomic_write_text, ensure_dir, write_error
-from ..options import resumable
+from ..config.options import resumable
 from .checkpoint import CHECKPOINT, read_checkpoint
 from .config import LoopConfig
 from .files import read_config

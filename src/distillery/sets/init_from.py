@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .data.registry import IMAGEFOLDER_PREFIX, canonical_name
-from .errors import UserError
-from .methods import get_method
+from ..data.registry import IMAGEFOLDER_PREFIX, canonical_name
+from ..errors import UserError
+from ..methods import get_method
 from .synset import SyntheticSet
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .defaults import DataFacts
-from .errors import UserError
+from ..errors import UserError
 from .options import check_values
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def check_fast(config: dict[str, Any], device: torch.device | str) -> None:
         if config.get(key) == "on":
             check_cuda(flag, device)
     if config.get("norm_kernel") == "triton":
-        from .models.instancenorm import triton_missing
+        from ..models.instancenorm import triton_missing
         if not _is_cuda(device):
             raise UserError(f"--norm-kernel triton runs a CUDA kernel but the device is {device}; "
                             "use --device cuda or --norm-kernel torch")

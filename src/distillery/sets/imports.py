@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .checks import check_trajectory, real_dtype, require_finite
-from .errors import UserError, first_line
-from .evaluation.protocol import published_protocol
+from ..checks import check_trajectory, real_dtype, require_finite
+from ..errors import UserError, first_line
+from ..evaluation.protocol import published_protocol
 from .synset import SyntheticSet, preprocess_record
 
 if TYPE_CHECKING:
-    from .experts import ExpertStore
+    from ..experts import ExpertStore
 
 # --- distilled sets ---------------------------------------------------------------------------------------------
 IMAGE_LIMIT = 1e4  # |value| far beyond what images reach in a model space (mean/std or ZCA), even distilled ones
@@ -279,8 +279,8 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
 
     `meta["source"]` says where the labels and the lr came from (`labels`, `lr`) and whether raw pixels were
     preprocessed on import (`images`)."""
-    from .data import load_dataset
-    from .data.registry import get_spec
+    from ..data import load_dataset
+    from ..data.registry import get_spec
 
     path = Path(path)
     zca = None if zca in (None, "none") else zca
@@ -399,10 +399,10 @@ def import_experts(directory: str | Path, dataset: str, model: str, out: str | P
     `lr`, `batch`, `decay` record the recipe the buffer was trained with (MTT's defaults); they are not in the files.
     Momentum and weight decay are recorded as buffer.py's defaults, 0 (its --mom and --l2).
     """
-    from .data import load_dataset
-    from .data.registry import get_spec
-    from .experts import MANIFEST, ExpertStore, new_manifest, split_accuracy, write_expert, write_manifest
-    from .models import FunctionalModel, create_model, has_batchnorm
+    from ..data import load_dataset
+    from ..data.registry import get_spec
+    from ..experts import MANIFEST, ExpertStore, new_manifest, split_accuracy, write_expert, write_manifest
+    from ..models import FunctionalModel, create_model, has_batchnorm
 
     out = Path(out)
     lr = _lr(lr, "--lr", "pass the learning rate the experts were trained with (MTT's default 0.01)")

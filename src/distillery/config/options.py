@@ -19,7 +19,7 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,

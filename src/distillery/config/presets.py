@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UserError
-from .methods import get_method, registered_presets
+from ..errors import UserError
+from ..methods import get_method, registered_presets
 
 PRESETS: dict[str, dict[str, Any]] = registered_presets()
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text, replaced_dir
+from ..errors import UserError
+from ..io import atomic_save_torch, atomic_write_bytes, atomic_write_text, replaced_dir
 from .synset import SyntheticSet
 
 FORMATS = ("pt", "imagefolder", "eccv2024")

@@ -51,7 +51,7 @@ def native_resolution(train_dir: Path) -> int:
     """Median shorter side over a sample of image headers (no pixels are decoded), clamped to [8, 64]."""
     from PIL import Image
 
-    from .data import folders
+    from ..data import folders
 
     files: list[str] = []
     classes = folders.class_folders(train_dir)
@@ -64,7 +64,7 @@ def native_resolution(train_dir: Path) -> int:
             with Image.open(path) as im:
                 sides.append(min(im.size))
         except OSError as e:  # PIL's UnidentifiedImageError included: name the file, as data/cache.py does
-            from .errors import UserError
+            from ..errors import UserError
 
             raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from None
     side = int(statistics.median(sides)) if sides else MAX_RESOLUTION
@@ -73,8 +73,8 @@ def native_resolution(train_dir: Path) -> int:
 
 def data_facts(name: str, val_fraction: float = 0.1, resolution: int | None = None) -> DataFacts:
     """Channels, size, classes and train sizes of a dataset, from the registry or folder listings (cheap)."""
-    from .data import folders
-    from .data.registry import IMAGEFOLDER_PREFIX, DEFAULT_STRATEGY, canonical_name, check_resolution, get_spec, \
+    from ..data import folders
+    from ..data.registry import IMAGEFOLDER_PREFIX, DEFAULT_STRATEGY, canonical_name, check_resolution, get_spec, \
         held_out, imagefolder_root
 
     if name.startswith(IMAGEFOLDER_PREFIX):

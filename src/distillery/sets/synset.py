@@ -29,10 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import __version__
-from .errors import UserError, first_line
-from .evaluation.protocol import recorded_protocols
-from .io import atomic_write_bytes
+from .. import __version__
+from ..errors import UserError, first_line
+from ..evaluation.protocol import recorded_protocols
+from ..io import atomic_write_bytes
 
 LABEL_KINDS = ("hard", "soft", "learned")
 
@@ -123,7 +123,7 @@ class SyntheticSet:
 
     def _undone(self) -> torch.Tensor:
         """The images with the preprocessing undone, unclamped: the stored pixels, else the inverse map."""
-        from .data.preprocess import Preprocess
+        from ..data.preprocess import Preprocess
 
         if self.pixels is not None:
             return self.pixels.detach().float().cpu()
@@ -135,7 +135,7 @@ class SyntheticSet:
 
     def save_grid(self, path: str | Path, max_per_class: int = 10, scale: int | None = None) -> None:
         """Write a PNG grid: one column per class headed by its name, up to `max_per_class` images down it,
-        small images scaled up (`distillery.grid`)."""
+        small images scaled up (`distillery.sets.grid`)."""
         buf = io.BytesIO()
         self.grid_image(max_per_class, scale).save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
@@ -151,7 +151,7 @@ class SyntheticSet:
 def _checked(path: Path, tensors: dict[str, torch.Tensor], header: Any) -> SyntheticSet:
     """The set a file holds, after checking every part that training, evaluation and display use: a file that parses
     but holds something else (another writer, a hand edit with a recomputed digest) is refused here, in one line."""
-    from .data.preprocess import Preprocess
+    from ..data.preprocess import Preprocess
 
     def bad(what: str) -> UserError:
         return UserError(f"distilled set '{path}' {what}; it was not written by distillery or was changed after: use "
