@@ -98,7 +98,8 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
     from distillery.run.checkpoint import CHECKPOINT
 
     run_dir = args.work / part.label.lower()
-    result, report = run_dir / "result.json", run_dir / "report.json"
+    result, report, wall = run_dir / "result.json", run_dir / "report.json", run_dir / "wall_seconds.json"
+    started = time.time()
     if result.exists():
         print(f"{part.label}: distilled earlier, in {run_dir}")
     else:
@@ -118,7 +119,11 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
     if not report.exists():  # stopped during the report's random-real baseline: measure it again
         zca = json.loads((run_dir / "config.json").read_text())["zca"]
         api.write_report(run_dir, dataset=api.load_dataset("cifar10", data_dir=args.data_dir, zca=zca), progress=False)
-    return {**json.loads(result.read_text()), "report": json.loads(report.read_text())}
+    spent = time.time() - started
+    if spent > 1:  # the whole part's wall time (distillation, validations, final runs, baseline), over resumes
+        wall.write_text(json.dumps((json.loads(wall.read_text()) if wall.exists() else 0.0) + spent))
+    return {**json.loads(result.read_text()), "report": json.loads(report.read_text()),
+            "wall": json.loads(wall.read_text()) if wall.exists() else None}
 
 
 def dc_protocol_baseline(args: argparse.Namespace) -> list[float]:
@@ -155,25 +160,27 @@ def val_curve(run_dir: Path) -> str:
 def table(results: dict[str, dict[str, Any]], parts: list[Part], dc: list[float] | None) -> list[str]:
     """Markdown rows: method, iterations, s/iteration, best-on-val test accuracy, random (same protocol), paper."""
     rows = ["| method (CIFAR-10 JPEG q75, IPC 1) | iterations in budget | s/iteration | test acc. % (best on val, "
-            "5 nets) | random real, same protocol | paper (full budget) |", "|---|---|---|---|---|---|"]
+            "5 nets) | random real, same protocol | paper (full budget) | part wall time |",
+            "|---|---|---|---|---|---|---|"]
     for part in parts:
         r = results.get(part.label)
         if r is None:
             continue
         if "error" in r:
-            rows.append(f"| {part.label} | failed: {r['error']} | | | | {part.paper} |")
+            rows.append(f"| {part.label} | failed: {r['error']} | | | | {part.paper} | |")
             continue
         best, base = r["best"], r["report"].get("random_baseline", {})
         its = r["iterations_reached"]
+        minutes = f"{r['wall'] / 60:.0f} min" if r.get("wall") else "-"
         for rec in best["by_protocol"]:
             rand = next(iter(base.get(rec["protocol"], {}).values()), None)
             length = f"{rec['steps']} steps" if rec["protocol"] == "rat" else f"{rec['epochs']} epochs"
             rows.append(f"| {part.label} ({rec['protocol']} protocol, {length}) | {its} (best at "
                         f"{best['iteration']}) | {r['step_seconds'] / max(its, 1):.1f} | {pct(rec['test_accs'])} | "
-                        f"{pct(rand['test_accs']) if rand else '-'} | {part.paper} |")
+                        f"{pct(rand['test_accs']) if rand else '-'} | {part.paper} | {minutes} |")
     if dc is not None:
         rows.append(f"| random real, DC-paper protocol (no ZCA, no augmentation, 300 epochs) | | | | {pct(dc)} | "
-                    "14.4 (DC/MTT papers; DATM/PAD tables: 15.4 ± 0.3) |")
+                    "14.4 (DC/MTT papers; DATM/PAD tables: 15.4 ± 0.3) | |")
     return rows
 
 
