@@ -296,7 +296,7 @@ def _record_protocol(path: Path, **fields) -> None:
     from distillery.evaluation.protocol import rat_protocol
 
     s = SyntheticSet.load(path)
-    s.meta["eval"] = [{**rat_protocol("ConvNetD2", 1, 0).record(), **fields}]
+    s.meta["eval"] = [{**rat_protocol("ConvNetD2", 1, 0).as_json(), **fields}]
     s.save(path)
 
 

@@ -64,7 +64,7 @@ def test_mtt_and_tesla_sets_are_scored_as_the_run_scored_them(method, store, tmp
                  "--iterations", "2", "--seed", "3", *LOOP]) == 0
     result = check_reproduced(capsys, out, seed=3)
     s = SyntheticSet.load(out / "best.safetensors")
-    (own,) = [EvalProtocol.from_record(r) for r in s.meta["eval"]]
+    (own,) = [EvalProtocol.from_json(r) for r in s.meta["eval"]]
     assert (own.name, own.epochs, own.runs, own.seed, own.lr) == ("dsa", 2, 2, 3, s.lr)  # the learned lr
     # a flag overrides one field and the printout says which came from where
     capsys.readouterr()
@@ -109,15 +109,15 @@ BAD = [({"val_fraction": 1.0}, "val_fraction"),
 
 @pytest.mark.parametrize("change,match", BAD)
 def test_a_bad_record_is_refused_when_the_set_is_loaded(tmp_path, change, match):
-    good = dsa_protocol("ConvNetD2", 5, 0, 0.01, "flip").record()
+    good = dsa_protocol("ConvNetD2", 5, 0, 0.01, "flip").as_json()
     s = SyntheticSet(torch.zeros(2, 1, 8, 8), torch.arange(2), meta={"num_classes": 2, "eval": [{**good, **change}]})
     s.save(tmp_path / "s.safetensors")
     with pytest.raises(UserError, match=match) as err:
         SyntheticSet.load(tmp_path / "s.safetensors")
     assert "s.safetensors" in str(err.value) and "\n" not in str(err.value)
-    bad_rat = {**rat_protocol("ConvNetD2", 5, 0).record(), "steps": [3, 2]}
+    bad_rat = {**rat_protocol("ConvNetD2", 5, 0).as_json(), "steps": [3, 2]}
     with pytest.raises(UserError, match="increasing"):
-        EvalProtocol.from_record(bad_rat)
+        EvalProtocol.from_json(bad_rat)
 
 
 def test_imported_sets_record_their_source_codes_protocol(tmp_path, capsys):
@@ -128,12 +128,12 @@ def test_imported_sets_record_their_source_codes_protocol(tmp_path, capsys):
     assert main(["import-set", str(tmp_path / "images_best.pt"), "--dataset", "digits",
                  "--out", str(tmp_path / "s.safetensors")]) == 0
     assert "MTT/TESLA evaluate_synset" in capsys.readouterr().out
-    (own,) = [EvalProtocol.from_record(r) for r in SyntheticSet.load(tmp_path / "s.safetensors").meta["eval"]]
+    (own,) = [EvalProtocol.from_json(r) for r in SyntheticSet.load(tmp_path / "s.safetensors").meta["eval"]]
     learned = float(torch.tensor(0.02))  # the file's float32 lr
     assert (own.name, own.epochs, own.lr, own.runs, own.augment) == ("dsa", PUBLISHED_DSA_EPOCHS, learned, 5,
                                                                     ds.spec.dsa_strategy)
     given = import_set(tmp_path / "images_best.pt", "digits", lr=0.05)
-    assert EvalProtocol.from_record(given.meta["eval"][0]).lr == 0.05
+    assert EvalProtocol.from_json(given.meta["eval"][0]).lr == 0.05
     rat = published_protocol("ratbptt-h5", "ConvNet", None, "flip")
     assert (rat.name, rat.optimizer, rat.lr, rat.augment, rat.steps) == ("rat", "adam", 1e-3, "flip_rotate",
                                                                          (300, 600, 1000, 3000))

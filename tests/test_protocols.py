@@ -178,7 +178,7 @@ def test_plateau_curriculum_moves_the_window_and_stops_at_the_cap():
 def test_plateau_method_uses_the_eval_train_loss(digits):
     m = tiny_rat(digits, window_mode="plateau", plateau_patience=1, min_start=0)
     assert m.wants_eval_train_loss and m._window_start(0) == 0
-    spe = m.setup.steps_per_epoch
+    spe = m.consts.steps_per_epoch
     assert not m.observe_eval(0, 1.0)
     assert not m.observe_eval(spe, 2.0) and m._window_start(spe) == 2   # horizon 4 - window 2 = the cap
     assert m.observe_eval(2 * spe, 2.0)

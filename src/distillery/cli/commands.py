@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..device import resolve_device
     from ..distributed import init_from_env, is_main_process
     from ..evaluation.protocol import recorded_protocols
-    from ..evaluation.score import evaluate_synset, model_table, parse_models, record, resolve_protocol
+    from ..evaluation.score import evaluate_synset, model_table, parse_models, result_entry, resolve_protocol
     from ..sets.synset import SyntheticSet
 
     init_from_env(resolve_device(args.device))
@@ -182,10 +182,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     else:
         print(f"on {res.model}: {res}")
     out = {"command": "evaluate", "set": args.set, "dataset": ds.spec.name, "ipc": s.ipc,
-           "label_kind": s.label_kind, "protocol": proto.name, "eval_protocol": proto.record(), "sources": sources,
+           "label_kind": s.label_kind, "protocol": proto.name, "eval_protocol": proto.as_json(), "sources": sources,
            **_result_json(res)}
     if args.eval_models:
-        out["models"] = {m: record(r) for m, r in results.items()}
+        out["models"] = {m: result_entry(r) for m, r in results.items()}
     return out
 
 
@@ -274,7 +274,7 @@ def cmd_import_set(args: argparse.Namespace) -> None:
             print(f"  {part}: {source[part]}")
     origin = "RaT-BPTT test()" if s.meta["source"]["format"] == "ratbptt-h5" else "MTT/TESLA evaluate_synset"
     print(f"evaluation recorded as the source code's ({origin}): "
-          f"{EvalProtocol.from_record(s.meta['eval'][0]).describe()}; `distillery evaluate` uses it (flags override)")
+          f"{EvalProtocol.from_json(s.meta['eval'][0]).describe()}; `distillery evaluate` uses it (flags override)")
 
 
 def cmd_import_experts(args: argparse.Namespace) -> None:

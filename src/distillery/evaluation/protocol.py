@@ -65,7 +65,7 @@ class EvalProtocol:
         """A copy with `changes` (checked like a loaded record)."""
         return dataclasses.replace(self, **changes)
 
-    def record(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         """The JSON a set stores: the protocol's name and its own fields."""
         out: dict[str, Any] = {"name": self.name}
         for f in FIELDS[self.name]:
@@ -74,7 +74,7 @@ class EvalProtocol:
         return out
 
     @classmethod
-    def from_record(cls, rec: Any, where: str = "the set") -> "EvalProtocol":
+    def from_json(cls, rec: Any, where: str = "the set") -> "EvalProtocol":
         """Read and check a stored record; a bad one is a UserError naming `where` and the field."""
         if not isinstance(rec, Mapping) or rec.get("name") not in FIELDS:
             raise UserError(f"{where} records an evaluation protocol that is not dsa or rat ({rec!r}); re-save the set "
@@ -194,7 +194,7 @@ def recorded_protocols(meta: Mapping[str, Any], where: str = "the set") -> list[
         return []
     if not isinstance(recs, list) or not recs:
         raise UserError(f"{where} records its evaluation protocols as {recs!r}, not a list of records; re-save it")
-    return [EvalProtocol.from_record(r, where) for r in recs]
+    return [EvalProtocol.from_json(r, where) for r in recs]
 
 
 def distilled_protocols(meta: Mapping[str, Any], lr: float | None, *, model: str, runs: int, seed: int,

@@ -94,7 +94,7 @@ def evaluate_synset(s, dataset, proto: EvalProtocol | None = None, *, split: str
     return SCORERS[proto.name](s.images, s.labels, dataset, proto, how)
 
 
-def record(res: EvalResult) -> dict[str, Any]:
+def result_entry(res: EvalResult) -> dict[str, Any]:
     """What result.json stores about one evaluation."""
     out = {"protocol": res.protocol, "model": res.model, "test_mean": res.mean, "test_std": res.std,
            "test_accs": res.accs, "lr": res.lr, "split": res.split}

@@ -233,7 +233,7 @@ class RaTBPTTConfig(MethodConfig):
 
 
 @dataclass
-class _Setup:
+class _RunConstants:
     """Derived constants of a run (not hyperparameters)."""
 
     num_classes: int
@@ -352,7 +352,7 @@ class RaTBPTT(Method):
         """--real-epochs (the published --epochs) in passes over the real data, else --iterations."""
         if not config.get("real_epochs"):
             return config["iterations"], None
-        steps = self.setup.steps_per_epoch
+        steps = self.consts.steps_per_epoch
         iterations = config["real_epochs"] * steps
         return iterations, (f"budget: --real-epochs {config['real_epochs']} x {steps} outer steps per pass over the "
                             f"real data = {iterations} iterations (--real-epochs none runs --iterations instead)")
@@ -370,7 +370,7 @@ class RaTBPTT(Method):
             raise UserError(f"--real-batch {cfg.real_batch} is smaller than the {world} processes; raise it")
         boost = (BoostSchedule.parse(cfg.boost_blocks, cfg.ipc, cfg.boost_beta, cfg.boost_every)
                  if cfg.boost_blocks else None)
-        self.setup = _Setup(spec.num_classes, (spec.channels, *spec.im_size), real_batch,
+        self.consts = _RunConstants(spec.num_classes, (spec.channels, *spec.im_size), real_batch,
                             math.ceil(n_train / real_batch), rank, boost)
         self.model_name = cfg.model or spec.default_model
         self.fm = FunctionalModel(create_model(self.model_name, spec.channels, spec.num_classes, spec.im_size)
@@ -405,8 +405,8 @@ class RaTBPTT(Method):
         if mode == "auto":
             mode = "noise" if self.ds.spec.rat_noise_init or self.ds.preprocess.meta()["kind"][:3] == "zca" else "real"
         if mode == "noise":
-            return unit_noise(k * self.setup.num_classes, self.setup.image_shape, gen)
-        return torch.cat([self.ds.sample_real(c, k, gen) for c in range(self.setup.num_classes)]).detach().clone()
+            return unit_noise(k * self.consts.num_classes, self.consts.image_shape, gen)
+        return torch.cat([self.ds.sample_real(c, k, gen) for c in range(self.consts.num_classes)]).detach().clone()
 
     def _make_optimizer(self) -> torch.optim.Adam:
         """Outer Adam (SPEC §6.5): images at lr, learned labels at lr / label_lr_scale."""
@@ -418,7 +418,7 @@ class RaTBPTT(Method):
     def _grow(self) -> None:
         """Boost-DD: append the next block (fresh init) to every class; the outer Adam and the EMA start afresh."""
         self.stage += 1
-        num_classes, k = self.setup.num_classes, self.setup.boost.blocks[self.stage]
+        num_classes, k = self.consts.num_classes, self.consts.boost.blocks[self.stage]
         new = broadcast_(self._init_images(k, self.stage))
         self.images = append_block(self.images.detach(), new, num_classes).requires_grad_(True)
         if self.cfg.learn_labels:
@@ -437,13 +437,13 @@ class RaTBPTT(Method):
             return cfg.horizon - cfg.window
         if cfg.window_mode == "plateau":  # moved only by observe_eval, on rank 0, and broadcast
             return int(broadcast_(torch.tensor(self.plateau.start, device=self.device)))
-        period = window_period(it, cfg.window_resample, self.setup.steps_per_epoch)
+        period = window_period(it, cfg.window_resample, self.consts.steps_per_epoch)
         start = window_start(cfg.min_start, cfg.horizon, cfg.window, stream_generator(cfg.seed, _WINDOW, period))
         return int(broadcast_(torch.tensor(start, device=self.device)))
 
     def step(self, it: int) -> dict[str, float]:
         """One outer iteration: fresh network, warm-up, differentiable window, meta-loss on real data, image update."""
-        cfg, setup = self.cfg, self.setup
+        cfg, setup = self.cfg, self.consts
         while setup.boost is not None and self.stage < setup.boost.stage(it):
             self._grow()
         start = self._window_start(it)
@@ -476,14 +476,14 @@ class RaTBPTT(Method):
 
     def _outer_update(self) -> None:
         """Adam step; Boost-DD scales each image's update by its learning-rate factor; learned labels clamped >= 0."""
-        boosting = self.setup.boost is not None and self.stage > 0
+        boosting = self.consts.boost is not None and self.stage > 0
         params = [p for group in self.opt.param_groups for p in group["params"]]
         before = [p.detach().clone() for p in params] if boosting else []
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             if boosting:  # Adam's update is linear in lr (no weight decay): scaling it = a per-image learning rate
-                mult = self.setup.boost.lr_multipliers(self.stage, self.setup.num_classes).to(self.device)
+                mult = self.consts.boost.lr_multipliers(self.stage, self.consts.num_classes).to(self.device)
                 for p, p0 in zip(params, before):
                     p.copy_(p0 + mult.view(-1, *[1] * (p.dim() - 1)) * (p - p0))
             if self.cfg.learn_labels:
@@ -500,8 +500,8 @@ class RaTBPTT(Method):
                                                 "strategy": cfg.syn_strategy, "task_sampler_nc": cfg.task_sampler_nc,
                                                 "batch_per_class": cfg.batch_per_class,
                                                 "steps": list(parse_steps(cfg.rat_eval_steps))}}
-        if self.setup.boost is not None:  # prefix sizes that are distilled sets of their own
-            meta["boost_prefix_ipcs"] = [self.setup.boost.ipc(s) for s in range(self.stage + 1)]
+        if self.consts.boost is not None:  # prefix sizes that are distilled sets of their own
+            meta["boost_prefix_ipcs"] = [self.consts.boost.ipc(s) for s in range(self.stage + 1)]
         return SyntheticSet(self.images.detach().clone(), self.labels.detach().clone(),
                             "learned" if cfg.learn_labels else "hard", None, preprocess_record(self.ds.preprocess),
                             meta)
@@ -535,7 +535,7 @@ class RaTBPTT(Method):
         """cctype 1: feed the evaluation loss of iteration `it` to the plateau curriculum; True = stop the run."""
         if self.cfg.window_mode != "plateau" or train_loss is None:
             return False
-        return self.plateau.observe(it // self.setup.steps_per_epoch, train_loss)
+        return self.plateau.observe(it // self.consts.steps_per_epoch, train_loss)
 
     def stop_message(self, it: int) -> str:
         """cctype 1 ended the run."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..distributed import is_main_process
 from ..evaluation.protocol import distilled_protocols
-from ..evaluation.score import evaluate_synset, model_table, parse_models, record, set_protocols
+from ..evaluation.score import evaluate_synset, model_table, parse_models, result_entry, set_protocols
 from ..sets.synset import SyntheticSet
 from .config import LoopConfig
 
@@ -22,7 +22,7 @@ def record_protocols(s: SyntheticSet, loop: LoopConfig, spec, val_fraction: floa
                                  runs=loop.final_eval_runs, seed=loop.seed, epochs=loop.eval_epochs,
                                  dsa_strategy=spec.dsa_strategy, val_fraction=val_fraction)
     meta = {k: v for k, v in s.meta.items() if k not in ("protocol", "rat_eval")}  # now in the records
-    s.meta = {**meta, "eval": [p.record() for p in protos]}
+    s.meta = {**meta, "eval": [p.as_json() for p in protos]}
     return s
 
 
@@ -53,7 +53,7 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
         own = results[0]
         out[name] = {"test_mean": own.mean, "test_std": own.std, "test_accs": own.accs, "protocol": own.protocol,
                      "model": own.model, "iteration": s.meta.get("iteration"), "val_acc": s.meta.get("val_acc"),
-                     "lr": own.lr, "by_protocol": [{**record(r), "eval_protocol": p.record()}
+                     "lr": own.lr, "by_protocol": [{**result_entry(r), "eval_protocol": p.as_json()}
                                                    for r, p in zip(results, protos)]}
         if main:
             for res, p in zip(results, protos):
@@ -62,7 +62,7 @@ def final_report(dataset, run_dir: Path, loop: LoopConfig) -> dict[str, Any]:
         if models and name == "best":
             table = {m: evaluate_synset(s, dataset, protos[0].replace(model=m), split="test", distributed=True,
                                         fast=fast) for m in models}
-            out[name]["models"] = {m: record(r) for m, r in table.items()}
+            out[name]["models"] = {m: result_entry(r) for m, r in table.items()}
             if main:
                 print(f"cross-architecture table of the best set ({protos[0].name} protocol):")
                 print(model_table(table))

@@ -324,7 +324,7 @@ def import_set(path: str | Path, dataset: str, zca: str | None = None, data_dir:
     lr = lr if lr is not None else got.lr
     # the evaluation of the code the file came from: MTT/TESLA's evaluate_synset or RaT-BPTT's test()
     meta["eval"] = [published_protocol(got.source, ds.spec.default_model, lr, ds.spec.dsa_strategy,
-                                       val_fraction).record()]
+                                       val_fraction).as_json()]
     return SyntheticSet(images.contiguous(), labels.contiguous(), kind, lr,
                         preprocess_record(ds.preprocess), meta)
 
