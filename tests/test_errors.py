@@ -843,7 +843,13 @@ def _signal_in(monkeypatch, target: str, sig: int):
 def test_signal_rows(capsys, monkeypatch, set_file, row, argv, target, sig, needle):
     _signal_in(monkeypatch, target, sig)
     handler = signal.getsignal(signal.SIGTERM)
-    code = main([a.replace("{set}", str(set_file)) for a in argv])
+    # a shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # run with the handler an interactive command has, whoever started the suite
+    caller_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main([a.replace("{set}", str(set_file)) for a in argv])
+    finally:
+        signal.signal(signal.SIGINT, caller_sigint)
     err = capsys.readouterr().err.strip()
     assert code == 128 + sig and err.count("\n") == 0 and needle in err, err
     assert signal.getsignal(signal.SIGTERM) == handler  # main() put the caller's SIGTERM handler back
