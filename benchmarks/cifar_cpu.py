@@ -20,7 +20,6 @@ directory) is skipped, an interrupted one is resumed from its checkpoint with th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -82,10 +81,10 @@ def preset_name(method: str) -> str | None:
 def train_expert_store(args: argparse.Namespace, num: int) -> Path:
     """`num` ZCA (kornia) experts of EXPERT_EPOCHS epochs; `train_experts` resumes a partly trained store."""
     from distillery.api import load_dataset
-    from distillery.experts import train_experts
+    from distillery.experts import finished_experts, train_experts
 
     out = args.work / f"experts-n{num}-e{EXPERT_EPOCHS}"
-    if (out / "manifest.json").exists() and len(json.loads((out / "manifest.json").read_text())["experts"]) >= num:
+    if len(finished_experts(out)) >= num:
         return out
     ds = load_dataset("cifar10", data_dir=args.data_dir, zca="kornia")
     train_experts(ds, "ConvNet", num, epochs=EXPERT_EPOCHS, out_dir=out, seed=0, progress=True)
@@ -96,11 +95,12 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
     """Distil with `part` under its time budget (resuming an interrupted run) and return result + report json."""
     from distillery import api
     from distillery.run.checkpoint import CHECKPOINT
+    from distillery.run.files import read_config, read_json_file, read_result
 
     run_dir = args.work / part.label.lower()
-    result, report, wall = run_dir / "result.json", run_dir / "report.json", run_dir / "wall_seconds.json"
+    wall = run_dir / "wall_seconds.json"  # the benchmark's own file, beside the run's
     started = time.time()
-    if result.exists():
+    if read_result(run_dir) is not None:
         print(f"{part.label}: distilled earlier, in {run_dir}")
     else:
         budget, scale = (2.0, 0.002) if args.smoke else (DISTILL_SHARE * args.budget, min(1.0, args.budget / BUDGET))
@@ -116,13 +116,13 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
                    **({"experts": experts} if part.experts else {})}
         print(f"{part.label}: distilling for {budget:.0f} s into {run_dir} (preset {preset or 'none: defaults'})")
         api.distill(part.method, run_dir, preset, **options)
-    if not report.exists():  # stopped during the report's random-real baseline: measure it again
-        zca = json.loads((run_dir / "config.json").read_text())["zca"]
+    if read_json_file(run_dir, "report.json") is None:  # stopped during the report's baseline: measure it again
+        zca = read_config(run_dir)["zca"]
         api.write_report(run_dir, dataset=api.load_dataset("cifar10", data_dir=args.data_dir, zca=zca), progress=False)
     spent = time.time() - started
     if spent > 1:  # the whole part's wall time (distillation, validations, final runs, baseline), over resumes
         wall.write_text(json.dumps((json.loads(wall.read_text()) if wall.exists() else 0.0) + spent))
-    return {**json.loads(result.read_text()), "report": json.loads(report.read_text()),
+    return {**read_result(run_dir), "report": read_json_file(run_dir, "report.json"),
             "wall": json.loads(wall.read_text()) if wall.exists() else None}
 
 
@@ -135,8 +135,8 @@ def dc_protocol_baseline(args: argparse.Namespace) -> list[float]:
     path = args.work / "random_dc_protocol.json"
     if not path.exists():
         ds = load_dataset("cifar10", data_dir=args.data_dir, zca=DC_PROTOCOL["zca"])
-        epochs, runs = (2, 1) if args.smoke else (DC_PROTOCOL["epochs"], 5)
-        runs = random_real_runs(ds, 1, runs, 0, lambda x, y, s: evaluate_set(
+        epochs, draws = (2, 1) if args.smoke else (DC_PROTOCOL["epochs"], 5)
+        runs = random_real_runs(ds, 1, draws, 0, lambda x, y, s: evaluate_set(
             x, y, ds, runs=1, epochs=epochs, strategy=DC_PROTOCOL["strategy"], seed=s,
             progress=False), progress=False)
         path.write_text(json.dumps([a for r in runs for a in r.accs]))
@@ -152,9 +152,10 @@ def pct(accs: list[float]) -> str:
 
 def val_curve(run_dir: Path) -> str:
     """'it:val%' at every validation evaluation of a run, from its metrics.csv."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val_acc")]
-    return "  ".join(f"{r['it']}:{100 * float(r['val_acc']):.1f}" for r in rows)
+    from distillery.run.files import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) or [] if "val_acc" in r]
+    return "  ".join(f"{int(r['it'])}:{100 * r['val_acc']:.1f}" for r in rows)
 
 
 def table(results: dict[str, dict[str, Any]], parts: list[Part], dc: list[float] | None) -> list[str]:
