@@ -43,23 +43,23 @@ class Part:
     label: str
     method: str
     paper: str                                    # CIFAR-10 IPC 1, ConvNet (SPEC §8.3)
-    rough_s_per_it: float                         # on the shared 2-core machine; spaces 3 validations over the budget
+    s_per_it: float                               # measured on one thread (RESULTS.md); spaces 3 validations over the budget
     options: dict[str, Any] = field(default_factory=dict)
     experts: bool = False                         # reads the expert store
 
 
 PARTS = [
-    Part("MTT", "mtt", "46.3 ± 0.8", 15.0, experts=True),
+    Part("MTT", "mtt", "46.3 ± 0.8", 6.4, experts=True),
     # TESLA's CIFAR-10 IPC 1 row distils without ZCA from epoch <= 5; here it shares MTT's ZCA experts (3 epochs),
     # so it takes MTT's ZCA row for the start epoch and lr_img, and adds TESLA's expert soft labels
-    Part("TESLA", "tesla", "48.5 ± 0.8", 15.0, {"labels": "expert", "zca": "kornia", "max_start_epoch": 2,
+    Part("TESLA", "tesla", "48.5 ± 0.8", 7.8, {"labels": "expert", "zca": "kornia", "max_start_epoch": 2,
                                                  "lr_img": 100}, experts=True),
     # no published CIFAR-10 IPC 1 row: the library's defaults for the data (docs/DEFAULTS.md), with a real batch of
     # 500 instead of 5000 (memory and time per step 10x lower on the CPU)
     Part("RaT-BPTT", "ratbptt", "53.2 ± 0.7", 30.0, {"real_batch": 500}),
-    Part("DM", "dm", "26.0 ± 0.8", 2.0),
+    Part("DM", "dm", "26.0 ± 0.8", 6.3),
     # DATM's row draws start epochs below 4 (a 6-epoch store); here it shares MTT's 3-epoch store, so below 2
-    Part("DATM", "datm", "46.9 ± 0.5", 25.0, {"max_start_epoch": 2}, experts=True),
+    Part("DATM", "datm", "46.9 ± 0.5", 10.2, {"max_start_epoch": 2}, experts=True),
 ]
 
 
@@ -111,7 +111,7 @@ def run_part(part: Part, args: argparse.Namespace, experts: Path) -> dict[str, A
                    "time_budget": budget, "iterations": 2 if args.smoke else 100000, "eval_runs": 1,
                    "final_eval_runs": 1 if args.smoke else 5, "eval_epochs": max(least, round(EVAL_EPOCHS * scale)),
                    **({"rat_eval_steps": steps} if part.method == "ratbptt" else {}),
-                   "eval_every": max(1, round(budget / 3 / part.rough_s_per_it)), "health": "warn",
+                   "eval_every": max(1, round(budget / 3 / part.s_per_it)), "health": "warn",
                    "no_progress": True, "resume": (run_dir / CHECKPOINT).exists(),
                    **({"experts": experts} if part.experts else {})}
         print(f"{part.label}: distilling for {budget:.0f} s into {run_dir} (preset {preset or 'none: defaults'})")

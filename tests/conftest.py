@@ -13,6 +13,12 @@ if not torch.cuda.is_available():  # Triton kernels (--norm-kernel triton) run i
     os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when triton is imported, so before any test imports it
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """The suite's caches (decoded images, ZCA fits, random-real baselines) in a folder of its own, not ~/.cache."""
+    os.environ["DISTILLERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def server(tmp_path):
     """A static HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base url)."""

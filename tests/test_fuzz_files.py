@@ -523,3 +523,35 @@ RUN_CASES = [(c, lambda d, digits, damage=damage, f=f: (_run_dir(d, digits), dam
 def test_fuzz_run_dir(capsys, monkeypatch, tmp_path, digits, case, make):
     make(tmp_path, digits)
     run_cli(capsys, monkeypatch, tmp_path, ["report", "run", "--out", "out/report.html"])
+
+
+# --- the random-real baseline cache ($DISTILLERY_CACHE/baselines/*.json) -----------------------------------------
+BASELINE = {"test_mean": 0.25, "test_std": 0.05, "test_accs": [0.2, 0.3], "lr": 0.01, "epochs": 20, "steps": None}
+BASELINE_CASES = byte_variants("baseline") + [
+    (f"baseline-{name}", lambda p, rec=rec: p.write_text(json.dumps(rec) if not isinstance(rec, str) else rec))
+    for name, rec in [("list", [0.2, 0.3]), ("accs-short", {**BASELINE, "test_accs": [0.2]}),
+                      ("accs-nan", '{"test_accs": [NaN, 0.3]}'), ("accs-inf", '{"test_accs": [Infinity, 0.3]}'),
+                      ("accs-above-1", {**BASELINE, "test_accs": [1.5, 0.3]}),
+                      ("accs-negative", {**BASELINE, "test_accs": [-0.1, 0.3]}),
+                      ("accs-ints", {**BASELINE, "test_accs": [0, 1]}), ("accs-bool", {**BASELINE, "test_accs": [True, 0.3]}),
+                      ("accs-strings", {**BASELINE, "test_accs": ["0.2", "0.3"]}), ("no-accs", {"steps": 3}),
+                      ("steps-negative", {**BASELINE, "steps": -3}), ("steps-float", {**BASELINE, "steps": 2.5}),
+                      ("steps-bool", {**BASELINE, "steps": True}), ("huge", " " * (2 << 20) + json.dumps(BASELINE))]]
+
+
+@pytest.mark.parametrize("case,damage", [pytest.param(c, d, id=c) for c, d in BASELINE_CASES])
+def test_fuzz_baseline_cache(tmp_path, case, damage):
+    """cache-baseline-damaged: a damaged or wrong cached baseline is measured again (a warning and None), never used, never a traceback."""
+    from distillery.evaluation.protocol import dsa_protocol
+    from distillery.evaluation.score import read_cached_baseline
+
+    proto = dsa_protocol("ConvNet", runs=2, seed=0, lr=None, augment="none", epochs=20)
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(BASELINE))
+    assert read_cached_baseline(path, proto)["test_accs"] == BASELINE["test_accs"]
+    damage(path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = read_cached_baseline(path, proto)
+    assert got is None or got["test_accs"] == BASELINE["test_accs"], got
+    assert got is not None or any("damaged" in str(w.message) for w in seen)

@@ -146,13 +146,40 @@ def test_quiet_and_json_print_one_json_object_last(tmp_path, capsys, example_run
     assert len(out) >= 2 and json.loads(out[-1])["command"] == "evaluate"
 
 
-def test_report_baseline_is_silent_without_progress(example_run, capsys):
+def test_report_baseline_is_silent_without_progress(example_run, capsys, tmp_path, monkeypatch):
     """`distill --no-progress` hands progress=False on to the report's random-real baseline (no bar on stderr)."""
     from distillery.data import load_dataset
     from distillery.evaluation.score import measure_baseline
 
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))  # an empty cache: the baseline is measured, not read
     write_report(example_run, baseline=measure_baseline(load_dataset("digits"), example_run, progress=False))
     assert "random real" not in capsys.readouterr().err
+
+
+def test_report_baseline_is_measured_once_per_data_and_protocol(example_run, tmp_path, monkeypatch):
+    """A second baseline of the same data, ipc and protocol is read from the cache, equal; a damaged cache file
+    warns and is measured again; other data (another validation split) is measured again."""
+    import distillery.evaluation.score as score
+    from distillery.data import load_dataset
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path))
+    calls = []
+    measure = score.evaluate_synset
+    monkeypatch.setattr(score, "evaluate_synset", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    ds = load_dataset("digits")
+    first = score.measure_baseline(ds, example_run, progress=False)
+    files = sorted((tmp_path / "baselines").glob("*.json"))
+    assert calls and len(files) == 2  # the rat and the dsa protocol
+    calls.clear()
+    assert score.measure_baseline(ds, example_run, progress=False) == first and not calls
+    for bad in ('{"test_accs": [2.0, 0.5]}', "[1, 2", '{"test_accs": [0.5, 0.5], "steps": -3}'):
+        files[0].write_text(bad)
+        with pytest.warns(UserWarning, match="damaged"):
+            assert score.measure_baseline(ds, example_run, progress=False) == first
+        assert len(calls) == 2  # that protocol's two runs, measured again to the same numbers
+        calls.clear()
+    score.measure_baseline(load_dataset("digits", val_fraction=0.2), example_run, progress=False)
+    assert len(calls) == 4 and len(list((tmp_path / "baselines").glob("*.json"))) == 4
 
 
 def test_report_baseline_loads_an_image_folder_at_the_runs_resolution(tmp_path, monkeypatch):

@@ -7,12 +7,17 @@ which protocol produced it, and `resolve_protocol` says where each value came fr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import UserError
+from ..data.cache import cache_dir
+from ..errors import UserError, first_line
+from ..io import atomic_write_text
 from ..models import create_model
 from ..run.files import read_config
 from ..sets.synset import SyntheticSet
@@ -20,6 +25,8 @@ from . import dsa, rat
 from .dsa import EvalResult, random_real_runs
 from .protocol import (DEFAULT_DSA_LR, DEFAULT_EVAL_EPOCHS, FIELDS, EvalProtocol, Scoring, distilled_protocols,
                        dsa_protocol, rat_protocol, recorded_protocols)
+
+_BASELINE_CACHE_VERSION = 1  # bump when the baseline's computation changes, so older measurements are not reused
 
 # The protocol objects: each trains its networks its own way and scores them; `evaluate_synset` picks one by name.
 SCORERS: dict[str, Callable[[Any, Any, Any, EvalProtocol, Scoring], EvalResult]] = {"dsa": dsa.score,
@@ -147,13 +154,56 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
             return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test",
                                    progress=False)
 
-        results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
-        accs, res = [a for r in results for a in r.accs], results[-1]
-        out.setdefault(proto.name, {})[proto.model] = {"test_mean": float(sum(accs) / len(accs)),
-                                                       "test_std": float(torch.tensor(accs).std(unbiased=False)),
-                                                       "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs,
-                                                       "steps": res.steps}
+        cached = baseline_cache_path(dataset, int(config["ipc"]), proto)
+        record = read_cached_baseline(cached, proto)
+        if record is None:
+            results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
+            accs = [a for r in results for a in r.accs]
+            record = {"test_mean": float(sum(accs) / len(accs)),
+                      "test_std": float(torch.tensor(accs).std(unbiased=False)), "test_accs": accs,
+                      "lr": proto.lr, "epochs": proto.epochs, "steps": results[-1].steps}
+            try:
+                atomic_write_text(cached, json.dumps(record))
+            except UserError as err:
+                warnings.warn(f"could not cache the random-real baseline ({err}); it is measured again next time",
+                              stacklevel=2)
+        out.setdefault(proto.name, {})[proto.model] = record
     return out
+
+
+def baseline_cache_path(dataset, ipc: int, proto: EvalProtocol) -> Path:
+    """Where the random-real baseline of exactly this data, ipc and protocol is cached (under `cache_dir()`): a
+    hash of the protocol, the preprocessing, the device kind and the train and test tensors themselves, so that
+    runs on the same data share one measurement (minutes to hours) and changed data is measured again."""
+    h = hashlib.sha256(json.dumps([_BASELINE_CACHE_VERSION, ipc, proto.as_json(), dataset.spec.name,
+                                   dataset.preprocess.fingerprint(), dataset.train.x.device.type]).encode())
+    for split in (dataset.train, dataset.test):
+        for t in (split.x, split.y):
+            h.update(t.detach().cpu().contiguous().numpy().data)
+    return cache_dir() / "baselines" / f"{h.hexdigest()[:32]}.json"
+
+
+def read_cached_baseline(path: Path, proto: EvalProtocol) -> dict[str, Any] | None:
+    """The cached baseline record at `path` if it is one `measure_baseline` wrote for `proto` (its runs' accuracies
+    finite fractions, the mean and std theirs); None when missing, and a warning and None when damaged."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
+        rec = json.loads(path.read_bytes().decode("utf-8"))
+        accs = rec["test_accs"] if isinstance(rec, dict) else None
+        if not (isinstance(accs, list) and len(accs) == proto.runs
+                and all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in accs)):
+            raise ValueError(f"test_accs is not a list of {proto.runs} accuracies in [0, 1]")
+        steps = rec.get("steps")
+        if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
+            raise ValueError(f"steps {steps!r} is not a positive whole number")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as err:  # a JSON or UTF-8 error is a ValueError
+        warnings.warn(f"the cached baseline {path} is damaged ({first_line(err)}); measuring it again", stacklevel=3)
+        return None
+    return {"test_mean": float(sum(accs) / len(accs)), "test_std": float(torch.tensor(accs).std(unbiased=False)),
+            "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs, "steps": steps}
 
 
 def run_baseline(run_dir: str | Path, data_dir: str | None = None,
