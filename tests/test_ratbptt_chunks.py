@@ -63,3 +63,24 @@ def test_in_place_warm_up_equals_the_formula() -> None:
         for key in state:
             torch.testing.assert_close(state[key], ref_state[key], rtol=1e-7, atol=1e-9)
         assert not torch.allclose(theta, theta0)
+
+
+def test_one_cpu_thread_at_32x32_runs_the_real_batch_in_cached_chunks(monkeypatch) -> None:
+    """On one CPU thread the 32x32 meta-loss runs `cpu_chunk` images at a time: the same loss and gradient (float64,
+    to rounding) as one chunk, which is what several threads run."""
+    import distillery.methods.bptt as bptt
+
+    g = torch.Generator().manual_seed(0)
+    fm = FunctionalModel(create_model("ConvNetD1W8", 3, 3, (32, 32)).double())
+    theta = fm.flatten(fm.module).detach()
+    x, y = torch.randn(70, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (70,), generator=g)
+    seen, ce = [], F.cross_entropy
+    monkeypatch.setattr(bptt.F, "cross_entropy", lambda out, *a, **k: seen.append(len(out)) or ce(out, *a, **k))
+    loss, grad = real_loss_grad(fm, theta, x, y, 1000)
+    assert torch.get_num_threads() == 1 and seen == [32, 32, 6]
+    seen.clear()
+    monkeypatch.setattr(bptt, "cpu_chunk", lambda x: None)  # several threads: the whole batch at once
+    whole_loss, whole = real_loss_grad(fm, theta, x, y, 1000)
+    assert seen == [70]
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, whole, rtol=1e-10, atol=1e-14)

@@ -52,6 +52,13 @@ def sgd_schedule(epochs: int, lr: float, epoch: Callable[[float], Tensor], resta
             on_epoch()
 
 
+def cpu_chunk(x: Tensor) -> int | None:
+    """CPU_CHUNK where a whole batch's activations would spill the cache (one CPU thread, images of 32x32 and
+    larger), else None: the batch runs at once."""
+    one_thread = x.device.type == "cpu" and torch.get_num_threads() == 1
+    return CPU_CHUNK if one_thread and x[0].numel() >= CHUNK_MIN_PIXELS else None
+
+
 def plain_step(fm: FunctionalModel, chunk: int | None = None) -> Step:
     """The gradient step of one network with plain autograd: `autograd.grad` of its mean loss w.r.t. the flat θ.
 
@@ -62,8 +69,7 @@ def plain_step(fm: FunctionalModel, chunk: int | None = None) -> Step:
 
     def step(flat: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         flat = flat.detach().requires_grad_(True)
-        cached = x.device.type == "cpu" and torch.get_num_threads() == 1 and x[0].numel() >= CHUNK_MIN_PIXELS
-        size = (chunk or CPU_CHUNK) if cached or chunk else len(x)
+        size = chunk or cpu_chunk(x) or len(x)
         grad, loss = None, None
         for i in range(0, len(x), size):  # the mean loss as a sum of chunk sums / batch, each chunk's graph freed
             part = F.cross_entropy(fm(flat, x[i:i + size]), y[i:i + size], reduction="sum") / len(x)
