@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ DC_PROTOCOL = {"epochs": 300, "strategy": "none", "zca": None}  # the DC paper's
 
 
 # RaT-BPTT on the CPU: learned labels, T 60, W 20, 500 real images a step, Adam lr 1e-2 (best on validation)
-RAT_CPU = {"real_batch": 500, **CANDIDATES["D-labels-T60W20-lr1e-2"]}
+RAT_CPU = "D-labels-T60W20-lr1e-2"
 
 
 @dataclass
@@ -62,7 +62,7 @@ PARTS = [
                                                  "lr_img": 100}, experts=True),
     # no published CIFAR-10 IPC 1 row; the library's CIFAR-10 defaults (T 200, W 60, real batch 5000, lr 1e-3) are
     # sized for a GPU, so the CPU budget takes the candidate of benchmarks/rat_cpu_configs.py best on validation
-    Part("RaT-BPTT", "ratbptt", "53.2 ± 0.7", 5.5, RAT_CPU),
+    Part("RaT-BPTT", "ratbptt", "53.2 ± 0.7", 5.5, {"real_batch": 500, **CANDIDATES[RAT_CPU]}),
     Part("DM", "dm", "26.0 ± 0.8", 6.3),
     # DATM's row draws start epochs below 4 (a 6-epoch store); here it shares MTT's 3-epoch store, so below 2
     Part("DATM", "datm", "46.9 ± 0.5", 10.2, {"max_start_epoch": 2}, experts=True),
@@ -197,6 +197,8 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=BUDGET, help=f"total seconds (default {BUDGET:.0f}: 2.5 h)")
     p.add_argument("--work", type=Path, default=Path("runs/cifar_cpu"), help="where the runs go (resumable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
+    p.add_argument("--rat-candidate", default=RAT_CPU, choices=list(CANDIDATES),
+                   help=f"RaT-BPTT's options, a candidate of rat_cpu_configs.py (default {RAT_CPU})")
     p.add_argument("--smoke", action="store_true", help="every part for a few seconds: checks that the command runs")
     p.add_argument("--only", default=None, help="comma-separated parts to run: MTT, TESLA, RaT-BPTT, DM, DATM, "
                    "random-dc (default: all)")
@@ -210,7 +212,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     known = set(available_methods())
-    parts = [q for q in PARTS if q.method in known and (not args.only or q.label in args.only.split(","))]
+    parts = [replace(q, options={"real_batch": 500, **CANDIDATES[args.rat_candidate]}) if q.method == "ratbptt" else q
+             for q in PARTS if q.method in known and (not args.only or q.label in args.only.split(","))]
     keep_freed_memory()
     num_experts = 2 if args.budget >= 0.6 * BUDGET and not args.smoke else 1
     t0 = time.time()
