@@ -38,8 +38,9 @@ ROWS = Path(__file__).with_name("cifar_cpu_rows.md")
 DC_PROTOCOL = {"epochs": 300, "strategy": "none", "zca": None}  # the DC paper's coreset training (SPEC §7.1 DC row)
 
 
-# RaT-BPTT on the CPU: learned labels, T 60, W 20, 500 real images a step, Adam lr 1e-2 (best on validation)
-RAT_CPU = "D-labels-T60W20-lr1e-2"
+# RaT-BPTT on the CPU: learned labels, T 60, W 20, 500 real images a step, Adam lr 3e-3 (of D and L at this budget,
+# the best on validation: RESULTS.md, 2026-12-05 third session)
+RAT_CPU = "L-labels-lr3e-3"
 
 
 @dataclass
