@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rat_cpu_configs import CANDIDATES  # benchmarks/, the script's own folder
+from rat_cpu_configs import CANDIDATES, candidate_options  # benchmarks/, the script's own folder
 
 BUDGET = 9000.0          # seconds: the whole run on the 2-core machine by default (2.5 h)
 DISTILL_SHARE = 0.1      # of the budget, each method's --time-budget
@@ -63,7 +63,7 @@ PARTS = [
                                                  "lr_img": 100}, experts=True),
     # no published CIFAR-10 IPC 1 row; the library's CIFAR-10 defaults (T 200, W 60, real batch 5000, lr 1e-3) are
     # sized for a GPU, so the CPU budget takes the candidate of benchmarks/rat_cpu_configs.py best on validation
-    Part("RaT-BPTT", "ratbptt", "53.2 ± 0.7", 5.5, {"real_batch": 500, **CANDIDATES[RAT_CPU]}),
+    Part("RaT-BPTT", "ratbptt", "53.2 ± 0.7", 5.5, candidate_options(RAT_CPU)),
     Part("DM", "dm", "26.0 ± 0.8", 6.3),
     # DATM's row draws start epochs below 4 (a 6-epoch store); here it shares MTT's 3-epoch store, so below 2
     Part("DATM", "datm", "46.9 ± 0.5", 10.2, {"max_start_epoch": 2}, experts=True),
@@ -213,7 +213,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     known = set(available_methods())
-    parts = [replace(q, options={"real_batch": 500, **CANDIDATES[args.rat_candidate]}) if q.method == "ratbptt" else q
+    parts = [replace(q, options=candidate_options(args.rat_candidate)) if q.method == "ratbptt" else q
              for q in PARTS if q.method in known and (not args.only or q.label in args.only.split(","))]
     keep_freed_memory()
     num_experts = 2 if args.budget >= 0.6 * BUDGET and not args.smoke else 1

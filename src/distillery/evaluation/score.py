@@ -148,20 +148,18 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
     own = protocols[0]
     wanted = protocols + [own.replace(model=m) for m in extra_models if m != own.model]
     out: dict[str, dict[str, Any]] = {}
+    data = data_digest(dataset)
     for proto in wanted:
         def score(x, y, run_seed, proto=proto):
             real = SyntheticSet(x, y, "hard", None, s.preprocess if s is not None else {}, {})
             return evaluate_synset(real, dataset, proto.replace(runs=1, seed=run_seed), split="test",
                                    progress=False)
 
-        cached = baseline_cache_path(dataset, int(config["ipc"]), proto)
+        cached = baseline_cache_path(data, int(config["ipc"]), proto)
         record = read_cached_baseline(cached, proto)
         if record is None:
             results = random_real_runs(dataset, int(config["ipc"]), proto.runs, proto.seed, score, progress)
-            accs = [a for r in results for a in r.accs]
-            record = {"test_mean": float(sum(accs) / len(accs)),
-                      "test_std": float(torch.tensor(accs).std(unbiased=False)), "test_accs": accs,
-                      "lr": proto.lr, "epochs": proto.epochs, "steps": results[-1].steps}
+            record = baseline_record([a for r in results for a in r.accs], results[-1].steps, proto)
             try:
                 atomic_write_text(cached, json.dumps(record))
             except UserError as err:
@@ -171,16 +169,30 @@ def measure_baseline(dataset, run_dir: str | Path, progress: bool = True) -> dic
     return out
 
 
-def baseline_cache_path(dataset, ipc: int, proto: EvalProtocol) -> Path:
-    """Where the random-real baseline of exactly this data, ipc and protocol is cached (under `cache_dir()`): a
-    hash of the protocol, the preprocessing, the device kind and the train and test tensors themselves, so that
-    runs on the same data share one measurement (minutes to hours) and changed data is measured again."""
-    h = hashlib.sha256(json.dumps([_BASELINE_CACHE_VERSION, ipc, proto.as_json(), dataset.spec.name,
-                                   dataset.preprocess.fingerprint(), dataset.train.x.device.type]).encode())
+def data_digest(dataset) -> str:
+    """A hash of what a baseline is measured on: the dataset's name, preprocessing, device kind and its train and
+    test tensors themselves (hashed once per report, however many protocols it measures)."""
+    h = hashlib.sha256(json.dumps([dataset.spec.name, dataset.preprocess.fingerprint(),
+                                   dataset.train.x.device.type]).encode())
     for split in (dataset.train, dataset.test):
         for t in (split.x, split.y):
             h.update(t.detach().cpu().contiguous().numpy().data)
-    return cache_dir() / "baselines" / f"{h.hexdigest()[:32]}.json"
+    return h.hexdigest()
+
+
+def baseline_cache_path(data: str, ipc: int, proto: EvalProtocol) -> Path:
+    """Where the random-real baseline of exactly this data (`data_digest`), ipc and protocol is cached (under
+    `cache_dir()`), so that runs on the same data share one measurement (minutes to hours) and changed data is
+    measured again."""
+    key = json.dumps([_BASELINE_CACHE_VERSION, data, ipc, proto.as_json()]).encode()
+    return cache_dir() / "baselines" / f"{hashlib.sha256(key).hexdigest()[:32]}.json"
+
+
+def baseline_record(accs: list[float], steps: int | None, proto: EvalProtocol) -> dict[str, Any]:
+    """The report's record of one baseline: its runs' accuracies, their mean and population std, and the protocol's
+    lr, epochs and (rat) chosen step count."""
+    return {"test_mean": float(sum(accs) / len(accs)), "test_std": float(torch.tensor(accs).std(unbiased=False)),
+            "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs, "steps": steps}
 
 
 def read_cached_baseline(path: Path, proto: EvalProtocol) -> dict[str, Any] | None:
@@ -202,8 +214,7 @@ def read_cached_baseline(path: Path, proto: EvalProtocol) -> dict[str, Any] | No
     except (OSError, ValueError, KeyError) as err:  # a JSON or UTF-8 error is a ValueError
         warnings.warn(f"the cached baseline {path} is damaged ({first_line(err)}); measuring it again", stacklevel=3)
         return None
-    return {"test_mean": float(sum(accs) / len(accs)), "test_std": float(torch.tensor(accs).std(unbiased=False)),
-            "test_accs": accs, "lr": proto.lr, "epochs": proto.epochs, "steps": steps}
+    return baseline_record(accs, steps, proto)
 
 
 def run_baseline(run_dir: str | Path, data_dir: str | None = None,
